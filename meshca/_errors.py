@@ -1,0 +1,86 @@
+"""The meshca exception tree.
+
+MeshcaError
+ +-- InvalidSpiffeId (also ValueError)
+ +-- KeyPolicyError   a key type or size the policy does not allow
+ +-- InvalidCsr       unparsable CSR or bad signature
+ +-- CsrNameMismatch  the CSR asks for names the caller was not granted
+ +-- BundleError      a trust bundle that cannot be read or written
+ +-- IssuanceError    the issuer cannot sign
+ |    +-- IssuerUnavailable   expired, not yet valid, or not chaining to the bundle
+ +-- VerificationError  a chain that does not verify, or a peer not authorized
+ |    +-- AuthorizationError
+ +-- StoreError       the state store failed
+ +-- AuthenticationError  no credential, or a credential that does not verify
+ +-- PermissionDenied     a valid credential that does not grant this identity
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "AuthorizationError",
+    "BundleError",
+    "CsrNameMismatch",
+    "InvalidCsr",
+    "InvalidSpiffeId",
+    "IssuanceError",
+    "IssuerUnavailable",
+    "KeyPolicyError",
+    "MeshcaError",
+    "PermissionDenied",
+    "StoreError",
+    "VerificationError",
+]
+
+
+class MeshcaError(Exception):
+    """Root of every error meshca raises on purpose."""
+
+
+class InvalidSpiffeId(MeshcaError, ValueError):
+    """A SPIFFE ID or trust domain that breaks the SPIFFE syntax rules."""
+
+
+class KeyPolicyError(MeshcaError, ValueError):
+    """A key whose type or size is not allowed, or key material that cannot be read."""
+
+
+class InvalidCsr(MeshcaError, ValueError):
+    """A certificate signing request that cannot be parsed or whose signature is wrong."""
+
+
+class CsrNameMismatch(MeshcaError):
+    """A CSR that names something other than the identity being granted."""
+
+
+class BundleError(MeshcaError, ValueError):
+    """A trust bundle that cannot be parsed or holds something that is not an anchor."""
+
+
+class IssuanceError(MeshcaError):
+    """The issuer cannot sign this request."""
+
+
+class IssuerUnavailable(IssuanceError):
+    """No usable issuer: expired, not yet valid, or not chaining to the bundle."""
+
+
+class VerificationError(MeshcaError):
+    """A certificate chain that does not verify; the message names the broken rule."""
+
+
+class AuthorizationError(VerificationError):
+    """A chain that verifies, for a SPIFFE ID the authorizer does not accept."""
+
+
+class StoreError(MeshcaError):
+    """The state store failed or holds something unreadable."""
+
+
+class AuthenticationError(MeshcaError):
+    """No credential, or a credential that does not verify."""
+
+
+class PermissionDenied(MeshcaError):
+    """A valid credential that does not grant the identity asked for."""

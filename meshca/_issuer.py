@@ -1,0 +1,199 @@
+"""The issuer: an intermediate CA key that signs X.509-SVIDs.
+
+An `Issuer` is checked once when it is made (key matches certificate, it is
+a CA, it chains to the bundle) and its time window is checked on every
+signature, so an expired or not-yet-valid issuer fails closed. Everything
+that does not change between leaves (AKI, names, the chain's DER) is
+computed once here, which keeps the per-leaf cost at one signature.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from meshca._bundle import TrustBundle
+from meshca._certs import certificates_pem, fingerprint, is_signing_certificate, load_certificates
+from meshca._errors import IssuanceError, IssuerUnavailable, KeyPolicyError
+from meshca._keys import PrivateKey, PublicKey, key_type_of, load_private_key
+from meshca._profiles import CLOCK_SKEW, LEAF_TTL, leaf_extensions, random_serial, signature_hash
+from meshca._spiffe import SpiffeId, TrustDomain
+
+__all__ = ["IssuedSvid", "Issuer"]
+
+_DER = serialization.Encoding.DER
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSvid:
+    """A freshly signed leaf and the intermediates that lead to the bundle (issuer first, no anchor)."""
+
+    spiffe_id: SpiffeId
+    leaf: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]
+    intermediates_der: tuple[bytes, ...]
+
+    @property
+    def not_after(self) -> datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def serial(self) -> int:
+        return self.leaf.serial_number
+
+    def leaf_der(self) -> bytes:
+        return self.leaf.public_bytes(_DER)
+
+    def chain_der(self) -> list[bytes]:
+        return [self.leaf_der(), *self.intermediates_der]
+
+    def chain_pem(self) -> bytes:
+        return certificates_pem([self.leaf, *self.intermediates])
+
+
+def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
+
+
+class Issuer:
+    """Signs X.509-SVIDs for one trust domain with one issuer key.
+
+    ``chain`` is the issuer certificate followed by any further intermediates
+    up to (not including) an anchor of ``bundle``.
+    """
+
+    __slots__ = (
+        "_aki",
+        "_hash",
+        "_intermediates_der",
+        "_key",
+        "_not_after",
+        "_not_before",
+        "bundle",
+        "certificate",
+        "intermediates",
+    )
+
+    def __init__(self, chain: Sequence[x509.Certificate], key: PrivateKey, bundle: TrustBundle) -> None:
+        if not chain:
+            raise IssuerUnavailable("issuer chain is empty")
+        certificate = chain[0]
+        key_type_of(key)
+        if key.public_key() != certificate.public_key():
+            raise IssuerUnavailable("issuer key does not match the issuer certificate")
+        for cert in chain:
+            if not is_signing_certificate(cert):
+                raise IssuerUnavailable(f"certificate {fingerprint(cert)} in the issuer chain is not a CA")
+        self._check_chains_to(chain, bundle)
+        self.certificate = certificate
+        self.intermediates = tuple(chain)
+        self.bundle = bundle
+        self._key = key
+        self._hash = signature_hash(key)
+        self._intermediates_der = tuple(c.public_bytes(_DER) for c in chain)
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(certificate))
+        # A leaf must never outlive anything in its chain, the anchor included.
+        anchor = self._anchor_of(chain[-1], bundle)
+        self._not_after = min(c.not_valid_after_utc for c in (*chain, anchor))
+        self._not_before = max(c.not_valid_before_utc for c in (*chain, anchor))
+
+    @classmethod
+    def from_pem(cls, chain_pem: bytes, key_pem: bytes, bundle: TrustBundle, passphrase: bytes | None = None) -> Issuer:
+        try:
+            chain = load_certificates(chain_pem)
+        except ValueError as exc:
+            raise IssuerUnavailable(f"issuer certificate cannot be read: {exc}") from exc
+        try:
+            key = load_private_key(key_pem, passphrase)
+        except KeyPolicyError as exc:
+            raise IssuerUnavailable(f"issuer key: {exc}") from exc
+        return cls(chain, key, bundle)
+
+    @staticmethod
+    def _anchor_of(cert: x509.Certificate, bundle: TrustBundle) -> x509.Certificate:
+        for anchor in bundle.anchors:
+            if anchor.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(anchor)
+            except (InvalidSignature, ValueError, TypeError):
+                continue
+            return anchor
+        raise IssuerUnavailable(
+            f"issuer certificate {fingerprint(cert)} does not chain to any anchor of {bundle.trust_domain}"
+        )
+
+    @classmethod
+    def _check_chains_to(cls, chain: Sequence[x509.Certificate], bundle: TrustBundle) -> None:
+        for child, parent in itertools.pairwise(chain):
+            try:
+                child.verify_directly_issued_by(parent)
+            except (InvalidSignature, ValueError, TypeError) as exc:
+                raise IssuerUnavailable(
+                    f"issuer chain is out of order: {fingerprint(child)} is not signed by {fingerprint(parent)}"
+                ) from exc
+        cls._anchor_of(chain[-1], bundle)
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self.bundle.trust_domain
+
+    @property
+    def not_after(self) -> datetime:
+        """The latest moment a leaf may be valid: the earliest NotAfter in the chain."""
+        return self._not_after
+
+    @property
+    def not_before(self) -> datetime:
+        return self._not_before
+
+    def check(self, now: datetime) -> None:
+        """Raises `IssuerUnavailable` unless every certificate up to the anchor is valid at ``now``."""
+        if now < self._not_before:
+            raise IssuerUnavailable(f"issuer is not valid before {self._not_before:%Y-%m-%dT%H:%M:%SZ}")
+        if now >= self._not_after:
+            raise IssuerUnavailable(f"issuer chain expired at {self._not_after:%Y-%m-%dT%H:%M:%SZ}")
+
+    def sign(
+        self,
+        public_key: PublicKey,
+        spiffe_id: SpiffeId,
+        *,
+        now: datetime,
+        ttl: timedelta = LEAF_TTL,
+        dns_names: Sequence[str] = (),
+    ) -> IssuedSvid:
+        """Signs a leaf for ``spiffe_id``; NotAfter is clamped to the chain, NotBefore backdated by the skew."""
+        self.check(now)
+        if spiffe_id.trust_domain != self.bundle.trust_domain:
+            raise IssuanceError(f"{spiffe_id} is not in this issuer's trust domain {self.bundle.trust_domain}")
+        if not spiffe_id.path:
+            raise IssuanceError("an X.509-SVID needs a SPIFFE ID with a path")
+        if ttl <= timedelta():
+            raise IssuanceError("ttl must be positive")
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])] if dns_names else [])
+        builder = x509.CertificateBuilder(
+            issuer_name=self.certificate.subject,
+            subject_name=subject,
+            public_key=public_key,
+            serial_number=random_serial(),
+            not_valid_before=max(now - CLOCK_SKEW, self._not_before),
+            not_valid_after=min(now + ttl, self._not_after),
+            extensions=leaf_extensions(public_key, spiffe_id, dns_names, self._aki, subject_empty=not dns_names),
+        )
+        leaf = builder.sign(self._key, self._hash)
+        return IssuedSvid(spiffe_id, leaf, self.intermediates, self._intermediates_der)
+
+    def __repr__(self) -> str:
+        short = fingerprint(self.certificate)[:23]
+        return f"Issuer({self.bundle.trust_domain}, {short}, until {self._not_after:%Y-%m-%d})"

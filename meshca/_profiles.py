@@ -1,0 +1,177 @@
+"""Certificate profiles: trust anchor, issuer, and workload leaf (X.509-SVID).
+
+The defaults are the table in DESIGN.md. Every builder takes the time it
+builds at; none reads a clock.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshca._keys import PrivateKey, PublicKey
+from meshca._spiffe import SpiffeId, TrustDomain
+
+__all__ = [
+    "ANCHOR_LIFETIME",
+    "CLOCK_SKEW",
+    "ISSUER_LIFETIME",
+    "LEAF_TTL",
+    "build_anchor",
+    "build_issuer",
+    "leaf_extensions",
+    "random_serial",
+    "signature_hash",
+]
+
+ANCHOR_LIFETIME = timedelta(days=3650)
+ISSUER_LIFETIME = timedelta(days=365)
+LEAF_TTL = timedelta(hours=24)
+CLOCK_SKEW = timedelta(seconds=60)
+"""How far NotBefore is backdated, so a peer whose clock lags still accepts a new certificate."""
+
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def _leaf_key_usage(rsa_key: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa_key,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def random_serial() -> int:
+    """A random positive serial of 127 bits (RFC 5280 allows up to 20 octets)."""
+    return secrets.randbits(127) | (1 << 126)
+
+
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
+    """SHA-384 for P-384, SHA-256 otherwise, as the WebPKI and SPIFFE peers expect."""
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def _ca_subject(trust_domain: TrustDomain, role: str) -> x509.Name:
+    # A serial in the subject keeps two anchors (or issuers) of one trust
+    # domain apart during rotation, so path building never confuses them.
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain.name),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"meshca {role}"),
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, secrets.token_hex(8)),
+        ]
+    )
+
+
+def _ca_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: PublicKey,
+    trust_domain: TrustDomain,
+    not_before: datetime,
+    not_after: datetime,
+    path_length: int,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]), critical=False
+        )
+    )
+
+
+def build_anchor(
+    key: PrivateKey,
+    trust_domain: TrustDomain,
+    *,
+    now: datetime,
+    lifetime: timedelta = ANCHOR_LIFETIME,
+) -> x509.Certificate:
+    """A self-signed trust anchor for ``trust_domain`` (CA, pathlen 1, URI SAN ``spiffe://td``)."""
+    subject = _ca_subject(trust_domain, "trust anchor")
+    builder = _ca_builder(subject, subject, key.public_key(), trust_domain, now - CLOCK_SKEW, now + lifetime, 1)
+    return builder.sign(key, signature_hash(key))
+
+
+def build_issuer(
+    public_key: PublicKey,
+    *,
+    signer_certificate: x509.Certificate,
+    signer_key: PrivateKey,
+    trust_domain: TrustDomain,
+    now: datetime,
+    lifetime: timedelta = ISSUER_LIFETIME,
+) -> x509.Certificate:
+    """An issuer (CA, pathlen 0) signed by an anchor; it never outlives its signer.
+
+    No URI name constraint: cryptography's verifier (which meshca and many
+    peers rely on) rejects URI name constraints as unsupported.
+    """
+    not_after = min(now + lifetime, signer_certificate.not_valid_after_utc)
+    ski = signer_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = _ca_builder(
+        _ca_subject(trust_domain, "issuer"),
+        signer_certificate.subject,
+        public_key,
+        trust_domain,
+        now - CLOCK_SKEW,
+        not_after,
+        0,
+    ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+    return builder.sign(signer_key, signature_hash(signer_key))
+
+
+def leaf_extensions(
+    public_key: PublicKey,
+    spiffe_id: SpiffeId,
+    dns_names: Sequence[str],
+    authority_key_identifier: x509.AuthorityKeyIdentifier,
+    *,
+    subject_empty: bool,
+) -> list[x509.Extension[x509.ExtensionType]]:
+    """The extensions of an X.509-SVID leaf, in a stable order."""
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+    names.extend(x509.DNSName(n) for n in dns_names)
+    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    return [
+        x509.Extension(x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=False, path_length=None)),
+        x509.Extension(x509.KeyUsage.oid, True, _leaf_key_usage(isinstance(public_key, rsa.RSAPublicKey))),
+        x509.Extension(x509.ExtendedKeyUsage.oid, False, eku),
+        x509.Extension(x509.SubjectKeyIdentifier.oid, False, x509.SubjectKeyIdentifier.from_public_key(public_key)),
+        x509.Extension(x509.AuthorityKeyIdentifier.oid, False, authority_key_identifier),
+        # RFC 5280 4.2.1.6: the SAN is critical when the subject is empty.
+        x509.Extension(x509.SubjectAlternativeName.oid, subject_empty, x509.SubjectAlternativeName(names)),
+    ]

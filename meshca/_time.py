@@ -1,0 +1,60 @@
+"""Clocks and durations. The only ``datetime.now()`` in meshca is here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+__all__ = ["Clock", "format_duration", "parse_duration", "system_clock"]
+
+Clock = Callable[[], datetime]
+"""Returns the current time as an aware UTC datetime."""
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+_UNITS = {
+    "ms": timedelta(milliseconds=1),
+    "s": timedelta(seconds=1),
+    "m": timedelta(minutes=1),
+    "h": timedelta(hours=1),
+    "d": timedelta(days=1),
+    "y": timedelta(days=365),
+}
+_PART = re.compile(r"(\d+)(ms|s|m|h|d|y)")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parses ``90s``, ``24h``, ``1h30m``, ``90d``, ``10y`` (a year is 365 days)."""
+    pos, total = 0, timedelta()
+    if not text:
+        raise ValueError("empty duration")
+    while pos < len(text):
+        m = _PART.match(text, pos)
+        if m is None:
+            raise ValueError(f"invalid duration {text!r}: use forms like 90s, 24h, 1h30m, 90d, 10y")
+        total += int(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if total <= timedelta():
+        raise ValueError(f"duration must be positive, got {text!r}")
+    return total
+
+
+def format_duration(value: timedelta) -> str:
+    """A short human form: ``23h59m``, ``89d``, ``-3d`` for the past."""
+    seconds = int(value.total_seconds())
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    days, rem = divmod(seconds, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    if days:
+        return f"{sign}{days}d{hours}h" if hours and days < 10 else f"{sign}{days}d"
+    if hours:
+        return f"{sign}{hours}h{minutes}m" if minutes else f"{sign}{hours}h"
+    if minutes:
+        return f"{sign}{minutes}m{secs}s" if secs else f"{sign}{minutes}m"
+    return f"{sign}{secs}s"

@@ -1,0 +1,112 @@
+"""The on-disk layout of a trust domain directory, as `meshca init` writes it.
+
+DIR/trust-anchor.crt   self-signed anchor (absent when the anchor is held elsewhere)
+DIR/trust-anchor.key   its key, 0600
+DIR/issuer.crt         the issuer, then any intermediates up to the anchor
+DIR/issuer.key         its key, 0600
+DIR/bundle.pem         every anchor clients should trust
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from meshca._bundle import TrustBundle
+from meshca._certs import certificates_pem
+from meshca._errors import BundleError, IssuerUnavailable
+from meshca._files import atomic_write
+from meshca._issuer import Issuer
+from meshca._keys import KeyType, generate_key, write_private_key
+from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, build_anchor, build_issuer
+from meshca._spiffe import TrustDomain
+
+__all__ = ["TrustDir"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrustDir:
+    path: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str]) -> TrustDir:
+        return cls(Path(path))
+
+    @property
+    def anchor_cert(self) -> Path:
+        return self.path / "trust-anchor.crt"
+
+    @property
+    def anchor_key(self) -> Path:
+        return self.path / "trust-anchor.key"
+
+    @property
+    def issuer_cert(self) -> Path:
+        return self.path / "issuer.crt"
+
+    @property
+    def issuer_key(self) -> Path:
+        return self.path / "issuer.key"
+
+    @property
+    def bundle(self) -> Path:
+        return self.path / "bundle.pem"
+
+    def is_initialized(self) -> bool:
+        return self.issuer_cert.exists() and self.issuer_key.exists() and self.bundle.exists()
+
+    def init(
+        self,
+        trust_domain: TrustDomain,
+        *,
+        now: datetime,
+        key_type: KeyType = KeyType.EC_P256,
+        anchor_lifetime: timedelta = ANCHOR_LIFETIME,
+        issuer_lifetime: timedelta = ISSUER_LIFETIME,
+        force: bool = False,
+        passphrase: bytes | None = None,
+    ) -> Issuer:
+        """Creates an anchor, an issuer signed by it, and the bundle. Keys are written first, 0600, atomically."""
+        if not force:
+            for existing in (self.anchor_key, self.issuer_key):
+                if existing.exists():
+                    raise FileExistsError(f"{existing} exists; pass --force to replace it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        anchor_key = generate_key(key_type)
+        anchor = build_anchor(anchor_key, trust_domain, now=now, lifetime=anchor_lifetime)
+        issuer_key = generate_key(key_type)
+        issuer = build_issuer(
+            issuer_key.public_key(),
+            signer_certificate=anchor,
+            signer_key=anchor_key,
+            trust_domain=trust_domain,
+            now=now,
+            lifetime=issuer_lifetime,
+        )
+        write_private_key(self.anchor_key, anchor_key, passphrase=passphrase, overwrite=force)
+        write_private_key(self.issuer_key, issuer_key, passphrase=passphrase, overwrite=force)
+        atomic_write(self.anchor_cert, certificates_pem([anchor]))
+        atomic_write(self.issuer_cert, certificates_pem([issuer]))
+        bundle = TrustBundle(trust_domain, (anchor,))
+        atomic_write(self.bundle, bundle.to_pem())
+        return Issuer([issuer], issuer_key, bundle)
+
+    def load_bundle(self) -> TrustBundle:
+        try:
+            data = self.bundle.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"cannot read {self.bundle}: {exc.strerror}") from exc
+        return TrustBundle.from_pem(data)
+
+    def load_issuer(self, bundle: TrustBundle | None = None, passphrase: bytes | None = None) -> Issuer:
+        """The issuer in this directory, checked against ``bundle`` (default: DIR/bundle.pem)."""
+        if bundle is None:
+            bundle = self.load_bundle()
+        try:
+            chain_pem = self.issuer_cert.read_bytes()
+            key_pem = self.issuer_key.read_bytes()
+        except OSError as exc:
+            raise IssuerUnavailable(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        return Issuer.from_pem(chain_pem, key_pem, bundle, passphrase)
