@@ -25,10 +25,12 @@ __all__ = [
     "InvalidCsr",
     "InvalidSpiffeId",
     "IssuanceError",
+    "InvalidRequest",
     "IssuerUnavailable",
     "KeyPolicyError",
     "MeshcaError",
     "PermissionDenied",
+    "RateLimited",
     "StoreError",
     "VerificationError",
 ]
@@ -79,8 +81,23 @@ class StoreError(MeshcaError):
 
 
 class AuthenticationError(MeshcaError):
-    """No credential, or a credential that does not verify."""
+    """No credential, or a credential that does not verify.
+
+    ``reason`` is a short, fixed slug for metrics (``unknown_token``, ``jwt_expired``, ...).
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_credential") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PermissionDenied(MeshcaError):
     """A valid credential that does not grant the identity asked for."""
+
+
+class InvalidRequest(MeshcaError, ValueError):
+    """A request field that is missing, malformed or out of bounds."""
+
+
+class RateLimited(MeshcaError):
+    """One principal exceeded its request rate."""

@@ -326,6 +326,132 @@ def cmd_check(args: argparse.Namespace, clock: Clock) -> int:
     return 1 if errors else 0
 
 
+def _server_config(args: argparse.Namespace) -> Any:
+    from meshca.server import K8sJwtConfig, ServerConfig, TokenReviewConfig
+
+    k8s_jwt = None
+    if args.k8s_jwks or args.k8s_issuer:
+        if not (args.k8s_jwks and args.k8s_issuer):
+            raise CliError("--k8s-jwks and --k8s-issuer go together", 2)
+        k8s_jwt = K8sJwtConfig(Path(args.k8s_jwks), args.k8s_issuer, tuple(args.k8s_audience))
+    token_review = None
+    if args.k8s_api:
+        token_review = TokenReviewConfig(
+            args.k8s_api,
+            Path(args.k8s_api_ca) if args.k8s_api_ca else None,
+            Path(args.k8s_api_token_file) if args.k8s_api_token_file else None,
+            tuple(args.k8s_audience),
+        )
+    if args.max_leaf_ttl < args.leaf_ttl:
+        raise CliError("--leaf-ttl must not exceed --max-leaf-ttl", 2)
+    return ServerConfig(
+        dir=Path(args.dir),
+        listen=args.listen,
+        metrics_listen=args.metrics_listen or None,
+        leaf_ttl=args.leaf_ttl,
+        max_leaf_ttl=args.max_leaf_ttl,
+        server_names=tuple(args.server_name) or ("localhost",),
+        insecure_plaintext=args.insecure_plaintext,
+        linkerd_namespace=args.linkerd_namespace,
+        k8s_jwt=k8s_jwt,
+        token_review=token_review,
+        rate_limit=args.rate_limit,
+        passphrase=_passphrase(args),
+    )
+
+
+def cmd_serve(args: argparse.Namespace, clock: Clock) -> int:
+    import asyncio
+
+    from meshca._log import configure_logging
+    from meshca.server import IdentityServer
+
+    configure_logging()
+    tdir = TrustDir.at(args.dir)
+    if not tdir.path.exists() or not any(tdir.path.iterdir()):
+        tdir.init(args.trust_domain, now=clock(), passphrase=_passphrase(args))
+        bar = "!" * 72
+        print(
+            f"{bar}\n! meshca: {tdir.path} was empty: created a DEVELOPMENT trust domain {args.trust_domain}\n"
+            f"! with its anchor key on this disk. Do not use it in production: run\n"
+            f"! 'meshca init' (or bring your own anchor) and keep the anchor key offline.\n{bar}",
+            file=sys.stderr,
+        )
+    config = _server_config(args)
+    if config.insecure_plaintext:
+        print(
+            "meshca: WARNING: --insecure-plaintext: credentials and keys cross the network in the clear",
+            file=sys.stderr,
+        )
+
+    async def serve() -> None:
+        server = IdentityServer(config, clock=clock)
+        await server.serve_until_signal()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace, clock: Clock) -> int:
+    from datetime import UTC
+
+    from meshca.server import JoinToken, SqliteStore, hash_token, new_token, store_path
+
+    tdir = TrustDir.at(args.dir)
+    bundle = tdir.load_bundle()
+    if args.spiffe_id.trust_domain != bundle.trust_domain:
+        raise CliError(f"{args.spiffe_id} is not in trust domain {bundle.trust_domain} of {tdir.path}")
+    if not args.spiffe_id.path:
+        raise CliError("a join token must name a SPIFFE ID with a path")
+    if args.uses < 1:
+        raise CliError("--uses must be at least 1", 2)
+    token = new_token()
+    expires = clock().astimezone(UTC) + args.ttl
+    store = SqliteStore(store_path(tdir))
+    try:
+        store.add_token(JoinToken(hash_token(token), args.spiffe_id, expires, args.uses))
+    finally:
+        store.close()
+    _emit(
+        args,
+        {"token": token, "spiffe_id": str(args.spiffe_id), "expires_at": expires.isoformat(), "uses": args.uses},
+        token,
+    )
+    return 0
+
+
+def cmd_log(args: argparse.Namespace, clock: Clock) -> int:
+    from meshca.server import SqliteStore, store_path
+
+    tdir = TrustDir.at(args.dir)
+    path = Path(store_path(tdir))
+    if not path.exists():
+        raise CliError(f"no issuance log at {path}")
+    store = SqliteStore(path)
+    try:
+        rows = store.issuances(str(args.spiffe_id) if args.spiffe_id else None, args.limit)
+    finally:
+        store.close()
+    data = [
+        {
+            "issued_at": r.issued_at.isoformat(),
+            "serial": r.serial,
+            "spiffe_id": r.spiffe_id,
+            "not_after": r.not_after.isoformat(),
+            "principal": r.principal,
+            "api": r.api,
+        }
+        for r in rows
+    ]
+    text = "\n".join(
+        f"{d['issued_at']}  {d['spiffe_id']}  serial={d['serial']}  until={d['not_after']}  "
+        f"by={d['principal']}  api={d['api']}"
+        for d in data
+    )
+    _emit(args, data, text or "(no issuances)")
+    return 0
+
+
 # -- parser
 
 Command = Callable[[argparse.Namespace, Clock], int]
@@ -411,6 +537,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaf-ttl", type=_duration, default=LEAF_TTL, help="leaf lifetime to check room for (default 24h)")
     _add_json(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("serve", help="run the identity service")
+    p.add_argument("--dir", default="meshca-data", help="trust domain directory (default ./meshca-data)")
+    p.add_argument(
+        "--trust-domain",
+        type=_trust_domain,
+        default=TrustDomain("cluster.local"),
+        help="trust domain of the development CA made when DIR is empty (default cluster.local)",
+    )
+    p.add_argument("--listen", default="0.0.0.0:8443", help="gRPC address (default 0.0.0.0:8443)")
+    p.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9090",
+        help="Prometheus /metrics, /livez, /readyz address (default 127.0.0.1:9090; '' for none)",
+    )
+    p.add_argument("--leaf-ttl", type=_duration, default=LEAF_TTL, help="default leaf lifetime (default 24h)")
+    p.add_argument(
+        "--max-leaf-ttl",
+        type=_duration,
+        default=timedelta(days=90),
+        help="longest lifetime a caller may ask for (default 90d)",
+    )
+    p.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="DNS SAN of the server's own certificate (repeatable; default localhost)",
+    )
+    p.add_argument("--insecure-plaintext", action="store_true", help="serve without TLS (local experiments only)")
+    p.add_argument("--linkerd-namespace", default="linkerd", help="Linkerd control-plane namespace (default linkerd)")
+    p.add_argument("--k8s-jwks", help="JWKS file of the cluster's service-account issuer")
+    p.add_argument("--k8s-issuer", help="expected 'iss' of service-account tokens")
+    p.add_argument(
+        "--k8s-audience",
+        action="append",
+        default=[],
+        metavar="AUD",
+        help="accepted audience (repeatable; identity.l5d.io and istio-ca are accepted on their APIs)",
+    )
+    p.add_argument("--k8s-api", help="Kubernetes API URL for TokenReview")
+    p.add_argument("--k8s-api-ca", help="CA bundle of the Kubernetes API")
+    p.add_argument("--k8s-api-token-file", help="bearer token meshca presents to the Kubernetes API")
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        metavar="PER_SECOND",
+        help="per-principal request rate limit (default off)",
+    )
+    p.add_argument("--passphrase-file", help="passphrase of the issuer key")
+    p.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="join tokens").add_subparsers(
+        dest="subcommand", required=True, metavar="ACTION"
+    )
+    p = token.add_parser("create", help="create a join token bound to one SPIFFE ID; prints it once")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--spiffe-id", type=_spiffe_id, required=True)
+    p.add_argument("--ttl", type=_duration, default=timedelta(hours=1), help="default 1h")
+    p.add_argument("--uses", type=int, default=1, help="how many issuances it pays for (default 1)")
+    _add_json(p)
+    p.set_defaults(func=cmd_token_create)
+
+    p = sub.add_parser("log", help="read the issuance log")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--spiffe-id", type=_spiffe_id)
+    p.add_argument("--limit", type=int)
+    _add_json(p)
+    p.set_defaults(func=cmd_log)
 
     return parser
 

@@ -1,0 +1,24 @@
+"""The identity service: gRPC issuance (native, Linkerd, Istio), bundle watch, health, metrics."""
+
+from meshca.server._app import IdentityServer, store_path
+from meshca.server._auth import Principal, service_account_id
+from meshca.server._config import K8sJwtConfig, ServerConfig, TokenReviewConfig
+from meshca.server._service import linkerd_identity_to_spiffe_id
+from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, Store, hash_token, new_token
+
+__all__ = [
+    "IdentityServer",
+    "IssuanceRecord",
+    "JoinToken",
+    "K8sJwtConfig",
+    "Principal",
+    "ServerConfig",
+    "SqliteStore",
+    "Store",
+    "TokenReviewConfig",
+    "hash_token",
+    "linkerd_identity_to_spiffe_id",
+    "new_token",
+    "service_account_id",
+    "store_path",
+]

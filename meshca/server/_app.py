@@ -1,0 +1,184 @@
+"""`meshca serve`: wires the state, store, authenticators and services into a grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from datetime import timedelta
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from meshca._proto import istio_ca_pb2_grpc, linkerd_identity_pb2_grpc, meshca_identity_pb2_grpc
+from meshca._time import Clock, system_clock
+from meshca._trustdir import TrustDir
+from meshca.server._auth import Authenticators, JoinTokenAuthenticator, K8sJwtAuthenticator, TokenReviewAuthenticator
+from meshca.server._config import ServerConfig
+from meshca.server._metrics import Metrics, MetricsServer
+from meshca.server._service import IssuanceCore, IstioService, LinkerdService, NativeService
+from meshca.server._state import IssuerState
+from meshca.server._store import SqliteStore
+
+__all__ = ["IdentityServer", "store_path"]
+
+log = structlog.get_logger("meshca.server")
+
+SERVICES = (
+    "meshca.identity.v1.Identity",
+    "io.linkerd.proxy.identity.Identity",
+    "istio.v1.auth.IstioCertificateService",
+)
+
+
+def store_path(tdir: TrustDir) -> str:
+    return str(tdir.path / "meshca.db")
+
+
+def _split_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen address {value!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class IdentityServer:
+    """One serving process. `start()` binds; `wait()` returns after `stop()` or a signal."""
+
+    def __init__(self, config: ServerConfig, *, clock: Clock = system_clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.tdir = TrustDir.at(config.dir)
+        self.metrics = Metrics()
+        self.state = IssuerState(self.tdir, clock, self.metrics, config.passphrase)
+        self.store = SqliteStore(store_path(self.tdir))
+        td = self.state.issuer.trust_domain
+        self.auth = Authenticators(
+            JoinTokenAuthenticator(self.store, clock),
+            K8sJwtAuthenticator(config.k8s_jwt, td, clock) if config.k8s_jwt else None,
+            TokenReviewAuthenticator(config.token_review, td, clock) if config.token_review else None,
+            clock=clock,
+        )
+        self.core = IssuanceCore(config, self.state, self.store, self.auth, self.metrics, clock)
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        ttl = self.config.leaf_ttl
+
+        def current() -> grpc.ServerCertificateConfiguration:
+            svid = self.state.serving_svid(self.config.server_names, ttl)
+            return grpc.ssl_server_certificate_configuration([(svid.key_pem, svid.chain_pem)])
+
+        last = [self.state.serving_svid(self.config.server_names, ttl)]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC for new connections; None keeps the current one.
+            svid = self.state.serving_svid(self.config.server_names, ttl)
+            if svid is last[0]:
+                return None
+            last[0] = svid
+            return grpc.ssl_server_certificate_configuration([(svid.key_pem, svid.chain_pem)])
+
+        # grpc's stub says the fetcher never returns None; grpc documents None as "no change".
+        return grpc.dynamic_ssl_server_credentials(
+            current(),
+            fetch,  # type: ignore[arg-type]
+            require_client_authentication=False,
+        )
+
+    async def start(self) -> None:
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 1),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(options=options)
+        core = self.core
+        meshca_identity_pb2_grpc.add_IdentityServicer_to_server(NativeService(core), server)
+        linkerd_identity_pb2_grpc.add_IdentityServicer_to_server(LinkerdService(core), server)
+        istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(IstioService(core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.insecure_plaintext:
+            self.port = server.add_insecure_port(cfg.listen)
+        else:
+            self.port = server.add_secure_port(cfg.listen, self._credentials())
+        if not self.port:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        await server.start()
+        self._server = server
+        await self._set_health()
+        if cfg.metrics_listen:
+            host, port = _split_hostport(cfg.metrics_listen)
+            self._metrics_server = MetricsServer(self.metrics, host, port, lambda: self.state.usable)
+            self._metrics_server.start()
+            self.metrics_port = self._metrics_server.port
+        self._tasks.append(asyncio.create_task(self._reload_loop()))
+        log.info(
+            "server.started",
+            listen=cfg.listen,
+            port=self.port,
+            tls=not cfg.insecure_plaintext,
+            trust_domain=str(self.state.issuer.trust_domain),
+            metrics=cfg.metrics_listen,
+        )
+
+    async def _set_health(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if self.state.usable else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def _reload_loop(self) -> None:
+        interval = self.config.reload_interval.total_seconds()
+        was_usable = self.state.usable
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.state.poll()
+            except Exception:
+                log.exception("issuer.poll_failed")
+            if self.state.usable != was_usable:
+                was_usable = self.state.usable
+                await self._set_health()
+
+    async def stop(self, grace: timedelta | None = None) -> None:
+        """Stops taking new calls, lets in-flight ones finish within the grace period, closes the store."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        for task in self._tasks:
+            task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await server.stop((grace or self.config.drain_grace).total_seconds())
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        self.store.close()
+        log.info("server.stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def serve_until_signal(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await stop_requested.wait()
+        log.info("server.draining")
+        await self.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,55 @@
+"""Configuration of `meshca serve`, as one frozen value the CLI fills in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from meshca._csr import KeyPolicy
+
+__all__ = ["K8sJwtConfig", "ServerConfig", "TokenReviewConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class K8sJwtConfig:
+    """Offline verification of Kubernetes service-account JWTs against a JWKS file."""
+
+    jwks_path: Path
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenReviewConfig:
+    """Kubernetes TokenReview against the API server, for clusters without a JWKS."""
+
+    api_url: str
+    ca_file: Path | None = None
+    token_file: Path | None = None
+    audiences: tuple[str, ...] = ()
+    max_concurrency: int = 8
+    timeout: timedelta = timedelta(seconds=5)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    dir: Path
+    listen: str = "0.0.0.0:8443"
+    metrics_listen: str | None = "127.0.0.1:9090"
+    leaf_ttl: timedelta = timedelta(hours=24)
+    max_leaf_ttl: timedelta = timedelta(days=90)
+    server_names: tuple[str, ...] = ("localhost",)
+    insecure_plaintext: bool = False
+    linkerd_namespace: str = "linkerd"
+    k8s_jwt: K8sJwtConfig | None = None
+    token_review: TokenReviewConfig | None = None
+    key_policy: KeyPolicy = field(default_factory=KeyPolicy)
+    rate_limit: float | None = None  # requests per second per principal; None = off
+    rate_burst: int = 20
+    request_timeout: timedelta = timedelta(seconds=10)
+    max_message_bytes: int = 64 * 1024
+    reload_interval: timedelta = timedelta(seconds=1)
+    drain_grace: timedelta = timedelta(seconds=10)
+    passphrase: bytes | None = field(default=None, repr=False)

@@ -1,0 +1,86 @@
+"""Prometheus metrics and the HTTP endpoint that serves them with /livez and /readyz."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "MetricsServer"]
+
+
+class Metrics:
+    """The golden metrics of the identity service, on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "meshca_requests",
+            "gRPC requests by service, method and status code",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "meshca_request_duration_seconds",
+            "gRPC request latency",
+            ["service", "method"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.issued = Counter("meshca_svids_issued", "X.509-SVIDs issued", ["trust_domain", "api"], registry=r)
+        self.auth_failures = Counter(
+            "meshca_authentication_failures", "Refused credentials by reason", ["reason"], registry=r
+        )
+        self.reloads = Counter("meshca_issuer_reloads", "Issuer and bundle reloads by result", ["result"], registry=r)
+        self.issuer_expiry = Gauge(
+            "meshca_issuer_expiry_timestamp_seconds", "NotAfter of the serving issuer chain", registry=r
+        )
+        self.anchor_expiry = Gauge(
+            "meshca_anchor_expiry_timestamp_seconds", "NotAfter of each trust anchor", ["fingerprint"], registry=r
+        )
+        self.serving = Gauge("meshca_issuer_usable", "1 while the issuer can sign", registry=r)
+
+
+class MetricsServer:
+    """Serves /metrics, /livez and /readyz on a plain HTTP port, in a thread."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], bool]) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif self.path == "/livez":
+                    self._reply(200, b"ok\n")
+                elif self.path == "/readyz":
+                    ok = ready()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"no usable issuer\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes are not worth a log line each
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="meshca-metrics", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

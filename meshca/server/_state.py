@@ -1,0 +1,182 @@
+"""The issuer and bundle the server signs with, reloaded from disk without a restart.
+
+Files are polled (stat of the resolved paths, so a Kubernetes ``..data``
+symlink swap is seen like an in-place replace). A changed set is loaded,
+validated (the issuer matches its key, chains to the new bundle, is valid
+now, and a probe leaf it signs verifies) and only then swapped in; a bad
+replacement is refused, logged and counted, and the last good issuer keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+
+from meshca._bundle import TrustBundle
+from meshca._certs import fingerprint
+from meshca._errors import MeshcaError
+from meshca._issuer import Issuer
+from meshca._keys import generate_key, private_key_pem
+from meshca._time import Clock
+from meshca._trustdir import TrustDir
+from meshca._verify import verify_chain
+from meshca.server._metrics import Metrics
+
+__all__ = ["IssuerState", "ServingSvid"]
+
+log = structlog.get_logger("meshca.server")
+
+_Stamp = tuple[tuple[str, int, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServingSvid:
+    """The server's own TLS identity."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    renew_at: float  # Unix time
+    issuer_fingerprint: str
+
+
+def _stamp(paths: tuple[os.PathLike[str], ...]) -> _Stamp:
+    out = []
+    for p in paths:
+        try:
+            real = os.path.realpath(p)
+            st = os.stat(real)
+            out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((str(p), -1, -1, -1))
+    return tuple(out)
+
+
+def validate(issuer: Issuer, now_clock: Clock) -> None:
+    """Fails unless ``issuer`` is valid now and a leaf it signs verifies against its bundle."""
+    now = now_clock()
+    issuer.check(now)
+    probe_key = generate_key()
+    probe = issuer.sign(
+        probe_key.public_key(), issuer.trust_domain.spiffe_id("/meshca/probe"), now=now, ttl=timedelta(minutes=1)
+    )
+    verify_chain([probe.leaf, *probe.intermediates], issuer.bundle, at=now)
+
+
+class IssuerState:
+    def __init__(self, tdir: TrustDir, clock: Clock, metrics: Metrics, passphrase: bytes | None = None) -> None:
+        self._tdir = tdir
+        self._clock = clock
+        self._metrics = metrics
+        self._passphrase = passphrase
+        self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
+        self._stamp = _stamp(self._paths)
+        issuer = tdir.load_issuer(passphrase=passphrase)
+        validate(issuer, clock)
+        self._sequence = 1
+        self.issuer: Issuer = issuer
+        self.bundle: TrustBundle = issuer.bundle
+        self._changed = asyncio.Event()
+        self._usable = True
+        self._serving: ServingSvid | None = None
+        self._export_expiry()
+
+    # -- reads
+
+    @property
+    def usable(self) -> bool:
+        return self._usable
+
+    @property
+    def sequence(self) -> int:
+        return self._sequence
+
+    async def wait_changed(self) -> None:
+        """Returns after the next bundle change."""
+        await self._changed.wait()
+
+    # -- reload
+
+    def poll(self) -> bool:
+        """Reloads if the files changed; refreshes usability. Returns True when a new issuer was swapped in."""
+        stamp = _stamp(self._paths)
+        swapped = False
+        if stamp != self._stamp:
+            self._stamp = stamp
+            swapped = self._reload()
+        self._refresh_usable()
+        return swapped
+
+    def _reload(self) -> bool:
+        try:
+            issuer = self._tdir.load_issuer(passphrase=self._passphrase)
+            validate(issuer, self._clock)
+        except (MeshcaError, ValueError, OSError) as exc:
+            self._metrics.reloads.labels("failure").inc()
+            log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(self.issuer.certificate)[:23])
+            return False
+        old_bundle = self.bundle
+        self.issuer = issuer
+        self._serving = None
+        self._metrics.reloads.labels("success").inc()
+        log.info(
+            "issuer.reloaded",
+            issuer=fingerprint(issuer.certificate)[:23],
+            not_after=issuer.not_after.isoformat(),
+            anchors=len(issuer.bundle.anchors),
+        )
+        if set(issuer.bundle.anchors) != set(old_bundle.anchors):
+            self._sequence += 1
+            self.bundle = TrustBundle(issuer.trust_domain, issuer.bundle.anchors, self._sequence)
+            log.info("bundle.changed", sequence=self._sequence, anchors=len(self.bundle.anchors))
+            self._changed.set()
+            self._changed = asyncio.Event()
+        self._export_expiry()
+        return True
+
+    def _refresh_usable(self) -> None:
+        try:
+            self.issuer.check(self._clock())
+            usable = True
+        except MeshcaError as exc:
+            usable = False
+            if self._usable:
+                log.error("issuer.unusable", reason=str(exc))
+        self._usable = usable
+        self._metrics.serving.set(1 if usable else 0)
+
+    def _export_expiry(self) -> None:
+        self._metrics.issuer_expiry.set(self.issuer.not_after.timestamp())
+        self._metrics.anchor_expiry.clear()
+        for anchor in self.bundle.anchors:
+            self._metrics.anchor_expiry.labels(fingerprint(anchor)[:23]).set(anchor.not_valid_after_utc.timestamp())
+
+    # -- the server's own SVID
+
+    def serving_svid(self, server_names: tuple[str, ...], ttl: timedelta) -> ServingSvid:
+        """The current server SVID, issued anew at half its life or after an issuer change."""
+        now = self._clock()
+        current = self._serving
+        if current is not None and now.timestamp() < current.renew_at:
+            return current
+        key = generate_key()
+        issued = self.issuer.sign(
+            key.public_key(),
+            self.issuer.trust_domain.spiffe_id("/meshca/identity"),
+            now=now,
+            ttl=ttl,
+            dns_names=server_names,
+        )
+        life = issued.not_after - now
+        self._serving = ServingSvid(
+            issued.chain_pem(),
+            private_key_pem(key),
+            (now + life / 2).timestamp(),
+            fingerprint(self.issuer.certificate),
+        )
+        log.info("server.svid_issued", spiffe_id=str(issued.spiffe_id), not_after=issued.not_after.isoformat())
+        return self._serving

@@ -1,0 +1,254 @@
+"""State store: join tokens and the issuance log.
+
+One small interface (`Store`) with SQLite behind it by default. Writes go
+through a single writer thread that commits many requests per transaction
+(group commit): a request's response is sent only after the transaction
+holding its record has committed, so no issued certificate is ever missing
+from the log, and a burst of requests costs one fsync instead of one each.
+
+A join token's use is consumed in the same transaction as the issuance it
+pays for: if another replica used the last use first, the issuance is not
+recorded and its certificate is never returned.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import queue
+import secrets
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from meshca._errors import StoreError
+from meshca._spiffe import SpiffeId
+
+__all__ = [
+    "IssuanceRecord",
+    "JoinToken",
+    "SqliteStore",
+    "Store",
+    "TokenUsedUp",
+    "hash_token",
+    "new_token",
+]
+
+TOKEN_PREFIX = "mtok_"  # noqa: S105 - a prefix that marks join tokens, not a secret
+
+
+def new_token() -> str:
+    """A random join token: 32 bytes, URL-safe, with a recognisable prefix."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """The only form in which a token is stored or logged (logs show a prefix of it)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    token_hash: str
+    spiffe_id: SpiffeId
+    expires_at: datetime
+    uses_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssuanceRecord:
+    serial: str  # hex
+    spiffe_id: str
+    not_after: datetime
+    principal: str
+    api: str
+    issued_at: datetime
+
+
+class TokenUsedUp(StoreError):
+    """The join token had no use left (or expired) when its use was to be recorded."""
+
+
+class Store(Protocol):
+    def add_token(self, token: JoinToken) -> None: ...
+    def get_token(self, token_hash: str) -> JoinToken | None: ...
+    def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]: ...
+    def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]: ...
+    def close(self) -> None: ...
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    uses_left INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS issuances (
+    serial TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    not_after REAL NOT NULL,
+    principal TEXT NOT NULL,
+    api TEXT NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS issuances_by_id ON issuances (spiffe_id, issued_at);
+"""
+
+_Item = tuple[IssuanceRecord, str | None, concurrent.futures.Future[None]]
+_MAX_BATCH = 512
+
+
+class SqliteStore:
+    """SQLite in WAL mode, synchronous=FULL; safe to share between processes on one machine."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._read = self._connect()
+            with self._read:
+                self._read.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self._read_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="meshca-store-writer", daemon=True)
+        self._writer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    # -- tokens
+
+    def add_token(self, token: JoinToken) -> None:
+        with self._read_lock:
+            try:
+                self._read.execute(
+                    "INSERT INTO join_tokens VALUES (?, ?, ?, ?)",
+                    (token.token_hash, str(token.spiffe_id), _ts(token.expires_at), token.uses_left),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot store join token: {exc}") from exc
+
+    def get_token(self, token_hash: str) -> JoinToken | None:
+        with self._read_lock:
+            try:
+                row = self._read.execute(
+                    "SELECT spiffe_id, expires_at, uses_left FROM join_tokens WHERE token_hash = ?", (token_hash,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read join token: {exc}") from exc
+        if row is None:
+            return None
+        return JoinToken(token_hash, SpiffeId.parse(row[0]), _dt(row[1]), row[2])
+
+    # -- issuance log
+
+    def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
+        """Queues ``record`` (and one use of the token) for the next group commit.
+
+        The future resolves once the record is durable, or fails with
+        `TokenUsedUp` or `StoreError`.
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((record, token_hash, future))
+        return future
+
+    def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]:
+        sql = "SELECT serial, spiffe_id, not_after, principal, api, issued_at FROM issuances"
+        params: list[object] = []
+        if spiffe_id is not None:
+            sql += " WHERE spiffe_id = ?"
+            params.append(spiffe_id)
+        sql += " ORDER BY issued_at, rowid"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._read_lock:
+            rows = self._read.execute(sql, params).fetchall()
+        return [IssuanceRecord(r[0], r[1], _dt(r[2]), r[3], r[4], _dt(r[5])) for r in rows]
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(conn, batch)
+            if stop:
+                break
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: Sequence[_Item]) -> None:
+        outcomes: list[BaseException | None] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for record, token_hash, _ in batch:
+                if token_hash is not None:
+                    used = conn.execute(
+                        "UPDATE join_tokens SET uses_left = uses_left - 1 "
+                        "WHERE token_hash = ? AND uses_left > 0 AND expires_at > ?",
+                        (token_hash, _ts(record.issued_at)),
+                    ).rowcount
+                    if used == 0:
+                        outcomes.append(TokenUsedUp("join token has no use left"))
+                        continue
+                conn.execute(
+                    "INSERT INTO issuances VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.serial,
+                        record.spiffe_id,
+                        _ts(record.not_after),
+                        record.principal,
+                        record.api,
+                        _ts(record.issued_at),
+                    ),
+                )
+                outcomes.append(None)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"cannot record issuance: {exc}")
+            for _, _, future in batch:
+                future.set_exception(error)
+            return
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+            if outcome is None:
+                future.set_result(None)
+            else:
+                future.set_exception(outcome)
+
+    def close(self) -> None:
+        """Commits what is queued, then stops the writer."""
+        self._queue.put(None)
+        self._writer.join()
+        with self._read_lock:
+            self._read.close()
