@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from certbuild import NOW, build, ext, intermediate, key_usage
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import meshca
 from meshca import IssuanceError, Issuer, IssuerUnavailable, SpiffeId
@@ -97,10 +99,8 @@ def test_refuses_a_key_that_does_not_match(ca: TestCA) -> None:
         Issuer([ca.issuer_certificate], ca.anchor_key, ca.bundle)
 
 
-def test_refuses_a_chain_that_does_not_reach_the_bundle(
-    ca: TestCA, rogue_ca: TestCA, foreign_ca: TestCA
-) -> None:
-    with pytest.raises(IssuerUnavailable, match="does not chain to any anchor of example.org"):
+def test_refuses_a_chain_that_does_not_reach_the_bundle(ca: TestCA, rogue_ca: TestCA, foreign_ca: TestCA) -> None:
+    with pytest.raises(IssuerUnavailable, match=r"does not chain to any anchor of example\.org"):
         Issuer([ca.issuer_certificate], ca.issuer_key, rogue_ca.bundle)
     with pytest.raises(IssuerUnavailable, match="does not chain"):
         Issuer([ca.issuer_certificate], ca.issuer_key, foreign_ca.bundle)
@@ -126,8 +126,6 @@ def test_refuses_a_chain_out_of_order(ca: TestCA, rogue_ca: TestCA) -> None:
 
 
 def test_refuses_a_key_of_an_unsupported_type(ca: TestCA) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     with pytest.raises(meshca.KeyPolicyError):
         Issuer([ca.issuer_certificate], ec.generate_private_key(ec.SECP521R1()), ca.bundle)  # type: ignore[arg-type]
 
@@ -155,7 +153,7 @@ def test_from_pem(ca: TestCA) -> None:
 
 
 def test_wrong_trust_domain_is_an_issuance_error(ca: TestCA) -> None:
-    with pytest.raises(IssuanceError, match="not in this issuer's trust domain example.org") as info:
+    with pytest.raises(IssuanceError, match=r"not in this issuer's trust domain example\.org") as info:
         ca.issuer.sign(_public_key(), SpiffeId.parse("spiffe://other.test/web"), now=NOW)
     assert not isinstance(info.value, IssuerUnavailable), "the issuer is fine; the request is not"
 
@@ -177,7 +175,7 @@ def test_aki_links_leaf_to_issuer(ca: TestCA) -> None:
     assert aki.key_identifier == ext(ca.issuer_certificate, x509.SubjectKeyIdentifier).value.digest
 
 
-def test_issuer_from_trust_dir_matches(tmp_path, ca: TestCA) -> None:  # type: ignore[no-untyped-def]
+def test_issuer_from_trust_dir_matches(tmp_path: Path, ca: TestCA) -> None:
     tdir = ca.write(tmp_path / "ca")
     issuer = tdir.load_issuer()
     assert issuer.certificate == ca.issuer_certificate
