@@ -30,6 +30,7 @@ __all__ = [
     "authorize_if",
     "authorize_member_of",
     "authorize_one_of",
+    "check_leaf_rules",
     "leaf_spiffe_id",
     "verify_chain",
 ]
@@ -90,7 +91,8 @@ def leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
     return sid
 
 
-def _check_leaf(leaf: x509.Certificate, role: PeerRole | None) -> None:
+def check_leaf_rules(leaf: x509.Certificate, role: PeerRole | None) -> None:
+    """The X.509-SVID leaf rules other than the SPIFFE ID: CA false, keyUsage, EKU for ``role``."""
     ext = leaf.extensions
     try:
         if ext.get_extension_for_class(x509.BasicConstraints).value.ca:
@@ -168,7 +170,7 @@ def verify_chain(
         raise VerificationError(f"cannot read the chain: {exc}") from exc
     leaf, intermediates = certs[0], certs[1:]
     sid = leaf_spiffe_id(leaf)
-    _check_leaf(leaf, role)
+    check_leaf_rules(leaf, role)
     bundle = _bundle_for(bundles, sid.trust_domain)
     _check_validity(leaf, "leaf", at)
     for n, cert in enumerate(intermediates, 1):

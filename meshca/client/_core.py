@@ -1,0 +1,159 @@
+"""What the sync and async SVID sources share: snapshots, requests, response checks, credentials.
+
+No I/O here except reading a JWT file, which the caller asks for explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from meshca._bundle import TrustBundle
+from meshca._certs import certificates_pem
+from meshca._csr import build_csr
+from meshca._errors import MeshcaError, VerificationError
+from meshca._keys import PrivateKey, private_key_pem
+from meshca._proof import sign_svid_proof
+from meshca._proto import meshca_identity_pb2 as pb
+from meshca._spiffe import SpiffeId, TrustDomain
+from meshca._verify import authorize_id, verify_chain
+
+__all__ = ["Credentials", "Snapshot", "X509Svid", "bundle_from_message", "make_request", "svid_from_response"]
+
+_DER = serialization.Encoding.DER
+
+
+@dataclass(frozen=True, slots=True)
+class X509Svid:
+    """An X.509-SVID and its private key. ``repr`` shows no key material."""
+
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKey = field(repr=False)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def not_before(self) -> datetime:
+        return self.leaf.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def chain_pem(self) -> bytes:
+        return certificates_pem(self.chain)
+
+    @property
+    def chain_der(self) -> tuple[bytes, ...]:
+        return tuple(c.public_bytes(_DER) for c in self.chain)
+
+    def key_pem(self) -> bytes:
+        """The private key as PKCS#8 PEM (a method, so it is never printed by accident)."""
+        return private_key_pem(self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a TLS handshake needs, swapped as one value so readers never see a torn update."""
+
+    svid: X509Svid | None
+    bundle: TrustBundle
+
+    @property
+    def ready(self) -> bool:
+        return self.svid is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How the source proves who it is on first issuance. Renewals use the current SVID."""
+
+    join_token: str | None = field(default=None, repr=False)
+    jwt_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.join_token is None) == (self.jwt_file is None):
+            raise ValueError("give exactly one of join_token and jwt_file")
+
+
+def make_request(
+    key: PrivateKey,
+    spiffe_id: SpiffeId,
+    credentials: Credentials,
+    current: X509Svid | None,
+    *,
+    now: datetime,
+    ttl: timedelta | None = None,
+) -> pb.IssueSVIDRequest:
+    """An IssueSVID request: a fresh CSR, and a credential (the current SVID when it is still valid)."""
+    csr = build_csr(key, spiffe_id)
+    request = pb.IssueSVIDRequest(csr=csr, spiffe_id=str(spiffe_id))
+    if ttl is not None:
+        request.ttl.CopyFrom(Duration(seconds=int(ttl.total_seconds())))
+    if current is not None and current.not_before <= now < current.not_after:
+        proof = sign_svid_proof(current.chain_der, current.key, csr, now)
+        signed_at = Timestamp()
+        signed_at.FromDatetime(proof.signed_at)
+        request.credential.svid.CopyFrom(
+            pb.SvidProof(chain=proof.chain, signature=proof.signature, signed_at=signed_at)
+        )
+    elif credentials.join_token is not None:
+        request.credential.join_token = credentials.join_token
+    else:
+        assert credentials.jwt_file is not None
+        # Projected service-account tokens rotate on disk: read it on every attempt.
+        request.credential.jwt = Path(credentials.jwt_file).read_text().strip()
+    return request
+
+
+def svid_from_response(
+    response: pb.IssueSVIDResponse, key: PrivateKey, expected: SpiffeId, bundle: TrustBundle, *, now: datetime
+) -> X509Svid:
+    """The SVID in a response, only if it verifies against ``bundle`` now, is for ``expected`` and holds ``key``."""
+    try:
+        chain = tuple(x509.load_der_x509_certificate(der) for der in (response.leaf, *response.intermediates))
+    except ValueError as exc:
+        raise VerificationError("response holds a certificate that cannot be parsed") from exc
+    verify_chain(list(chain), bundle, at=now, authorizer=authorize_id(expected))
+    if chain[0].public_key() != key.public_key():
+        raise VerificationError("response leaf is not for the key this client generated")
+    return X509Svid(expected, chain, key)
+
+
+def bundle_from_message(message: pb.Bundle) -> TrustBundle:
+    anchors = tuple(x509.load_der_x509_certificate(der) for der in message.anchors)
+    return TrustBundle(TrustDomain.parse(message.trust_domain), anchors, message.sequence)
+
+
+def load_bundle(source: TrustBundle | str | Path | bytes) -> TrustBundle:
+    """A bundle given as a value, PEM bytes, or a PEM file path."""
+    if isinstance(source, TrustBundle):
+        return source
+    if isinstance(source, bytes):
+        return TrustBundle.from_pem(source)
+    return TrustBundle.from_pem(Path(source).read_bytes())
+
+
+def timestamp_to_datetime(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short reason for logs and metrics, without secrets."""
+    if isinstance(exc, MeshcaError):
+        return f"{type(exc).__name__}: {exc}"
+    code = getattr(exc, "code", None)
+    if callable(code):
+        details = getattr(exc, "details", lambda: "")()
+        return f"{code().name}: {details}"
+    return type(exc).__name__
