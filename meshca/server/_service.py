@@ -298,9 +298,9 @@ class NativeService(meshca_identity_pb2_grpc.IdentityServicer):
     ) -> AsyncIterator[meshca_identity_pb2.Bundle]:
         state = self._core.state
         while True:
-            changed = state.wait_changed()
+            changed = state.change_event()
             yield self._core.bundle_message(state.bundle)
-            await changed
+            await changed.wait()
 
 
 class LinkerdService(linkerd_identity_pb2_grpc.IdentityServicer):

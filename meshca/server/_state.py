@@ -95,9 +95,13 @@ class IssuerState:
     def sequence(self) -> int:
         return self._sequence
 
-    async def wait_changed(self) -> None:
-        """Returns after the next bundle change."""
-        await self._changed.wait()
+    def change_event(self) -> asyncio.Event:
+        """An event set at the next bundle change.
+
+        Take it before reading the bundle: a change that lands in between
+        (while a watcher is suspended sending) then still wakes the watcher.
+        """
+        return self._changed
 
     # -- reload
 
