@@ -1,0 +1,54 @@
+"""Fixtures for the identity-service tests, and ``async def`` tests without a plugin.
+
+An ``async def`` test here runs in a fresh event loop of its own
+(``asyncio.run``) under a hard timeout, so a hung server fails the test
+instead of the suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from pathlib import Path
+
+import pytest
+
+from meshca.testing import TestCA
+
+from .harness import TD, K8sIssuer
+
+ASYNC_TEST_TIMEOUT = 30.0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), ASYNC_TEST_TIMEOUT))
+    return True
+
+
+@pytest.fixture(scope="session")
+def server_ca() -> TestCA:
+    """A CA for example.org minted at the real time (TLS peers read the system clock). Read-only."""
+    return TestCA(TD)
+
+
+@pytest.fixture(scope="session")
+def k8s() -> K8sIssuer:
+    """The cluster's service-account token signer (EC P-256: fast to make)."""
+    return K8sIssuer.make("ec")
+
+
+@pytest.fixture(scope="session")
+def k8s_rsa() -> K8sIssuer:
+    return K8sIssuer.make("rsa")
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Path:
+    """The trust directory of one test's server."""
+    path = tmp_path / "trust"
+    path.mkdir()
+    return path

@@ -1,0 +1,139 @@
+"""The native API (meshca.identity.v1): IssueSVID with each credential kind, over real gRPC."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives.serialization import Encoding
+
+import meshca
+from meshca._proof import sign_svid_proof
+from meshca.testing import TestCA
+
+from .harness import (
+    API,
+    TD,
+    WEB,
+    Harness,
+    K8sIssuer,
+    cert,
+    code_of,
+    csr_der,
+    k8s_config,
+    native_request,
+    p256,
+    pb,
+    proof_message,
+    serial_hex,
+    serving,
+    spiffe_csr,
+    uris,
+)
+
+DER = Encoding.DER
+
+
+def _chain(response: pb.IssueSVIDResponse) -> list[bytes]:
+    return [response.leaf, *response.intermediates]
+
+
+async def test_join_token_issues_an_svid_that_verifies(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        _, csr = spiffe_csr(WEB)
+        response = await h.native.IssueSVID(native_request(csr, join_token=h.token()))
+
+        assert response.spiffe_id == str(WEB)
+        leaf = cert(response.leaf)
+        assert uris(leaf) == [str(WEB)]
+        assert response.intermediates == [server_ca.issuer_certificate.public_bytes(DER)]
+        assert meshca.verify_chain(_chain(response), server_ca.bundle, at=h.clock()) == WEB
+        assert response.valid_until.ToDatetime(tzinfo=leaf.not_valid_after_utc.tzinfo) == leaf.not_valid_after_utc
+        # the default lifetime, less the backdating for clock skew
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        assert timedelta(hours=24) <= lifetime <= timedelta(hours=24, minutes=10)
+        assert response.bundle.trust_domain == TD
+        assert list(response.bundle.anchors) == [server_ca.anchor.public_bytes(DER)]
+        assert response.bundle.sequence == 1
+        [record] = h.server.store.issuances()
+        assert (record.serial, record.spiffe_id, record.api) == (serial_hex(leaf), str(WEB), "native")
+
+
+async def test_requested_ttl_is_honoured(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        _, csr = spiffe_csr(WEB)
+        response = await h.native.IssueSVID(native_request(csr, join_token=h.token(), ttl=timedelta(hours=1)))
+        leaf = cert(response.leaf)
+        assert leaf.not_valid_after_utc - h.clock() <= timedelta(hours=1)
+        assert leaf.not_valid_after_utc - h.clock() > timedelta(minutes=59)
+
+
+async def test_jwt_credential(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:
+    async with serving(d, server_ca, k8s_jwt=k8s_config(k8s, d.parent)) as h:
+        _, csr = spiffe_csr(API)
+        response = await h.native.IssueSVID(native_request(csr, jwt_token=k8s.token("default", "api")))
+        assert response.spiffe_id == str(API)
+        assert uris(cert(response.leaf)) == [str(API)]
+        [record] = h.server.store.issuances()
+        assert record.principal == "k8s:default:api"
+
+
+async def _first_svid(h: Harness) -> tuple[object, tuple[bytes, ...]]:
+    key, csr = spiffe_csr(WEB)
+    response = await h.native.IssueSVID(native_request(csr, join_token=h.token()))
+    return key, tuple(_chain(response))
+
+
+async def test_svid_proof_renews_the_same_id(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        old_key, chain = await _first_svid(h)
+        for _ in range(2):  # a renewed SVID renews again
+            new_key, csr = spiffe_csr(WEB)
+            proof = sign_svid_proof(chain, old_key, csr, h.clock())
+            response = await h.native.IssueSVID(native_request(csr, proof=proof_message(proof)))
+            assert response.spiffe_id == str(WEB)
+            assert cert(response.leaf).public_key() == new_key.public_key()
+            old_key, chain = new_key, tuple(_chain(response))
+        assert [r.principal for r in h.server.store.issuances()][1:] == [f"svid:{WEB}"] * 2
+
+
+async def test_svid_proof_refusals(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        old_key, chain = await _first_svid(h)
+        _, csr = spiffe_csr(WEB)
+        _, other_csr = spiffe_csr(WEB)
+        _, api_csr = spiffe_csr(API)
+        now = h.clock()
+        rogue = TestCA(TD).issue_svid(WEB)  # same ID, another anchor
+        cases = {
+            "stale signed_at": (sign_svid_proof(chain, old_key, csr, now - timedelta(minutes=6)), csr),
+            "signed_at in the future": (sign_svid_proof(chain, old_key, csr, now + timedelta(minutes=6)), csr),
+            "wrong key": (sign_svid_proof(chain, p256(), csr, now), csr),
+            "proof bound to another CSR": (sign_svid_proof(chain, old_key, other_csr, now), csr),
+            "chain from another anchor": (
+                sign_svid_proof(tuple(c.public_bytes(DER) for c in rogue.chain), rogue.key, csr, now),
+                csr,
+            ),
+            "no chain": (sign_svid_proof((), old_key, csr, now), csr),
+        }
+        for name, (proof, sent_csr) in cases.items():
+            code = await code_of(h.native.IssueSVID(native_request(sent_csr, proof=proof_message(proof))))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, name
+        # A valid proof of WEB does not buy another ID: the credential is good, the identity is not its own.
+        proof = sign_svid_proof(chain, old_key, api_csr, now)
+        code = await code_of(h.native.IssueSVID(native_request(api_csr, proof=proof_message(proof))))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        proof = sign_svid_proof(chain, old_key, csr, now)
+        code = await code_of(h.native.IssueSVID(native_request(csr, proof=proof_message(proof), spiffe_id=str(API))))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert len(h.server.store.issuances()) == 1
+        reasons = [e["reason"] for e in h.events("auth.failed")]
+        assert reasons == ["svid_proof"] * len(cases)
+
+
+async def test_csr_without_names_gets_the_granted_id(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        csr = csr_der(p256())
+        response = await h.native.IssueSVID(native_request(csr, join_token=h.token()))
+        assert uris(cert(response.leaf)) == [str(WEB)]

@@ -1,0 +1,689 @@
+"""The ``meshca`` command, run as the installed console script and in-process through `meshca.cli.main`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import stat
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from certbuild import NOW
+from conftest import Result
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+import meshca
+from meshca import SpiffeId, TrustBundle, TrustDomain
+from meshca.cli import build_parser, main
+from meshca.testing import FrozenClock, TestCA
+
+Run = Callable[..., Result]
+
+WEB = "spiffe://example.org/ns/default/sa/web"
+FILES = ["bundle.pem", "issuer.crt", "issuer.key", "trust-anchor.crt", "trust-anchor.key"]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def assert_clean_failure(result: Result, code: int | None = None) -> None:
+    """Non-zero, no traceback, and either one ``meshca:`` line or argparse's usage error."""
+    assert result.code != 0, result
+    if code is not None:
+        assert result.code == code, result
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert lines, "a failure says why on stderr"
+    if lines[0].startswith("usage:"):
+        assert result.code == 2
+        assert lines[-1].startswith("meshca") and ": error: " in lines[-1], result.stderr
+    else:
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("meshca:"), result.stderr
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., Result]]:
+    """Runs `meshca.cli.main` in-process, optionally with a frozen clock."""
+
+    def run(*args: str | Path, clock: FrozenClock | None = None) -> Result:
+        capsys.readouterr()
+        crash = ""
+        try:
+            code = main([str(a) for a in args], clock=clock) if clock else main([str(a) for a in args])
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:
+            # What the console script would print: an escaped exception is a traceback.
+            code, crash = 1, traceback.format_exc()
+        out, err = capsys.readouterr()
+        return Result(code, out, err + crash)
+
+    yield run
+
+
+@pytest.fixture
+def initialized(tmp_path: Path, cli: Run) -> Path:
+    ca = tmp_path / "ca"
+    result = cli("init", "--trust-domain", "example.org", "--dir", ca)
+    assert result.code == 0, result
+    return ca
+
+
+@pytest.fixture
+def initialized_by_script(tmp_path: Path, meshca_cmd: Run) -> Path:
+    ca = tmp_path / "ca"
+    result = meshca_cmd("init", "--trust-domain", "example.org", "--dir", ca)
+    assert result.code == 0, result
+    assert result.stderr == ""
+    assert "initialized trust domain example.org" in result.stdout
+    return ca
+
+
+# -- init
+
+
+def test_init_writes_five_files_with_private_keys(initialized_by_script: Path) -> None:
+    initialized = initialized_by_script
+    assert sorted(p.name for p in initialized.iterdir()) == FILES
+    assert _mode(initialized / "trust-anchor.key") == 0o600
+    assert _mode(initialized / "issuer.key") == 0o600
+    for cert in ("trust-anchor.crt", "issuer.crt", "bundle.pem"):
+        assert not _mode(initialized / cert) & 0o022, "certificates are written by the owner only"
+    tdir = meshca.TrustDir.at(initialized)
+    issuer = tdir.load_issuer()
+    assert issuer.trust_domain == TrustDomain("example.org")
+    assert tdir.load_bundle().anchors == tuple(x509.load_pem_x509_certificates(tdir.anchor_cert.read_bytes()))
+
+
+def test_init_refuses_to_overwrite(initialized_by_script: Path, meshca_cmd: Run) -> None:
+    initialized = initialized_by_script
+    before = {name: (initialized / name).read_bytes() for name in FILES}
+    result = meshca_cmd("init", "--trust-domain", "example.org", "--dir", initialized)
+    assert_clean_failure(result, 1)
+    assert "exists" in result.stderr
+    assert "--force" in result.stderr
+    assert {name: (initialized / name).read_bytes() for name in FILES} == before
+    assert sorted(p.name for p in initialized.iterdir()) == FILES
+
+
+def test_init_force_replaces(initialized_by_script: Path, meshca_cmd: Run) -> None:
+    initialized = initialized_by_script
+    before = {name: (initialized / name).read_bytes() for name in FILES}
+    result = meshca_cmd("init", "--trust-domain", "example.org", "--dir", initialized, "--force")
+    assert result.code == 0, result
+    after = {name: (initialized / name).read_bytes() for name in FILES}
+    assert all(after[n] != before[n] for n in FILES)
+    assert _mode(initialized / "issuer.key") == 0o600
+    meshca.TrustDir.at(initialized).load_issuer()
+
+
+def test_init_json(tmp_path: Path, cli: Run) -> None:
+    result = cli("init", "--trust-domain", "example.org", "--dir", tmp_path / "ca", "--json")
+    assert result.code == 0
+    data = json.loads(result.stdout)
+    assert data["trust_domain"] == "example.org"
+    assert sorted(Path(f).name for f in data["files"]) == FILES
+
+
+def test_init_with_passphrase(tmp_path: Path, cli: Run) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    ca = tmp_path / "ca"
+    assert cli("init", "--trust-domain", "example.org", "--dir", ca, "--passphrase-file", pw).code == 0
+    assert b"ENCRYPTED" in (ca / "issuer.key").read_bytes()
+    meshca.TrustDir.at(ca).load_issuer(passphrase=b"s3cret")
+    out = tmp_path / "web.pem"
+    result = cli(
+        "issue", "--dir", ca, "--spiffe-id", WEB, "--cert-out", out, "--key-out", tmp_path / "web.key",
+        "--passphrase-file", pw,
+    )  # fmt: skip
+    assert result.code == 0, result
+    without = cli("issue", "--dir", ca, "--spiffe-id", WEB, "--cert-out", out, "--key-out", tmp_path / "w2.key")
+    assert_clean_failure(without, 1)
+
+
+def test_check_on_a_passphrase_protected_dir(tmp_path: Path, cli: Run) -> None:
+    """`check` must be usable on what `init --passphrase-file` wrote."""
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    ca = tmp_path / "ca"
+    assert cli("init", "--trust-domain", "example.org", "--dir", ca, "--passphrase-file", pw).code == 0
+    result = cli("check", "--dir", ca, "--passphrase-file", pw)
+    assert result.code == 0, result
+
+
+# -- a user-held anchor (the step-ca path)
+
+
+def test_anchor_create_then_issuer_create_with_a_held_anchor(tmp_path: Path, meshca_cmd: Run) -> None:
+    held = tmp_path / "offline"
+    held.mkdir()
+    ca = tmp_path / "ca"
+    result = meshca_cmd(
+        "anchor", "create", "--trust-domain", "example.org",
+        "--cert-out", held / "root.crt", "--key-out", held / "root.key",
+    )  # fmt: skip
+    assert result.code == 0, result
+    assert _mode(held / "root.key") == 0o600
+    result = meshca_cmd(
+        "issuer", "create", "--anchor-cert", held / "root.crt", "--anchor-key", held / "root.key", "--dir", ca
+    )
+    assert result.code == 0, result
+    assert sorted(p.name for p in ca.iterdir()) == ["bundle.pem", "issuer.crt", "issuer.key"]
+    assert _mode(ca / "issuer.key") == 0o600
+    anchor = x509.load_pem_x509_certificate((held / "root.crt").read_bytes())
+    bundle = TrustBundle.from_pem((ca / "bundle.pem").read_bytes())
+    assert bundle.anchors == (anchor,)
+
+    leaf = tmp_path / "web.pem"
+    result = meshca_cmd("issue", "--dir", ca, "--spiffe-id", WEB, "--cert-out", leaf, "--key-out", tmp_path / "web.key")
+    assert result.code == 0, result
+    assert meshca.verify_chain(leaf.read_bytes(), bundle, at=meshca.system_clock()) == SpiffeId.parse(WEB)
+    result = meshca_cmd("verify", "--bundle", held / "root.crt", leaf)
+    assert result.code == 0, result
+    assert result.stdout.strip() == WEB
+
+    check = meshca_cmd("check", "--dir", ca)
+    assert check.code == 0, check
+
+
+def test_anchor_create_into_a_dir(tmp_path: Path, cli: Run) -> None:
+    ca = tmp_path / "ca"
+    result = cli("anchor", "create", "--trust-domain", "example.org", "--dir", ca, "--lifetime", "5y", "--json")
+    assert result.code == 0, result
+    data = json.loads(result.stdout)
+    assert data["is_ca"] is True
+    assert data["spiffe_id"] == "spiffe://example.org"
+    assert sorted(p.name for p in ca.iterdir()) == ["bundle.pem", "trust-anchor.crt", "trust-anchor.key"]
+    again = cli("anchor", "create", "--trust-domain", "example.org", "--dir", ca)
+    assert_clean_failure(again, 1)
+    result = cli(
+        "issuer", "create", "--anchor-cert", ca / "trust-anchor.crt", "--anchor-key", ca / "trust-anchor.key",
+        "--dir", ca, "--lifetime", "30d",
+    )  # fmt: skip
+    assert result.code == 0, result
+    assert sorted(p.name for p in ca.iterdir()) == FILES
+    assert cli("check", "--dir", ca).code == 0
+
+
+def test_issuer_create_with_a_key_that_is_not_the_anchors(tmp_path: Path, cli: Run) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("anchor", "create", "--trust-domain", "example.org", "--dir", a).code == 0
+    assert cli("anchor", "create", "--trust-domain", "example.org", "--dir", b).code == 0
+    result = cli(
+        "issuer", "create", "--anchor-cert", a / "trust-anchor.crt", "--anchor-key", b / "trust-anchor.key",
+        "--dir", tmp_path / "ca",
+    )  # fmt: skip
+    assert_clean_failure(result, 1)
+    assert "is not the key of" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "outs",
+    [[], ["--cert-out", "{tmp}/x.crt"], ["--dir", "{tmp}/d", "--cert-out", "{tmp}/x.crt", "--key-out", "{tmp}/x.key"]],
+    ids=["none", "cert-only", "both"],
+)
+def test_anchor_create_needs_one_output_form(tmp_path: Path, cli: Run, outs: list[str]) -> None:
+    result = cli(
+        "anchor", "create", "--trust-domain", "example.org", *[o.replace("{tmp}", str(tmp_path)) for o in outs]
+    )
+    assert_clean_failure(result, 2)
+    assert "--dir" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- issue
+
+
+def test_issue_writes_leaf_and_issuer_and_a_private_key(initialized: Path, tmp_path: Path, cli: Run) -> None:
+    cert, key = tmp_path / "web.pem", tmp_path / "web.key"
+    result = cli(
+        "issue", "--dir", initialized, "--spiffe-id", WEB, "--cert-out", cert, "--key-out", key,
+        "--ttl", "1h", "--dns", "web.default.svc", "--json",
+    )  # fmt: skip
+    assert result.code == 0, result
+    data = json.loads(result.stdout)
+    assert data["spiffe_id"] == WEB
+    assert data["sans"]["dns"] == ["web.default.svc"]
+    chain = x509.load_pem_x509_certificates(cert.read_bytes())
+    assert len(chain) == 2
+    assert chain[1] == x509.load_pem_x509_certificate((initialized / "issuer.crt").read_bytes())
+    assert chain[0].not_valid_after_utc - chain[0].not_valid_before_utc == timedelta(hours=1, seconds=60)
+    assert _mode(key) == 0o600
+    private = meshca.load_private_key(key.read_bytes())
+    assert private.public_key() == chain[0].public_key()
+    bundle = TrustBundle.from_pem((initialized / "bundle.pem").read_bytes())
+    assert meshca.verify_chain(chain, bundle, at=meshca.system_clock()) == SpiffeId.parse(WEB)
+
+
+def test_issue_refuses_to_overwrite_a_key(initialized: Path, tmp_path: Path, cli: Run) -> None:
+    cert, key = tmp_path / "web.pem", tmp_path / "web.key"
+    args = ["issue", "--dir", initialized, "--spiffe-id", WEB, "--cert-out", cert, "--key-out", key]
+    assert cli(*args).code == 0
+    before = key.read_bytes(), cert.read_bytes()
+    result = cli(*args)
+    assert_clean_failure(result, 1)
+    assert (key.read_bytes(), cert.read_bytes()) == before
+    assert cli(*args, "--force").code == 0
+    assert key.read_bytes() != before[0]
+
+
+def test_issue_for_another_trust_domain_fails(initialized: Path, tmp_path: Path, cli: Run) -> None:
+    result = cli(
+        "issue", "--dir", initialized, "--spiffe-id", "spiffe://other.test/web",
+        "--cert-out", tmp_path / "w.pem", "--key-out", tmp_path / "w.key",
+    )  # fmt: skip
+    assert_clean_failure(result, 1)
+    assert "trust domain" in result.stderr
+    assert not (tmp_path / "w.key").exists()
+
+
+def test_issue_with_a_frozen_clock(tmp_path: Path, cli: Run) -> None:
+    clock = FrozenClock(NOW)
+    ca = tmp_path / "ca"
+    assert cli("init", "--trust-domain", "example.org", "--dir", ca, clock=clock).code == 0
+    clock.advance(timedelta(days=400))
+    result = cli(
+        "issue", "--dir", ca, "--spiffe-id", WEB, "--cert-out", tmp_path / "w.pem", "--key-out", tmp_path / "w.key",
+        clock=clock,
+    )  # fmt: skip
+    assert_clean_failure(result, 1)
+    assert "expired" in result.stderr
+
+
+# -- bundle
+
+
+def test_bundle_pem(initialized: Path, cli: Run) -> None:
+    result = cli("bundle", "--dir", initialized)
+    assert result.code == 0
+    assert result.stdout.encode() == (initialized / "bundle.pem").read_bytes()
+    explicit = cli("bundle", "--dir", initialized, "--format", "pem")
+    assert explicit.stdout == result.stdout
+
+
+def test_bundle_spiffe(initialized: Path, cli: Run) -> None:
+    result = cli("bundle", "--dir", initialized, "--format", "spiffe")
+    assert result.code == 0
+    doc = json.loads(result.stdout)
+    assert [k["use"] for k in doc["keys"]] == ["x509-svid"]
+    bundle = TrustBundle.from_spiffe_json(result.stdout, TrustDomain("example.org"))
+    assert bundle.anchors == TrustBundle.from_pem((initialized / "bundle.pem").read_bytes()).anchors
+
+
+def test_bundle_format_must_be_known(initialized: Path, cli: Run) -> None:
+    assert_clean_failure(cli("bundle", "--dir", initialized, "--format", "jwks"), 2)
+
+
+# -- verify
+
+
+@pytest.fixture
+def issued(initialized: Path, tmp_path: Path, cli: Run) -> Path:
+    cert = tmp_path / "web.pem"
+    result = cli(
+        "issue", "--dir", initialized, "--spiffe-id", WEB, "--cert-out", cert, "--key-out", tmp_path / "web.key"
+    )
+    assert result.code == 0, result
+    return cert
+
+
+def test_verify_prints_the_id(initialized: Path, issued: Path, meshca_cmd: Run) -> None:
+    result = meshca_cmd("verify", "--bundle", initialized / "bundle.pem", issued)
+    assert result.code == 0, result
+    assert result.stdout.strip() == WEB
+    result = meshca_cmd("verify", "--bundle", initialized / "bundle.pem", "--spiffe-id", WEB, "--json", issued)
+    assert result.code == 0, result
+    assert json.loads(result.stdout) == {"spiffe_id": WEB, "valid": True}
+
+
+def test_verify_with_trust_domain_spiffe_bundle_and_der(
+    initialized: Path, issued: Path, tmp_path: Path, cli: Run
+) -> None:
+    bundle = initialized / "bundle.pem"
+    assert cli("verify", "--bundle", bundle, "--trust-domain", "example.org", issued).code == 0
+    spiffe = tmp_path / "bundle.json"
+    spiffe.write_text(cli("bundle", "--dir", initialized, "--format", "spiffe").stdout)
+    assert cli("verify", "--bundle", spiffe, "--spiffe-id", WEB, issued).stdout.strip() == WEB
+    assert cli("verify", "--bundle", spiffe, "--trust-domain", "example.org", issued).code == 0
+    no_td = cli("verify", "--bundle", spiffe, issued)
+    assert_clean_failure(no_td, 1)
+    assert "--trust-domain" in no_td.stderr
+    leaf_der = tmp_path / "leaf.der"
+    leaf_der.write_bytes(
+        x509.load_pem_x509_certificates(issued.read_bytes())[0].public_bytes(serialization.Encoding.DER)
+    )
+    # A lone DER leaf lacks its issuer, so it cannot chain: a clean failure, not a crash.
+    assert_clean_failure(cli("verify", "--bundle", bundle, leaf_der), 1)
+
+
+def test_verify_wrong_id(initialized: Path, issued: Path, meshca_cmd: Run) -> None:
+    result = meshca_cmd(
+        "verify", "--bundle", initialized / "bundle.pem", "--spiffe-id", "spiffe://example.org/db", issued
+    )
+    assert_clean_failure(result, 1)
+    assert "not authorized" in result.stderr
+    result = meshca_cmd("verify", "--bundle", initialized / "bundle.pem", "--trust-domain", "other.test", issued)
+    assert_clean_failure(result, 1)
+
+
+def test_verify_against_another_bundle(initialized: Path, issued: Path, tmp_path: Path, meshca_cmd: Run) -> None:
+    other = TestCA("example.org")
+    (tmp_path / "other.pem").write_bytes(other.bundle.to_pem())
+    result = meshca_cmd("verify", "--bundle", tmp_path / "other.pem", issued)
+    assert_clean_failure(result, 1)
+    assert "does not lead to an anchor" in result.stderr
+    foreign = TestCA("other.test")
+    (tmp_path / "foreign.pem").write_bytes(foreign.bundle.to_pem())
+    result = meshca_cmd("verify", "--bundle", tmp_path / "foreign.pem", issued)
+    assert_clean_failure(result, 1)
+    assert "trust domain" in result.stderr
+
+
+def test_verify_garbage_chain(initialized: Path, tmp_path: Path, cli: Run) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"not a chain")
+    result = cli("verify", "--bundle", initialized / "bundle.pem", garbage)
+    assert_clean_failure(result, 1)
+    assert "cannot read the chain" in result.stderr
+
+
+# -- inspect
+
+
+def test_inspect_certificate_and_chain(initialized: Path, issued: Path, cli: Run) -> None:
+    result = cli("inspect", issued)
+    assert result.code == 0
+    assert result.stdout.count("Certificate") == 2
+    assert f"SPIFFE ID:    {WEB}" in result.stdout
+    assert "CA:           no" in result.stdout
+    assert "CA:           yes" in result.stdout
+    items = json.loads(cli("inspect", "--json", issued).stdout)
+    assert [i["type"] for i in items] == ["certificate", "certificate"]
+    assert items[0]["spiffe_id"] == WEB
+    assert items[0]["is_ca"] is False
+    assert items[1]["is_ca"] is True
+    assert items[0]["key"] == "ec-p256"
+    leaf = x509.load_pem_x509_certificates(issued.read_bytes())[0]
+    assert items[0]["serial"] == format(leaf.serial_number, "x")
+    single = json.loads(cli("inspect", "--json", initialized / "trust-anchor.crt").stdout)
+    assert len(single) == 1
+    assert single[0]["spiffe_id"] == "spiffe://example.org"
+
+
+def test_inspect_der_certificate(initialized: Path, tmp_path: Path, cli: Run) -> None:
+    der = tmp_path / "anchor.der"
+    der.write_bytes(
+        x509.load_pem_x509_certificate((initialized / "trust-anchor.crt").read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+    )
+    items = json.loads(cli("inspect", "--json", der).stdout)
+    assert items[0]["type"] == "certificate"
+    assert items[0]["is_ca"] is True
+
+
+@pytest.mark.parametrize("encoding", ["pem", "der"])
+def test_inspect_csr(tmp_path: Path, cli: Run, encoding: str) -> None:
+    der = meshca.build_csr(meshca.generate_key(meshca.KeyType.EC_P384), SpiffeId.parse(WEB))
+    path = tmp_path / f"web.csr.{encoding}"
+    path.write_bytes(der if encoding == "der" else x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM))
+    text = cli("inspect", path)
+    assert text.code == 0, text
+    assert text.stdout.startswith("CSR")
+    assert WEB in text.stdout
+    assert "Signature:    valid" in text.stdout
+    (item,) = json.loads(cli("inspect", "--json", path).stdout)
+    assert item["type"] == "csr"
+    assert item["spiffe_id"] == WEB
+    assert item["signature_valid"] is True
+    assert item["key"] == "ec-p384"
+
+
+def test_inspect_spiffe_bundle(initialized: Path, tmp_path: Path, cli: Run) -> None:
+    path = tmp_path / "bundle.json"
+    path.write_text(cli("bundle", "--dir", initialized, "--format", "spiffe").stdout)
+    text = cli("inspect", path)
+    assert text.code == 0, text
+    assert "SPIFFE bundle, sequence 0" in text.stdout
+    items = json.loads(cli("inspect", "--json", path).stdout)
+    assert items[0] == {"type": "spiffe-bundle", "sequence": 0}
+    assert items[1]["type"] == "certificate"
+    assert items[1]["spiffe_id"] == "spiffe://example.org"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"garbage",
+        b"\x00\x01\x02",
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        b"{",
+        b'{"keys": "abc"}',
+        b'{"keys": [1]}',
+        b'{"keys": [{"use": "x509-svid", "x5c": [1]}]}',
+        b'{"keys": [{"use": "x509-svid", "x5c": ["AAAA"]}]}',
+    ],
+    ids=["empty", "garbage", "binary", "key", "bad-json", "keys-str", "keys-int", "x5c-int", "x5c-junk"],
+)
+def test_inspect_garbage_fails_cleanly(tmp_path: Path, cli: Run, content: bytes) -> None:
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    assert_clean_failure(cli("inspect", path), 1)
+
+
+@pytest.mark.parametrize("content", [b"garbage", b'{"keys": [1]}'], ids=["garbage", "keys-int"])
+def test_inspect_garbage_in_the_console_script(tmp_path: Path, meshca_cmd: Run, content: bytes) -> None:
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    assert_clean_failure(meshca_cmd("inspect", path), 1)
+
+
+# -- check
+
+
+def _check_counts(result: Result) -> tuple[int, int]:
+    last = result.stdout.strip().splitlines()[-1]
+    errors, warnings = (int(part.split()[0]) for part in last.split(", "))
+    return errors, warnings
+
+
+def test_check_fresh_dir(initialized: Path, meshca_cmd: Run) -> None:
+    result = meshca_cmd("check", "--dir", initialized)
+    assert result.code == 0, result
+    assert _check_counts(result) == (0, 0)
+    assert "[FAIL]" not in result.stdout
+    assert "[WARN]" not in result.stdout
+
+
+def test_check_warns_about_an_issuer_expiring_soon(tmp_path: Path, meshca_cmd: Run) -> None:
+    ca = tmp_path / "ca"
+    assert meshca_cmd("init", "--trust-domain", "example.org", "--dir", ca, "--issuer-lifetime", "10d").code == 0
+    result = meshca_cmd("check", "--dir", ca)
+    assert result.code == 0, result
+    assert _check_counts(result) == (0, 1)
+    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("[WARN]")]
+    assert "issuer" in warning
+    assert "expires in" in warning
+
+
+def test_check_warns_about_an_anchor_expiring_soon(tmp_path: Path, meshca_cmd: Run) -> None:
+    ca = tmp_path / "ca"
+    assert meshca_cmd("init", "--trust-domain", "example.org", "--dir", ca, "--anchor-lifetime", "30d").code == 0
+    result = meshca_cmd("check", "--dir", ca, "--json")
+    assert result.code == 0, result
+    findings = json.loads(result.stdout)
+    warnings = [f for f in findings if f["level"] == "warning"]
+    assert [w["check"].split()[0] for w in warnings] == ["anchor"]
+    assert not [f for f in findings if f["level"] == "error"]
+
+
+def test_check_fails_when_the_issuer_does_not_chain(initialized: Path, meshca_cmd: Run) -> None:
+    (initialized / "bundle.pem").write_bytes(TestCA("other.test").bundle.to_pem())
+    result = meshca_cmd("check", "--dir", initialized)
+    assert result.code == 1, result
+    assert "Traceback" not in result.stderr
+    assert any(line.startswith("[FAIL]") and "does not chain" in line for line in result.stdout.splitlines())
+
+
+def test_check_fails_when_a_leaf_ttl_does_not_fit(tmp_path: Path, meshca_cmd: Run) -> None:
+    ca = tmp_path / "ca"
+    assert meshca_cmd("init", "--trust-domain", "example.org", "--dir", ca, "--issuer-lifetime", "10d").code == 0
+    assert meshca_cmd("check", "--dir", ca, "--leaf-ttl", "9d").code == 0
+    result = meshca_cmd("check", "--dir", ca, "--leaf-ttl", "11d")
+    assert result.code == 1, result
+    assert any(line.startswith("[FAIL]") and "cut to" in line for line in result.stdout.splitlines())
+
+
+def test_check_follows_the_clock(tmp_path: Path, cli: Run) -> None:
+    clock = FrozenClock(NOW)
+    ca = tmp_path / "ca"
+    assert cli("init", "--trust-domain", "example.org", "--dir", ca, clock=clock).code == 0
+    assert cli("check", "--dir", ca, clock=clock).code == 0
+    clock.advance(timedelta(days=355))
+    soon = cli("check", "--dir", ca, clock=clock)
+    assert soon.code == 0
+    assert _check_counts(soon) == (0, 1)
+    clock.advance(timedelta(days=10, hours=1))
+    expired = cli("check", "--dir", ca, clock=clock)
+    assert expired.code == 1
+    assert "expired" in expired.stdout
+
+
+def test_check_missing_dir(tmp_path: Path, meshca_cmd: Run) -> None:
+    result = meshca_cmd("check", "--dir", tmp_path / "nowhere")
+    assert result.code == 1
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+# -- help and bad input
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.extend(_commands(sub, (*prefix, name)))
+    return found
+
+
+CORE_COMMANDS = [
+    (),
+    ("init",),
+    ("anchor",),
+    ("anchor", "create"),
+    ("issuer",),
+    ("issuer", "create"),
+    ("issue",),
+    ("bundle",),
+    ("verify",),
+    ("inspect",),
+    ("check",),
+]
+
+
+@pytest.mark.parametrize("command", [(), ("init",), ("anchor", "create")], ids=lambda c: " ".join(c) or "meshca")
+def test_help_in_the_console_script(meshca_cmd: Run, command: tuple[str, ...]) -> None:
+    result = meshca_cmd(*command, "--help")
+    assert result.code == 0, result
+    assert result.stdout.startswith("usage: meshca")
+    assert result.stderr == ""
+
+
+def test_help_of_every_command_in_the_parser(cli: Run) -> None:
+    commands = _commands(build_parser())
+    assert set(CORE_COMMANDS) <= set(commands)
+    for command in commands:
+        result = cli(*command, "--help")
+        assert result.code == 0, (command, result)
+        assert result.stdout.startswith("usage: meshca")
+        assert result.stderr == ""
+
+
+BAD_INPUT: list[tuple[list[str], int, str]] = [
+    ([], 2, "required"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["init", "--trust-domain", "Example.org", "--dir", "{tmp}/ca"], 2, "upper-case"),
+    (["init", "--trust-domain", "example.org:80", "--dir", "{tmp}/ca"], 2, "a port"),
+    (["init", "--trust-domain", "example.org", "--dir", "{tmp}/ca", "--issuer-lifetime", "10x"], 2, "invalid duration"),
+    (["init", "--trust-domain", "example.org", "--dir", "{tmp}/ca", "--anchor-lifetime", "0s"], 2, "positive"),
+    (["init", "--trust-domain", "example.org", "--dir", "{tmp}/ca", "--key-type", "ec-p521"], 2, "unknown key type"),
+    (["init", "--trust-domain", "example.org"], 2, "--dir"),
+    (["init", "--trust-domain", "example.org", "--dir", "{tmp}/ca", "--passphrase-file", "{tmp}/nope"], 1, "nope"),
+    (["init", "--trust-domain", "example.org", "--dir", "{tmp}/ca", "--passphrase-file", "{tmp}/empty"], 1, "empty"),
+    (
+        ["issue", "--dir", "{tmp}", "--spiffe-id", "SPIFFE://example.org/a", "--cert-out", "a", "--key-out", "b"],
+        2,
+        "lower-case",
+    ),
+    (
+        ["issue", "--dir", "{tmp}", "--spiffe-id", "spiffe://example.org/a/", "--cert-out", "a", "--key-out", "b"],
+        2,
+        "trailing slash",
+    ),
+    (
+        ["issue", "--dir", "{tmp}/missing", "--spiffe-id", WEB, "--cert-out", "{tmp}/a", "--key-out", "{tmp}/b"],
+        1,
+        "cannot read",
+    ),
+    (
+        ["issue", "--dir", "{tmp}", "--spiffe-id", WEB, "--cert-out", "a", "--key-out", "b", "--ttl=-1h"],
+        2,
+        "invalid duration",
+    ),
+    (["bundle", "--dir", "{tmp}/missing"], 1, "cannot read"),
+    (["bundle", "--dir", "{tmp}/garbage"], 1, "cannot read trust bundle"),
+    (["verify", "--bundle", "{tmp}/missing.pem", "{tmp}/chain.pem"], 1, "cannot read"),
+    (["verify", "--bundle", "{tmp}/garbage/bundle.pem", "{tmp}/chain.pem"], 1, "trust bundle"),
+    (
+        ["verify", "--bundle", "{tmp}/b.pem", "--spiffe-id", "spiffe://x/a", "--trust-domain", "x", "c"],
+        2,
+        "not allowed",
+    ),
+    (["inspect", "{tmp}/missing.pem"], 1, "cannot read"),
+    (["inspect", "{tmp}"], 1, "cannot read"),
+    (["anchor"], 2, "required"),
+    (
+        ["issuer", "create", "--anchor-cert", "{tmp}/missing.crt", "--anchor-key", "{tmp}/k", "--dir", "{tmp}/ca"],
+        1,
+        "cannot read",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "reason"), BAD_INPUT, ids=[" ".join(a)[:50] for a, _, _ in BAD_INPUT])
+def test_bad_input_fails_cleanly(tmp_path: Path, cli: Run, args: list[str], code: int, reason: str) -> None:
+    _bad_input_files(tmp_path)
+    result = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert_clean_failure(result, code)
+    assert reason in result.stderr
+
+
+def _bad_input_files(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "bundle.pem").write_bytes(b"garbage")
+
+
+CONSOLE_BAD_INPUT = [BAD_INPUT[i] for i in (0, 2, 4, 10, 12, 19)]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "reason"), CONSOLE_BAD_INPUT, ids=[" ".join(a)[:50] for a, _, _ in CONSOLE_BAD_INPUT]
+)
+def test_bad_input_in_the_console_script(
+    tmp_path: Path, meshca_cmd: Run, args: list[str], code: int, reason: str
+) -> None:
+    _bad_input_files(tmp_path)
+    result = meshca_cmd(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert_clean_failure(result, code)
+    assert reason in result.stderr
