@@ -452,6 +452,67 @@ def cmd_log(args: argparse.Namespace, clock: Clock) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace, clock: Clock) -> int:
+    import shlex
+    import signal
+    import subprocess
+    import threading
+
+    from meshca._log import configure_logging
+    from meshca.client import SvidSource
+    from meshca.client._sink import FileSink
+
+    configure_logging()
+    token = args.token
+    if args.token_file:
+        token = _read(args.token_file).decode().strip()
+    command = shlex.split(args.exec) if args.exec else None
+    sink = FileSink(args.out_dir)
+    changed = threading.Event()
+
+    def run_command() -> None:
+        if command is None:
+            return
+        try:
+            result = subprocess.run(command, check=False, timeout=args.exec_timeout.total_seconds())
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"meshca: --exec {command[0]} failed: {exc}", file=sys.stderr)
+            return
+        if result.returncode != 0:
+            print(f"meshca: --exec {command[0]} exited {result.returncode}", file=sys.stderr)
+
+    source = SvidSource(
+        args.server,
+        args.bundle,
+        args.spiffe_id,
+        join_token=token,
+        jwt_file=args.jwt_file,
+        server_name=args.server_name,
+        clock=clock,
+    )
+    with source:
+        try:
+            snapshot = source.wait_ready(args.timeout.total_seconds())
+        except TimeoutError as exc:
+            raise CliError(f"{exc} (is meshca serve reachable at {args.server}?)") from None
+        written = sink.write(snapshot)
+        print(f"wrote {', '.join(str(p) for p in written)} for {args.spiffe_id}", file=sys.stderr)
+        run_command()
+        if not args.watch:
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        source.subscribe(lambda _: changed.set())
+        while not stop.is_set():
+            if not changed.wait(0.5):
+                continue
+            changed.clear()
+            if sink.write(source.snapshot):
+                run_command()
+    return 0
+
+
 # -- parser
 
 Command = Callable[[argparse.Namespace, Clock], int]
@@ -607,6 +668,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     _add_json(p)
     p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("fetch", help="get an SVID from meshca serve and write it to files (optionally keep it fresh)")
+    p.add_argument("--server", required=True, metavar="HOST:PORT")
+    p.add_argument("--bundle", required=True, help="PEM bundle to trust the server with")
+    p.add_argument("--spiffe-id", type=_spiffe_id, required=True)
+    cred = p.add_mutually_exclusive_group(required=True)
+    cred.add_argument("--token", help="join token")
+    cred.add_argument("--token-file", help="file holding a join token")
+    cred.add_argument("--jwt-file", help="service-account JWT file, re-read on every attempt")
+    p.add_argument("--out-dir", required=True, help="writes svid.pem, svid.key (0600) and bundle.pem")
+    p.add_argument("--watch", action="store_true", help="keep the files fresh until SIGTERM")
+    p.add_argument("--exec", metavar="COMMAND", help="run COMMAND after every change (e.g. 'nginx -s reload')")
+    p.add_argument("--exec-timeout", type=_duration, default=timedelta(seconds=30))
+    p.add_argument("--server-name", help="expected DNS name of the server's certificate (default: from --server)")
+    p.add_argument("--timeout", type=_duration, default=timedelta(seconds=60), help="wait this long for the first SVID")
+    p.set_defaults(func=cmd_fetch)
 
     return parser
 

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Literal
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -35,6 +36,7 @@ from meshca.client._core import Snapshot, X509Svid
 __all__ = ["SpiffeSSLContext", "make_context"]
 
 _SHA256 = hashes.SHA256()
+log = structlog.get_logger("meshca.client")
 
 PeerCheck = Callable[[bytes | None, list[bytes] | None], None]
 
@@ -58,6 +60,8 @@ def _after_handshake(sslobj: ssl.SSLObject | ssl.SSLSocket) -> None:
     try:
         check(sslobj.getpeercert(binary_form=True), _verified_chain(sslobj))
     except VerificationError as exc:
+        # asyncio reports failed server-side handshakes only in debug mode, so say it here.
+        log.warning("tls.peer_refused", side="server" if sslobj.server_side else "client", reason=str(exc))
         raise ssl.SSLCertVerificationError(f"SPIFFE peer check failed: {exc}") from exc
 
 
