@@ -165,7 +165,9 @@ class TokenReviewAuthenticator:
         self._ssl = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
 
     async def authenticate(self, token: str, audiences: Collection[str]) -> Principal:
-        key = hash_token(token)
+        # An answer holds only for the audiences it was asked about: a token
+        # accepted for one API must not pass another API from the cache.
+        key = hash_token(token) + "|" + ",".join(sorted(audiences))
         now = self._clock().timestamp()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
