@@ -1,0 +1,53 @@
+"""grpc.health.v1 and /readyz follow the issuer: NOT_SERVING, 503 and UNAVAILABLE once it expires."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from meshca.server._app import SERVICES
+from meshca.testing import TestCA
+
+from .harness import code_of, hpb, http_get, native_request, serving, spiffe_csr
+
+SERVING = hpb.HealthCheckResponse.SERVING
+NOT_SERVING = hpb.HealthCheckResponse.NOT_SERVING
+
+
+async def test_serving_for_the_server_and_each_service(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        for name in ("", *SERVICES):
+            response = await h.health.Check(hpb.HealthCheckRequest(service=name))
+            assert response.status == SERVING, name
+        unknown = h.health.Check(hpb.HealthCheckRequest(service="no.such.Service"))
+        assert await code_of(unknown) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_expired_issuer_means_not_serving_and_unavailable(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca, metrics_listen="127.0.0.1:0") as h:
+        token = h.token(uses=5, ttl=timedelta(days=3650))
+        _, csr = spiffe_csr()
+        await h.native.IssueSVID(native_request(csr, join_token=token))
+        assert (await asyncio.to_thread(http_get, h.server.metrics_port, "/readyz"))[0] == 200
+
+        h.clock.advance(server_ca.issuer_certificate.not_valid_after_utc - h.clock() + timedelta(seconds=1))
+        await h.wait_for(lambda: not h.server.state.usable, what="the reload poll to see the expiry")
+        # health is set right after the poll, on the same loop
+        await asyncio.sleep(0.05)
+        for name in ("", *SERVICES):
+            response = await h.health.Check(hpb.HealthCheckRequest(service=name))
+            assert response.status == NOT_SERVING, name
+        # a client that connects only now still reaches the health service
+        fresh = health_pb2_grpc.HealthStub(h.new_channel())
+        assert (await fresh.Check(hpb.HealthCheckRequest(service=""), timeout=5)).status == NOT_SERVING
+
+        assert await code_of(h.native.IssueSVID(native_request(csr, join_token=token))) == (grpc.StatusCode.UNAVAILABLE)
+        code, body = await asyncio.to_thread(http_get, h.server.metrics_port, "/readyz")
+        assert code == 503, body
+        assert (await asyncio.to_thread(http_get, h.server.metrics_port, "/livez"))[0] == 200
+        assert h.events("issuer.unusable")
+        assert len(h.server.store.issuances()) == 1

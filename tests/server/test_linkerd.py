@@ -1,0 +1,76 @@
+"""The Linkerd-compatible service (io.linkerd.proxy.identity.Identity/Certify), as linkerd2-proxy calls it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives.serialization import Encoding
+
+import meshca
+from meshca.testing import TestCA
+
+from .harness import (
+    LINKERD_WEB,
+    TD,
+    WEB,
+    K8sIssuer,
+    cert,
+    code_of,
+    dns_names,
+    k8s_config,
+    linkerd_csr,
+    lpb,
+    serving,
+    uris,
+)
+
+
+async def test_certify_issues_the_linkerd_identity_and_spiffe_id(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:
+    async with serving(d, server_ca, k8s_jwt=k8s_config(k8s, d.parent)) as h:
+        key, csr = linkerd_csr(LINKERD_WEB)
+        token = k8s.token("default", "web", aud="identity.l5d.io").encode()
+        response = await h.linkerd.Certify(
+            lpb.CertifyRequest(identity=LINKERD_WEB, token=token, certificate_signing_request=csr)
+        )
+        leaf = cert(response.leaf_certificate)
+        assert dns_names(leaf) == [LINKERD_WEB]
+        assert uris(leaf) == ["spiffe://example.org/ns/default/sa/web"]
+        assert leaf.public_key() == key.public_key()
+        assert list(response.intermediate_certificates) == [server_ca.issuer_certificate.public_bytes(Encoding.DER)]
+        assert response.valid_until.ToDatetime(tzinfo=leaf.not_valid_after_utc.tzinfo) == leaf.not_valid_after_utc
+        chain = [response.leaf_certificate, *response.intermediate_certificates]
+        assert meshca.verify_chain(chain, server_ca.bundle, at=h.clock()) == WEB
+        [record] = h.server.store.issuances()
+        assert (record.api, record.spiffe_id) == ("linkerd", str(WEB))
+
+
+async def test_certify_with_a_join_token(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        _, csr = linkerd_csr(LINKERD_WEB)
+        token = h.token(WEB).encode()
+        response = await h.linkerd.Certify(
+            lpb.CertifyRequest(identity=LINKERD_WEB, token=token, certificate_signing_request=csr)
+        )
+        assert dns_names(cert(response.leaf_certificate)) == [LINKERD_WEB]
+
+
+async def test_name_mismatch_is_failed_precondition(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:
+    """linkerd2-proxy depends on FAILED_PRECONDITION when the token and the identity disagree."""
+    async with serving(d, server_ca, k8s_jwt=k8s_config(k8s, d.parent)) as h:
+        web_token = k8s.token("default", "web", aud="identity.l5d.io").encode()
+        api_token = k8s.token("default", "api", aud="identity.l5d.io").encode()
+        _, csr = linkerd_csr(LINKERD_WEB)
+        _, other_csr = linkerd_csr(f"api.default.serviceaccount.identity.linkerd.{TD}")
+        cases = {
+            "token of another service account": lpb.CertifyRequest(
+                identity=LINKERD_WEB, token=api_token, certificate_signing_request=csr
+            ),
+            "CSR names another identity": lpb.CertifyRequest(
+                identity=LINKERD_WEB, token=web_token, certificate_signing_request=other_csr
+            ),
+        }
+        for name, request in cases.items():
+            assert await code_of(h.linkerd.Certify(request)) == grpc.StatusCode.FAILED_PRECONDITION, name
+        assert h.server.store.issuances() == []
+        assert len(h.events("request.refused")) == len(cases)
