@@ -298,6 +298,21 @@ def test_issue_with_a_frozen_clock(tmp_path: Path, cli: Run) -> None:
     assert "expired" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["init", "--trust-domain", "example.org", "--dir", "{tmp}/big", "--anchor-lifetime", "100000y"],
+        ["init", "--trust-domain", "example.org", "--dir", "{tmp}/big", "--issuer-lifetime", "9999999999999d"],
+        ["issue", "--dir", "{ca}", "--spiffe-id", WEB, "--cert-out", "{tmp}/w.pem", "--key-out", "{tmp}/w.key",
+         "--ttl", "4000000d"],
+    ],
+    ids=["anchor-100000y", "issuer-huge-days", "ttl-beyond-year-9999"],
+)  # fmt: skip
+def test_absurd_durations_fail_cleanly(initialized: Path, tmp_path: Path, cli: Run, args: list[str]) -> None:
+    result = cli(*[a.replace("{tmp}", str(tmp_path)).replace("{ca}", str(initialized)) for a in args])
+    assert_clean_failure(result)
+
+
 # -- bundle
 
 
@@ -445,6 +460,17 @@ def test_inspect_csr(tmp_path: Path, cli: Run, encoding: str) -> None:
     assert item["spiffe_id"] == WEB
     assert item["signature_valid"] is True
     assert item["key"] == "ec-p384"
+
+
+def test_inspect_csr_with_a_bad_signature(tmp_path: Path, cli: Run) -> None:
+    der = meshca.build_csr(meshca.generate_key(), SpiffeId.parse(WEB))
+    path = tmp_path / "tampered.csr"
+    path.write_bytes(der[:-1] + bytes([der[-1] ^ 1]))
+    result = cli("inspect", path)
+    assert result.code == 0, result
+    assert "Signature:    INVALID" in result.stdout
+    (item,) = json.loads(cli("inspect", "--json", path).stdout)
+    assert item["signature_valid"] is False
 
 
 def test_inspect_spiffe_bundle(initialized: Path, tmp_path: Path, cli: Run) -> None:

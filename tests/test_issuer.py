@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from certbuild import NOW, build, ext, intermediate, key_usage
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import meshca
 from meshca import IssuanceError, Issuer, IssuerUnavailable, SpiffeId
@@ -187,3 +188,18 @@ def test_issuer_from_trust_dir_matches(tmp_path: Path, ca: TestCA) -> None:
     tdir.issuer_key.unlink()
     with pytest.raises(IssuerUnavailable, match="cannot read"):
         tdir.load_issuer(ca.bundle)
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),
+        lambda: ec.generate_private_key(ec.SECP521R1()),
+    ],
+    ids=["rsa-1024", "ec-p521"],
+)
+def test_refuses_to_sign_a_leaf_key_meshca_does_not_support(ca: TestCA, make_key: Callable[[], object]) -> None:
+    """The leaf profile allows ec-p256, ec-p384 and rsa >= 2048, whoever calls sign()."""
+    key = make_key()
+    with pytest.raises(meshca.KeyPolicyError):
+        ca.issuer.sign(key.public_key(), WEB, now=NOW)  # type: ignore[attr-defined]

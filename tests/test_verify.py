@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from certbuild import NOW, intermediate, key_usage, leaf
+from certbuild import NOW, build, ext, intermediate, key_usage, leaf
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -75,6 +75,32 @@ def _not_yet_valid_intermediate(cas: Cas) -> Case:
     inter = intermediate(cas.ca, now=NOW, not_before=NOW + timedelta(hours=1))
     short = inter[0].fingerprint(hashes.SHA256()).hex(":")[:23]
     return Case(_under(cas, inter), f"intermediate 1 ({short}) is not valid before")
+
+
+def _below_the_issuer(cas: Cas) -> Case:
+    """The issuer has pathlen 0: a CA it signs must not be usable."""
+    sub_key = meshca.generate_key()
+    sub = build(
+        public_key=sub_key.public_key(),
+        signer_name=cas.ca.issuer_certificate.subject,
+        signer_key=cas.ca.issuer_key,
+        not_before=NOW - timedelta(minutes=1),
+        not_after=NOW + timedelta(days=1),
+        subject=x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "sub-CA below the issuer")]),
+        extensions=[
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (key_usage("key_cert_sign", "crl_sign"), True),
+            (x509.SubjectKeyIdentifier.from_public_key(sub_key.public_key()), False),
+            (
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                    ext(cas.ca.issuer_certificate, x509.SubjectKeyIdentifier).value
+                ),
+                False,
+            ),
+        ],
+    )
+    chain = [*_under(cas, (sub, sub_key)), cas.ca.issuer_certificate]
+    return Case(chain, "does not lead to an anchor of example.org")
 
 
 BAD_CHAINS: dict[str, Callable[[Cas], Case]] = {
@@ -165,6 +191,7 @@ BAD_CHAINS: dict[str, Callable[[Cas], Case]] = {
         _under(c, (c.ca.issuer_certificate, c.rogue.issuer_key)), "does not lead to an anchor"
     ),
     "leaf-without-its-intermediate": lambda c: Case([c.ca.issue_svid(WEB, now=NOW).leaf], "does not lead to an anchor"),
+    "path-length-of-the-issuer-exceeded": _below_the_issuer,
     "garbage-bytes": lambda c: Case(b"garbage", "cannot read the chain"),
     "garbage-pem": lambda c: Case(
         b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "cannot read the chain"
