@@ -83,6 +83,7 @@ class IssuerState:
         self._changed = asyncio.Event()
         self._usable = True
         self._serving: ServingSvid | None = None
+        self._metrics.serving.set(1)
         self._export_expiry()
 
     # -- reads
