@@ -1,0 +1,114 @@
+"""`meshca serve` as a real process: start it, read its JSON log lines, stop or kill it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def meshca_exe() -> str:
+    found = shutil.which("meshca")
+    if found is None:
+        pytest.fail("the meshca console script is not on PATH; install the package with pip install -e .")
+    return found
+
+
+class ServeProcess:
+    """``meshca serve --dir DIR`` on ephemeral 127.0.0.1 ports; stderr is collected line by line."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        args = [
+            meshca_exe(),
+            "serve",
+            "--dir",
+            str(directory),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stderr, True), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stdout, False), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.port = 0
+
+    def _read(self, stream: Any, collect: bool) -> None:
+        with stream:
+            for raw in stream:
+                line = raw.decode(errors="replace").rstrip("\n")
+                if collect:
+                    self.lines.append(line)
+                    self._queue.put(line)
+        if collect:
+            self._queue.put(None)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.lines):
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def wait_started(self, timeout: float = 15) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise AssertionError("meshca serve did not start:\n" + "\n".join(self.lines))
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait(5)
+                raise AssertionError(f"meshca serve exited {self.proc.returncode}:\n" + "\n".join(self.lines))
+            if line.startswith("{") and json.loads(line).get("event") == "server.started":
+                self.port = int(json.loads(line)["port"])
+                return self.port
+
+    def terminate(self, timeout: float = 15) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return code
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def run_meshca(*args: str | os.PathLike[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([meshca_exe(), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False)

@@ -1,0 +1,225 @@
+"""Hot reload of the issuer while clients issue, with the ``..data`` symlink swap of a Kubernetes secret volume."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+import meshca
+from meshca._certs import certificates_pem
+from meshca._profiles import build_issuer
+from meshca._proto import meshca_identity_pb2_grpc
+from meshca.testing import TestCA
+
+from .harness import (
+    TD,
+    WEB,
+    Harness,
+    MovableClock,
+    cert,
+    code_of,
+    hpb,
+    native_request,
+    sample_value,
+    serving,
+    signed_by,
+    spiffe_csr,
+)
+
+_stamps = itertools.count()
+
+
+class SecretVolume:
+    """A directory laid out like a mounted Kubernetes secret.
+
+    DIR/..2026_01_01_00_00_00.N/issuer.crt   the files of one version
+    DIR/..data -> ..2026_01_01_00_00_00.N    swapped atomically by rename
+    DIR/issuer.crt -> ..data/issuer.crt      stable names
+    """
+
+    NAMES = ("issuer.crt", "issuer.key", "bundle.pem")
+
+    def __init__(self, path: Path, files: dict[str, bytes]) -> None:
+        self.path = path
+        current = self._write_version(files)
+        os.symlink(current, path / "..data")
+        for name in self.NAMES:
+            os.symlink(Path("..data") / name, path / name)
+
+    def _write_version(self, files: dict[str, bytes]) -> str:
+        name = f"..2026_01_01_00_00_00.{next(_stamps)}"
+        (self.path / name).mkdir()
+        for file, data in files.items():
+            (self.path / name / file).write_bytes(data)
+            if file.endswith(".key"):
+                os.chmod(self.path / name / file, 0o600)
+        return name
+
+    def swap(self, files: dict[str, bytes]) -> None:
+        old = os.readlink(self.path / "..data")
+        new = self._write_version(files)
+        os.symlink(new, self.path / "..data_tmp")
+        os.replace(self.path / "..data_tmp", self.path / "..data")
+        shutil.rmtree(self.path / old)
+
+
+def issuer_files(certificate: x509.Certificate, key: meshca.PrivateKey, bundle: meshca.TrustBundle) -> dict[str, bytes]:
+    return {
+        "issuer.crt": certificates_pem([certificate]),
+        "issuer.key": meshca.private_key_pem(key),
+        "bundle.pem": bundle.to_pem(),
+    }
+
+
+def new_issuer(
+    ca: TestCA, *, lifetime: timedelta = timedelta(days=30), age: timedelta = timedelta()
+) -> tuple[x509.Certificate, meshca.PrivateKey]:
+    """Another issuer signed by ``ca``'s anchor."""
+    key = meshca.generate_key()
+    certificate = build_issuer(
+        key.public_key(),
+        signer_certificate=ca.anchor,
+        signer_key=ca.anchor_key,
+        trust_domain=meshca.TrustDomain(TD),
+        now=MovableClock()() - age,
+        lifetime=lifetime,
+    )
+    return certificate, key
+
+
+def _volume(d: Path, ca: TestCA) -> SecretVolume:
+    return SecretVolume(d, issuer_files(ca.issuer_certificate, ca.issuer_key, ca.bundle))
+
+
+async def _issuer_of_next_leaf(h: Harness, token: str) -> x509.Certificate:
+    response = await h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token))
+    meshca.verify_chain([response.leaf, *response.intermediates], h.ca.bundle, at=h.clock())
+    [issuer] = response.intermediates
+    return cert(issuer)
+
+
+async def test_symlink_swap_while_clients_issue(d: Path) -> None:
+    ca = TestCA(TD)
+    volume = _volume(d, ca)
+    async with serving(d, ca, write=False) as h:
+        replacement, replacement_key = new_issuer(ca)
+        stop = asyncio.Event()
+        errors: list[BaseException] = []
+
+        async def client(n: int) -> list[bytes]:
+            token = h.token(WEB, uses=100_000)
+            stub = meshca_identity_pb2_grpc.IdentityStub(h.new_channel())
+            seen: list[bytes] = []
+            while not stop.is_set():
+                _, csr = spiffe_csr(WEB)
+                try:
+                    response = await stub.IssueSVID(native_request(csr, join_token=token), timeout=5)
+                    meshca.verify_chain([response.leaf, *response.intermediates], ca.bundle, at=h.clock())
+                    assert signed_by(cert(response.leaf), cert(response.intermediates[0]))
+                except Exception as exc:
+                    errors.append(exc)
+                    return seen
+                seen.append(response.intermediates[0])
+            return seen
+
+        tasks = [asyncio.create_task(client(n)) for n in range(4)]
+        await asyncio.sleep(0.6)
+        volume.swap(issuer_files(replacement, replacement_key, ca.bundle))
+        await h.wait_for(lambda: bool(h.events("issuer.reloaded")), what="the reload")
+        await asyncio.sleep(0.8)
+        stop.set()
+        results = await asyncio.gather(*tasks)
+
+        assert errors == []
+        old_der = ca.issuer_certificate.public_bytes(Encoding.DER)
+        new_der = replacement.public_bytes(Encoding.DER)
+        for seen in results:
+            assert len(seen) > 5
+            assert set(seen) == {old_der, new_der}
+            # old until the swap, new after: never back
+            first_new = seen.index(new_der)
+            assert all(s == new_der for s in seen[first_new:])
+        assert await _issuer_of_next_leaf(h, h.token()) == replacement
+        # new connections get a server certificate from the new issuer, and work
+        fresh = meshca_identity_pb2_grpc.IdentityStub(h.new_channel())
+        response = await fresh.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=h.token()))
+        assert cert(response.intermediates[0]) == replacement
+        assert h.server.state.serving_svid(("localhost",), timedelta(hours=1)).issuer_fingerprint == (
+            replacement.fingerprint(hashes.SHA256()).hex(":")
+        )
+        assert h.events("issuer.reload_failed") == []
+
+
+async def test_invalid_replacements_are_refused(d: Path) -> None:
+    ca = TestCA(TD)
+    volume = _volume(d, ca)
+    async with serving(d, ca, write=False, metrics_listen="127.0.0.1:0") as h:
+        token = h.token(uses=100)
+        other_anchor = TestCA(TD)
+        replacement, _ = new_issuer(ca)
+        expired, expired_key = new_issuer(ca, lifetime=timedelta(days=1), age=timedelta(days=2))
+        bad = {
+            "key does not match": issuer_files(replacement, meshca.generate_key(), ca.bundle),
+            "issuer of another anchor": issuer_files(
+                other_anchor.issuer_certificate, other_anchor.issuer_key, ca.bundle
+            ),
+            "expired issuer": issuer_files(expired, expired_key, ca.bundle),
+            "not a certificate": {**issuer_files(replacement, meshca.generate_key(), ca.bundle), "issuer.crt": b"junk"},
+        }
+        for n, (name, files) in enumerate(bad.items(), 1):
+            volume.swap(files)
+            await h.wait_for(lambda n=n: len(h.events("issuer.reload_failed")) == n, what=f"refusal of {name}")
+            assert await _issuer_of_next_leaf(h, token) == ca.issuer_certificate, name
+            assert h.server.state.usable
+        assert all(e["reason"] for e in h.events("issuer.reload_failed"))
+        assert h.events("issuer.reloaded") == []
+        text = await h.scrape()
+        assert sample_value(text, "meshca_issuer_reloads_total", result="failure") == len(bad)
+        assert sample_value(text, "meshca_issuer_reloads_total", result="success") is None
+        health = await h.health.Check(hpb.HealthCheckRequest(service=""))
+        assert health.status == hpb.HealthCheckResponse.SERVING
+
+        # and a good one after the bad ones is taken
+        good, good_key = new_issuer(ca)
+        volume.swap(issuer_files(good, good_key, ca.bundle))
+        await h.wait_for(lambda: bool(h.events("issuer.reloaded")), what="the good reload")
+        assert await _issuer_of_next_leaf(h, token) == good
+        assert sample_value(await h.scrape(), "meshca_issuer_reloads_total", result="success") == 1
+
+
+async def test_a_new_issuer_restores_service_after_expiry(d: Path, server_ca: TestCA) -> None:
+    """Rotation is the way out of an expired issuer: health goes back to SERVING without a restart."""
+    async with serving(d, server_ca, metrics_listen="127.0.0.1:0") as h:
+        token = h.token(uses=5, ttl=timedelta(days=3650))
+        h.clock.advance(server_ca.issuer_certificate.not_valid_after_utc - h.clock() + timedelta(seconds=1))
+        await h.wait_for(lambda: not h.server.state.usable, what="expiry")
+        assert await code_of(h.native.IssueSVID(native_request(spiffe_csr()[1], join_token=token))) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+        key = meshca.generate_key()
+        renewed = build_issuer(
+            key.public_key(),
+            signer_certificate=server_ca.anchor,
+            signer_key=server_ca.anchor_key,
+            trust_domain=meshca.TrustDomain(TD),
+            now=h.clock(),
+            lifetime=timedelta(days=365),
+        )
+        meshca.write_private_key(d / "issuer.key", key, overwrite=True)
+        (d / "issuer.crt").write_bytes(certificates_pem([renewed]))
+        await h.wait_for(lambda: h.server.state.usable, what="the new issuer")
+        deadline = time.monotonic() + 5
+        while (await h.health.Check(hpb.HealthCheckRequest(service=""))).status != hpb.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await _issuer_of_next_leaf(h, token) == renewed
