@@ -152,7 +152,7 @@ class SourceState:
             not_after=svid.not_after.isoformat(),
             serial=format(svid.leaf.serial_number, "x"),
         )
-        self._publish(Snapshot(svid, self._snapshot.bundle))
+        self._publish(lambda current: Snapshot(svid, current.bundle))
         return svid
 
     def failed(self, exc: BaseException) -> timedelta:
@@ -193,12 +193,14 @@ class SourceState:
             anchors=len(bundle.anchors),
             sequence=bundle.sequence,
         )
-        self._publish(Snapshot(current.svid, bundle))
+        self._publish(lambda latest: Snapshot(latest.svid, bundle))
         return True
 
-    def _publish(self, snapshot: Snapshot) -> None:
+    def _publish(self, change: Callable[[Snapshot], Snapshot]) -> None:
+        # The renewal and watch threads each change half of the snapshot: build the new one from the
+        # latest under the lock, so neither undoes the other's change.
         with self._lock:
-            self._snapshot = snapshot
+            snapshot = self._snapshot = change(self._snapshot)
             listeners = list(self._listeners)
             contexts = list(self._contexts)
         for ctx in contexts:
