@@ -121,7 +121,11 @@ class SourceState:
         return unsubscribe
 
     def track(self, ctx: SpiffeSSLContext) -> SpiffeSSLContext:
-        self._contexts.add(ctx)
+        """Keeps ``ctx`` loaded with the current SVID and anchors from now on."""
+        with self._lock:
+            self._contexts.add(ctx)
+            # Catch up with a change published while the context was being built.
+            refresh(ctx, self._snapshot)
         return ctx
 
     # -- deciding
@@ -202,9 +206,10 @@ class SourceState:
         with self._lock:
             snapshot = self._snapshot = change(self._snapshot)
             listeners = list(self._listeners)
-            contexts = list(self._contexts)
-        for ctx in contexts:
-            refresh(ctx, snapshot)
+            # Under the lock too: refreshes run in publication order, so a context never goes back
+            # to an older SVID when a refresh for an earlier snapshot runs late.
+            for ctx in list(self._contexts):
+                refresh(ctx, snapshot)
         for listener in listeners:
             try:
                 listener(snapshot)
