@@ -194,6 +194,17 @@ def test_anchor_create_then_issuer_create_with_a_held_anchor(tmp_path: Path, mes
     assert check.code == 0, check
 
 
+def test_writing_into_a_missing_directory_names_the_file_asked_for(tmp_path: Path, cli: Run) -> None:
+    missing = tmp_path / "missing"
+    result = cli(
+        "anchor", "create", "--trust-domain", "example.org",
+        "--cert-out", missing / "root.crt", "--key-out", missing / "root.key",
+    )  # fmt: skip
+    assert_clean_failure(result, 1)
+    assert ".tmp" not in result.stderr, "the error names a temp file the user never asked for"
+    assert str(missing) in result.stderr
+
+
 def test_anchor_create_into_a_dir(tmp_path: Path, cli: Run) -> None:
     ca = tmp_path / "ca"
     result = cli("anchor", "create", "--trust-domain", "example.org", "--dir", ca, "--lifetime", "5y", "--json")
