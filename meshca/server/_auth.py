@@ -10,6 +10,7 @@ import asyncio
 import json
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Collection
@@ -26,7 +27,7 @@ from meshca._spiffe import SpiffeId, TrustDomain
 from meshca._time import Clock
 from meshca._verify import BundleSource
 from meshca.server._config import K8sJwtConfig, TokenReviewConfig
-from meshca.server._store import TOKEN_PREFIX, Store, hash_token
+from meshca.server._store import TOKEN_PREFIX, JoinToken, Store, hash_token
 
 __all__ = [
     "Authenticators",
@@ -64,13 +65,36 @@ def service_account_id(trust_domain: TrustDomain, subject: str) -> SpiffeId:
 
 
 class JoinTokenAuthenticator:
+    """Join tokens from the store.
+
+    A token row is cached for a second, so a burst from one multi-use token
+    reads the database once. The cache can only be stale in one direction
+    (uses left): the use is consumed in the issuance transaction, which fails
+    when none is left, so a stale entry never yields a certificate.
+    """
+
+    CACHE_SECONDS = 1.0
+
     def __init__(self, store: Store, clock: Clock) -> None:
         self._store = store
         self._clock = clock
+        self._cache: dict[str, tuple[float, JoinToken]] = {}
+
+    def _lookup(self, token_hash: str) -> JoinToken | None:
+        now = time.monotonic()
+        cached = self._cache.get(token_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = self._store.get_token(token_hash)
+        if found is not None:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[token_hash] = (now + self.CACHE_SECONDS, found)
+        return found
 
     def authenticate(self, token: str) -> Principal:
         token_hash = hash_token(token)
-        found = self._store.get_token(token_hash)
+        found = self._lookup(token_hash)
         if found is None:
             raise AuthenticationError("unknown join token", "unknown_token")
         if found.expires_at <= self._clock():

@@ -72,7 +72,8 @@ def linkerd_identity_to_spiffe_id(identity: str, control_namespace: str, trust_d
         raise PermissionDenied(
             f"identity {identity!r} is not of the form <sa>.<ns>{suffix} for this trust domain and control namespace"
         )
-    sa, dot, ns = identity[: -len(suffix)].partition(".")
+    # A namespace is a DNS label (no dots); a service account name is a DNS subdomain and may hold dots.
+    sa, dot, ns = identity[: -len(suffix)].rpartition(".")
     if not dot or not sa or not ns or "." in ns:
         raise PermissionDenied(f"identity {identity!r} does not name one service account and namespace")
     return trust_domain.spiffe_id(f"/ns/{ns}/sa/{sa}")
@@ -150,6 +151,11 @@ class IssuanceCore:
         self.clock = clock
         self._limiter = _RateLimiter(config.rate_limit, config.rate_burst) if config.rate_limit else None
         self._audiences: dict[str, tuple[str, ...]] = {}
+        # Metric children and the encoded bundle are looked up once, not per request.
+        self._request_counters: dict[tuple[str, str, grpc.StatusCode], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
+        self._issued: dict[tuple[str, str], Any] = {}
+        self._bundle_message: tuple[TrustBundle, int, meshca_identity_pb2.Bundle] | None = None
         configured = config.k8s_jwt.audiences if config.k8s_jwt else ()
         if config.token_review:
             configured += config.token_review.audiences
@@ -199,8 +205,15 @@ class IssuanceCore:
                 log.warning("request.refused", service=service, method=method, code=code.name, reason=str(exc))
             await context.abort(code, str(exc))
         finally:
-            self.metrics.requests.labels(service, method, code.name).inc()
-            self.metrics.latency.labels(service, method).observe(time.perf_counter() - start)
+            key = (service, method, code)
+            counter = self._request_counters.get(key)
+            if counter is None:
+                counter = self._request_counters[key] = self.metrics.requests.labels(service, method, code.name)
+            counter.inc()
+            latency = self._latencies.get(key[:2])
+            if latency is None:
+                latency = self._latencies[key[:2]] = self.metrics.latency.labels(service, method)
+            latency.observe(time.perf_counter() - start)
         raise AssertionError("unreachable")  # context.abort always raises
 
     async def issue(
@@ -231,7 +244,11 @@ class IssuanceCore:
         serial = format(svid.serial, "x")
         record = IssuanceRecord(serial, str(principal.spiffe_id), svid.not_after, principal.name, api, now)
         await asyncio.wrap_future(self.store.record(record, token_hash=principal.token_hash))
-        self.metrics.issued.labels(principal.spiffe_id.trust_domain.name, api).inc()
+        issued_key = (principal.spiffe_id.trust_domain.name, api)
+        issued_counter = self._issued.get(issued_key)
+        if issued_counter is None:
+            issued_counter = self._issued[issued_key] = self.metrics.issued.labels(*issued_key)
+        issued_counter.inc()
         log.info(
             "svid.issued",
             spiffe_id=str(principal.spiffe_id),
@@ -243,11 +260,16 @@ class IssuanceCore:
         return Issued(svid, bundle)
 
     def bundle_message(self, bundle: TrustBundle) -> meshca_identity_pb2.Bundle:
-        return meshca_identity_pb2.Bundle(
+        cached = self._bundle_message
+        if cached is not None and cached[0] is bundle and cached[1] == self.state.sequence:
+            return cached[2]
+        message = meshca_identity_pb2.Bundle(
             trust_domain=bundle.trust_domain.name,
             anchors=[a.public_bytes(serialization.Encoding.DER) for a in bundle.anchors],
             sequence=self.state.sequence,
         )
+        self._bundle_message = (bundle, self.state.sequence, message)
+        return message
 
 
 class NativeService(meshca_identity_pb2_grpc.IdentityServicer):
