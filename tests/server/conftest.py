@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from meshca.testing import TestCA
 
 from .harness import TD, K8sIssuer
+from .kubeapi import FakeApiServer
 
 ASYNC_TEST_TIMEOUT = 30.0
 
@@ -52,3 +54,11 @@ def d(tmp_path: Path) -> Path:
     path = tmp_path / "trust"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def api_server(server_ca: TestCA, tmp_path: Path) -> Iterator[FakeApiServer]:
+    """A Kubernetes API server stand-in on 127.0.0.1 that answers TokenReviews."""
+    fake = FakeApiServer(server_ca, tmp_path)
+    yield fake
+    fake.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import meshca
+from meshca.server import linkerd_identity_to_spiffe_id
 from meshca.testing import TestCA
 
 from .harness import (
@@ -74,3 +76,46 @@ async def test_name_mismatch_is_failed_precondition(d: Path, server_ca: TestCA, 
             assert await code_of(h.linkerd.Certify(request)) == grpc.StatusCode.FAILED_PRECONDITION, name
         assert h.server.store.issuances() == []
         assert len(h.events("request.refused")) == len(cases)
+
+
+@pytest.mark.parametrize(
+    ("identity", "expected"),
+    [
+        (f"web.default.serviceaccount.identity.linkerd.{TD}", "spiffe://example.org/ns/default/sa/web"),
+        (f"web.kube-system.serviceaccount.identity.linkerd.{TD}", "spiffe://example.org/ns/kube-system/sa/web"),
+        # service account names are DNS subdomains and may hold dots; namespaces are labels and may not
+        (f"web.v2.payments.serviceaccount.identity.linkerd.{TD}", "spiffe://example.org/ns/payments/sa/web.v2"),
+    ],
+)
+def test_identity_to_spiffe_id(identity: str, expected: str) -> None:
+    got = linkerd_identity_to_spiffe_id(identity, "linkerd", meshca.TrustDomain(TD))
+    assert got == meshca.SpiffeId.parse(expected)
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [
+        f"default.serviceaccount.identity.linkerd.{TD}",
+        f".default.serviceaccount.identity.linkerd.{TD}",
+        f"web..serviceaccount.identity.linkerd.{TD}",
+        "web.default.serviceaccount.identity.linkerd.other.org",
+        f"web.default.serviceaccount.identity.linkerd2.{TD}",
+        f"web.default.serviceaccount.identity.linkerd.{TD}.evil",
+        f"web.default.serviceaccount.identity.linkerd.x{TD}",
+    ],
+)
+def test_identity_not_of_this_trust_domain_or_form(identity: str) -> None:
+    with pytest.raises(meshca.PermissionDenied):
+        linkerd_identity_to_spiffe_id(identity, "linkerd", meshca.TrustDomain(TD))
+
+
+async def test_service_account_with_a_dot(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:
+    identity = f"web.v2.payments.serviceaccount.identity.linkerd.{TD}"
+    async with serving(d, server_ca, k8s_jwt=k8s_config(k8s, d.parent)) as h:
+        token = k8s.token("payments", "web.v2", aud="identity.l5d.io").encode()
+        response = await h.linkerd.Certify(
+            lpb.CertifyRequest(identity=identity, token=token, certificate_signing_request=linkerd_csr(identity)[1])
+        )
+        leaf = cert(response.leaf_certificate)
+        assert uris(leaf) == ["spiffe://example.org/ns/payments/sa/web.v2"]
+        assert dns_names(leaf) == [identity]

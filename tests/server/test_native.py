@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -137,3 +138,24 @@ async def test_csr_without_names_gets_the_granted_id(d: Path, server_ca: TestCA)
         csr = csr_der(p256())
         response = await h.native.IssueSVID(native_request(csr, join_token=h.token()))
         assert uris(cert(response.leaf)) == [str(WEB)]
+
+
+async def test_a_one_use_token_pays_for_one_certificate_under_concurrency(d: Path, server_ca: TestCA) -> None:
+    """Every racer passes the up-front check; the use is taken in the transaction that records the issuance."""
+    async with serving(d, server_ca) as h:
+        token = h.token(uses=1)
+        calls = [h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token)) for _ in range(8)]
+        codes = await asyncio.gather(*(code_of(c) for c in calls))
+        assert sorted(c.name for c in codes) == ["OK"] + ["UNAUTHENTICATED"] * 7
+        assert len(h.server.store.issuances()) == 1
+
+
+async def test_svid_proof_with_an_expired_svid(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        key, csr = spiffe_csr(WEB)
+        response = await h.native.IssueSVID(native_request(csr, join_token=h.token(), ttl=timedelta(seconds=30)))
+        h.clock.advance(timedelta(minutes=1))
+        _, renewal = spiffe_csr(WEB)
+        proof = sign_svid_proof(tuple(_chain(response)), key, renewal, h.clock())
+        code = await code_of(h.native.IssueSVID(native_request(renewal, proof=proof_message(proof))))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
