@@ -196,8 +196,12 @@ class TokenReviewAuthenticator:
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self._semaphore:
-            status = await asyncio.to_thread(self._review, token, list(audiences))
+        # The slot is held until the request to the API server ends, even when the caller gives
+        # up first (request timeout): the thread cannot be cancelled, and the bound is on requests.
+        await self._semaphore.acquire()
+        review = asyncio.get_running_loop().run_in_executor(None, self._review, token, list(audiences))
+        review.add_done_callback(self._release)
+        status = await asyncio.shield(review)
         if not status.get("authenticated"):
             raise AuthenticationError(
                 f"TokenReview refused the token: {status.get('error') or 'not authenticated'}", "tokenreview_refused"
@@ -211,6 +215,11 @@ class TokenReviewAuthenticator:
         if len(self._cache) > 10_000:
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         return principal
+
+    def _release(self, review: asyncio.Future[dict[str, Any]]) -> None:
+        self._semaphore.release()
+        if not review.cancelled():
+            review.exception()  # retrieved: a failure nobody waits for any more is not an unhandled error
 
     @staticmethod
     def _expiry(token: str, now: float) -> float:
