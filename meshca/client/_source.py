@@ -222,6 +222,17 @@ class SvidSource(_SourceBase):
         self.close()
 
 
+def _closing() -> bool:
+    """True when this task itself is being cancelled (the source is closing).
+
+    grpc.aio also raises `asyncio.CancelledError` in a call whose channel was
+    closed, which `_stub()` does when the bundle changes; that ends one call,
+    not the loop running it.
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 class AsyncSvidSource(_SourceBase):
     """The asyncio twin of `SvidSource`; start it with ``async with`` or `start()`.
 
@@ -296,8 +307,10 @@ class AsyncSvidSource(_SourceBase):
                 response = await stub.IssueSVID(request, timeout=self._call_timeout())
                 state.accept(key, response)
                 self._ready.set()
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                if _closing():
+                    raise
+                await asyncio.sleep(state.failed(exc).total_seconds())
             except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff, and logged
                 await asyncio.sleep(state.failed(exc).total_seconds())
 
@@ -312,7 +325,8 @@ class AsyncSvidSource(_SourceBase):
                     attempt = 0
                     self._state.bundle_update(message)
             except asyncio.CancelledError:
-                raise
+                if _closing():
+                    raise
             except grpc.RpcError:
                 pass
             except Exception:
