@@ -62,7 +62,9 @@ def _algorithm(cert: x509.Certificate, what: str) -> Finding:
         return Finding("error", f"{what} algorithm", f"{what} key {describe_key(cert.public_key())}: {exc}")
 
 
-def check_trust_dir(tdir: TrustDir, *, now: datetime, leaf_ttl: timedelta) -> list[Finding]:
+def check_trust_dir(
+    tdir: TrustDir, *, now: datetime, leaf_ttl: timedelta, passphrase: bytes | None = None
+) -> list[Finding]:
     findings: list[Finding] = []
     try:
         bundle = tdir.load_bundle()
@@ -88,7 +90,7 @@ def check_trust_dir(tdir: TrustDir, *, now: datetime, leaf_ttl: timedelta) -> li
                     Finding("error", "anchor file", f"{tdir.anchor_cert.name} is not in {tdir.bundle.name}")
                 )
     try:
-        issuer = tdir.load_issuer(bundle)
+        issuer = tdir.load_issuer(bundle, passphrase)
     except MeshcaError as exc:
         findings.append(Finding("error", "issuer", str(exc)))
         return findings

@@ -19,7 +19,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
     """
     target = Path(path)
     directory = target.parent
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "no such directory", str(target)) from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:

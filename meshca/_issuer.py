@@ -181,6 +181,8 @@ class Issuer:
             raise IssuanceError("an X.509-SVID needs a SPIFFE ID with a path")
         if ttl <= timedelta():
             raise IssuanceError("ttl must be positive")
+        key_type_of(public_key)  # only the key types meshca supports become leaves
+        ttl = min(ttl, self._not_after - now)  # clamp before adding, so no lifetime overflows
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])] if dns_names else [])
         builder = x509.CertificateBuilder(
             issuer_name=self.certificate.subject,
@@ -188,7 +190,7 @@ class Issuer:
             public_key=public_key,
             serial_number=random_serial(),
             not_valid_before=max(now - CLOCK_SKEW, self._not_before),
-            not_valid_after=min(now + ttl, self._not_after),
+            not_valid_after=now + ttl,
             extensions=leaf_extensions(public_key, spiffe_id, dns_names, self._aki, subject_empty=not dns_names),
         )
         leaf = builder.sign(self._key, self._hash)

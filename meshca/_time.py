@@ -24,6 +24,7 @@ _UNITS = {
     "d": timedelta(days=1),
     "y": timedelta(days=365),
 }
+MAX_DURATION = timedelta(days=100 * 365)
 _PART = re.compile(r"(\d+)(ms|s|m|h|d|y)")
 
 
@@ -36,8 +37,13 @@ def parse_duration(text: str) -> timedelta:
         m = _PART.match(text, pos)
         if m is None:
             raise ValueError(f"invalid duration {text!r}: use forms like 90s, 24h, 1h30m, 90d, 10y")
-        total += int(m.group(1)) * _UNITS[m.group(2)]
+        try:
+            total += int(m.group(1)) * _UNITS[m.group(2)]
+        except OverflowError:
+            raise ValueError(f"duration {text!r} is too long (at most {MAX_DURATION.days // 365}y)") from None
         pos = m.end()
+    if total > MAX_DURATION:
+        raise ValueError(f"duration {text!r} is too long (at most {MAX_DURATION.days // 365}y)")
     if total <= timedelta():
         raise ValueError(f"duration must be positive, got {text!r}")
     return total

@@ -7,6 +7,7 @@ error; commands that print data accept ``--json``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -266,14 +267,17 @@ def _describe_any(data: bytes) -> list[dict[str, Any]]:
 
 
 def _td_from_json(doc: Any) -> TrustDomain:
-    # A SPIFFE bundle names no trust domain; the anchors' URI SANs usually do.
-    import base64
+    """A SPIFFE bundle names no trust domain; its anchors' URI SANs usually do.
 
-    for entry in doc.get("keys", []) if isinstance(doc, dict) else []:
-        for der in entry.get("x5c", [])[:1]:
-            cert = x509.load_der_x509_certificate(base64.b64decode(der))
+    Best effort: anything malformed is left for `TrustBundle.from_spiffe_json` to report.
+    """
+    try:
+        for entry in doc["keys"]:
+            cert = x509.load_der_x509_certificate(base64.b64decode(entry["x5c"][0], validate=True))
             for sid in spiffe_ids_of(cert):
                 return sid.trust_domain
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
     return TrustDomain("unknown")
 
 
@@ -312,7 +316,7 @@ def cmd_inspect(args: argparse.Namespace, clock: Clock) -> int:
 
 
 def cmd_check(args: argparse.Namespace, clock: Clock) -> int:
-    findings = check_trust_dir(TrustDir.at(args.dir), now=clock(), leaf_ttl=args.leaf_ttl)
+    findings = check_trust_dir(TrustDir.at(args.dir), now=clock(), leaf_ttl=args.leaf_ttl, passphrase=_passphrase(args))
     marks = {"ok": "ok  ", "warning": "WARN", "error": "FAIL"}
     _emit(
         args,
@@ -596,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check the anchors and issuer in DIR")
     p.add_argument("--dir", required=True)
     p.add_argument("--leaf-ttl", type=_duration, default=LEAF_TTL, help="leaf lifetime to check room for (default 24h)")
+    p.add_argument("--passphrase-file", help="passphrase of the issuer key")
     _add_json(p)
     p.set_defaults(func=cmd_check)
 
