@@ -247,7 +247,7 @@ class AsyncSvidSource(_SourceBase):
         self._ready: asyncio.Event | None = None
         self._channel: grpc.aio.Channel | None = None
         self._channel_bundle: TrustBundle | None = None
-        self._queues: set[asyncio.Queue[Snapshot]] = set()
+        self._queues: set[asyncio.Queue[Snapshot | None]] = set()  # None: the source closed
 
     async def start(self) -> None:
         self._ready = asyncio.Event()
@@ -276,11 +276,11 @@ class AsyncSvidSource(_SourceBase):
 
     async def updates(self) -> AsyncIterator[Snapshot]:
         """Yields every new snapshot (SVID renewed or bundle changed) until the source closes."""
-        queue: asyncio.Queue[Snapshot] = asyncio.Queue()
+        queue: asyncio.Queue[Snapshot | None] = asyncio.Queue()
         self._queues.add(queue)
         try:
-            while True:
-                yield await queue.get()
+            while (snapshot := await queue.get()) is not None:
+                yield snapshot
         finally:
             self._queues.discard(queue)
 
@@ -344,6 +344,8 @@ class AsyncSvidSource(_SourceBase):
         if self._channel is not None:
             await self._channel.close(None)
             self._channel = None
+        for queue in list(self._queues):
+            queue.put_nowait(None)  # ends every updates() iterator
 
     async def __aenter__(self) -> AsyncSvidSource:
         await self.start()
