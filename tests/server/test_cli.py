@@ -63,9 +63,11 @@ async def test_token_create_with_uses_and_json(d: Path, server_ca: TestCA) -> No
             for _ in range(4)
         ]
         assert codes == [C.OK, C.OK, C.OK, C.UNAUTHENTICATED]
-        # the token grants API only
-        wrong = await code_of(h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=out["token"])))
-        assert wrong == C.UNAUTHENTICATED
+        # a token grants its SPIFFE ID only, and a refused request does not spend a use
+        token = (await meshca_cli("token", "create", "--dir", d, "--spiffe-id", str(API))).strip()
+        wrong = await code_of(h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token)))
+        assert wrong == C.PERMISSION_DENIED
+        assert await code_of(h.native.IssueSVID(native_request(spiffe_csr(API)[1], join_token=token))) == C.OK
 
 
 def test_token_create_refuses_another_trust_domain(d: Path, server_ca: TestCA) -> None:

@@ -122,3 +122,19 @@ async def test_api_server_unreachable_fails_closed(d: Path, server_ca: TestCA, k
         code = await code_of(h.native.IssueSVID(native_request(spiffe_csr(API)[1], jwt_token=token)))
         assert code == C.UNAUTHENTICATED
         assert [e["reason"] for e in h.events("auth.failed")] == ["tokenreview_unavailable"]
+
+
+async def test_concurrency_stays_bounded_when_callers_time_out(
+    d: Path, server_ca: TestCA, k8s: K8sIssuer, api_server: FakeApiServer
+) -> None:
+    """A caller that gives up does not free its slot while its request to the API server is still running."""
+    api_server.delay = 0.6
+    config = api_server.config(max_concurrency=2)
+    async with serving(d, server_ca, token_review=config, request_timeout=timedelta(milliseconds=200)) as h:
+        tokens = [review_token(api_server, k8s, f"sa{i}", ["meshca"]) for i in range(6)]
+        calls = [h.native.IssueSVID(native_request(spiffe_csr()[1], jwt_token=t)) for t in tokens]
+        codes = await asyncio.gather(*(code_of(c) for c in calls))
+        assert set(codes) == {C.DEADLINE_EXCEEDED}
+        assert len(h.events("request.timeout")) == len(tokens)
+        await h.wait_for(lambda: api_server.in_flight == 0, timeout=10, what="the API server to go idle")
+        assert api_server.max_in_flight <= 2
