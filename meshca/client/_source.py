@@ -39,6 +39,18 @@ __all__ = ["AsyncSvidSource", "SvidSource"]
 log = structlog.get_logger("meshca.client")
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """True for a call that failed with UNAVAILABLE: the next attempt should use a new channel.
+
+    A channel that failed to connect waits out gRPC's own reconnect backoff
+    (growing to two minutes) and fails every call until then, however close
+    the SVID is to expiry; a new channel connects when the renewal policy
+    says to retry.
+    """
+    code = getattr(exc, "code", None)
+    return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+
+
 class _SourceBase:
     """What both twins offer on top of the current snapshot."""
 
@@ -153,10 +165,10 @@ class SvidSource(_SourceBase):
             raise TimeoutError(f"no SVID for {self.spiffe_id} within {timeout} s")
         return self.snapshot
 
-    def _stub(self) -> pb_grpc.IdentityStub:
+    def _stub(self, *, fresh: bool = False) -> pb_grpc.IdentityStub:
         with self._channel_lock:
             bundle = self._state.snapshot.bundle
-            if self._channel is None or self._channel_bundle is not bundle:
+            if fresh or self._channel is None or self._channel_bundle is not bundle:
                 if self._channel is not None:
                     self._channel.close()
                 creds = grpc.ssl_channel_credentials(bundle.to_pem())
@@ -166,18 +178,21 @@ class SvidSource(_SourceBase):
 
     def _renew_loop(self) -> None:
         state = self._state
+        reconnect = False
         while not self._stop.is_set():
             delay = state.next_delay()
             if delay > timedelta() and self._stop.wait(delay.total_seconds()):
                 return
             try:
                 key, request = state.new_request()
-                response = self._stub().IssueSVID(request, timeout=self._call_timeout())
+                stub, reconnect = self._stub(fresh=reconnect), False
+                response = stub.IssueSVID(request, timeout=self._call_timeout())
                 state.accept(key, response)
                 self._ready.set()
             except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff, and logged
                 if self._stop.is_set():
                     return
+                reconnect = _unreachable(exc)
                 self._stop.wait(state.failed(exc).total_seconds())
 
     def _watch_loop(self) -> None:
@@ -284,9 +299,9 @@ class AsyncSvidSource(_SourceBase):
         finally:
             self._queues.discard(queue)
 
-    async def _stub(self) -> pb_grpc.IdentityStub:
+    async def _stub(self, *, fresh: bool = False) -> pb_grpc.IdentityStub:
         bundle = self._state.snapshot.bundle
-        if self._channel is None or self._channel_bundle is not bundle:
+        if fresh or self._channel is None or self._channel_bundle is not bundle:
             if self._channel is not None:
                 await self._channel.close(None)
             creds = grpc.ssl_channel_credentials(bundle.to_pem())
@@ -297,13 +312,14 @@ class AsyncSvidSource(_SourceBase):
     async def _renew_loop(self) -> None:
         state = self._state
         assert self._ready is not None
+        reconnect = False
         while True:
             delay = state.next_delay()
             if delay > timedelta():
                 await asyncio.sleep(delay.total_seconds())
             try:
                 key, request = state.new_request()
-                stub = await self._stub()
+                stub, reconnect = await self._stub(fresh=reconnect), False
                 response = await stub.IssueSVID(request, timeout=self._call_timeout())
                 state.accept(key, response)
                 self._ready.set()
@@ -312,6 +328,7 @@ class AsyncSvidSource(_SourceBase):
                     raise
                 await asyncio.sleep(state.failed(exc).total_seconds())
             except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff, and logged
+                reconnect = _unreachable(exc)
                 await asyncio.sleep(state.failed(exc).total_seconds())
 
     async def _watch_loop(self) -> None:
