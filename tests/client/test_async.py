@@ -1,0 +1,153 @@
+"""`AsyncSvidSource` against an identity server on the same event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
+
+from meshca.client import AsyncSvidSource, Snapshot
+from meshca.server import K8sJwtConfig
+from meshca.testing import TestCA
+
+from .conftest import Trust
+from .support import (
+    SERVER_NAME,
+    TD,
+    WEB,
+    add_token,
+    eventually,
+    refreshes,
+    run,
+    serial,
+    serving,
+    within_validity,
+    write_bundle,
+)
+
+K8S_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+def test_async_source_gets_ready_yields_renewals_and_closes_cleanly(trust: Trust) -> None:
+    async def main() -> None:
+        async with serving(trust.dir, leaf_ttl=timedelta(seconds=4)) as server:
+            source = AsyncSvidSource(
+                f"127.0.0.1:{server.port}",
+                trust.ca.bundle,
+                WEB,
+                join_token=add_token(trust.dir, WEB),
+                server_name=SERVER_NAME,
+            )
+            with pytest.raises(RuntimeError, match="start"):
+                await source.wait_ready(1)
+            got: list[Snapshot] = []
+
+            async def consume() -> None:
+                async for snapshot in source.updates():
+                    got.append(snapshot)
+
+            async with source:
+                first = await source.wait_ready(10)
+                assert first.svid is not None and within_validity(first.svid)
+                consumer = asyncio.create_task(consume())
+                await eventually(lambda: len(got) >= 2, 10, "two renewals from updates()")
+                serials = [serial(s.svid) for s in got if s.svid is not None]
+                assert len(set(serials)) == len(serials) >= 2
+                assert serial(first.svid) not in serials
+                assert got[-1] is source.snapshot or len(got) > 2
+                tasks = list(source._tasks)
+            # aclose() stopped the loops, closed the channel and ended every updates() iterator.
+            assert all(t.done() for t in tasks)
+            assert source._channel is None
+            await asyncio.wait_for(consumer, 2)
+            successes = refreshes(source, "success")
+            await asyncio.sleep(2.5)  # past the next renewal moment: nothing runs any more
+            assert refreshes(source, "success") == successes
+
+    run(main())
+
+
+def test_async_source_follows_bundle_changes_after_renewals(trust: Trust) -> None:
+    """A renewal after a bundle change swaps the channel under the watch stream; the watch must carry on."""
+
+    async def main() -> None:
+        other = TestCA(TD)
+        async with (
+            serving(trust.dir, leaf_ttl=timedelta(seconds=3)) as server,
+            AsyncSvidSource(
+                f"127.0.0.1:{server.port}",
+                trust.ca.bundle,
+                WEB,
+                join_token=add_token(trust.dir, WEB),
+                server_name=SERVER_NAME,
+            ) as source,
+        ):
+            await source.wait_ready(10)
+            write_bundle(trust.dir, trust.ca.anchor, other.anchor)
+            await eventually(lambda: len(source.bundle.anchors) == 2, 5, "the added anchor")
+            before = source.svid
+            await eventually(lambda: source.svid is not before, 5, "a renewal on the new channel")
+            write_bundle(trust.dir, trust.ca.anchor)
+            await eventually(lambda: source.bundle.anchors == (trust.ca.anchor,), 5, "the removed anchor")
+            before = source.svid
+            await eventually(lambda: source.svid is not before, 5, "another renewal")
+            assert within_validity(source.svid)
+            assert all(not t.done() for t in source._tasks)
+
+    run(main())
+
+
+# -- Kubernetes service-account JWT from a file
+
+
+def _jwt(key: ec.EllipticCurvePrivateKey, *, issued: datetime, lifetime: timedelta) -> str:
+    claims = {
+        "iss": K8S_ISSUER,
+        "sub": "system:serviceaccount:default:web",
+        "aud": ["meshca"],
+        "iat": int(issued.timestamp()),
+        "nbf": int(issued.timestamp()),
+        "exp": int((issued + lifetime).timestamp()),
+    }
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
+
+
+def test_jwt_file_is_read_again_for_every_attempt(trust: Trust, tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "ES256"}]}))
+    token_file = tmp_path / "token"
+    now = datetime.now(UTC)
+    # Expired ten minutes ago: well past the server's leeway.
+    token_file.write_text(_jwt(key, issued=now - timedelta(hours=1), lifetime=timedelta(minutes=50)))
+
+    async def main() -> None:
+        config = K8sJwtConfig(jwks, K8S_ISSUER, ("meshca",))
+        with capture_logs() as logs:
+            async with (
+                serving(trust.dir, k8s_jwt=config) as server,
+                AsyncSvidSource(
+                    f"127.0.0.1:{server.port}", trust.ca.bundle, WEB, jwt_file=token_file, server_name=SERVER_NAME
+                ) as source,
+            ):
+                with pytest.raises(TimeoutError):
+                    await source.wait_ready(1.5)
+                assert refreshes(source, "failure") >= 2
+                # The kubelet rotates the projected token on disk.
+                token_file.write_text(_jwt(key, issued=datetime.now(UTC), lifetime=timedelta(minutes=10)) + "\n")
+                snapshot = await source.wait_ready(5)
+                assert snapshot.svid is not None and snapshot.svid.spiffe_id == WEB
+                assert refreshes(source, "success") == 1
+        reasons = {e.get("reason") for e in logs if e["event"] == "auth.failed"}
+        assert reasons == {"jwt_expired"}
+        issued = [e for e in logs if e["event"] == "svid.issued"]
+        assert issued and issued[0]["principal"] == "k8s:default:web"
+
+    run(main())

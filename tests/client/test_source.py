@@ -1,0 +1,119 @@
+"""`SvidSource` against a real identity server: first issuance, renewal, and the server going away."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from structlog.testing import capture_logs
+
+from meshca.client import SvidSource
+
+from .conftest import Trust
+from .support import WEB, ServerThread, add_token, free_port, refreshes, serial, wait_until, within_validity
+
+
+def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    server = servers(trust.dir, leaf_ttl=timedelta(seconds=4))
+    server.start()
+    token = add_token(trust.dir, WEB, uses=1)  # renewals use the SVID proof: one use is enough
+    # The plain form: dial the name in the server certificate, no server_name override.
+    source = sources(f"localhost:{server.port}", trust.dir / "bundle.pem", str(WEB), join_token=token, server_name=None)
+    with pytest.raises(RuntimeError, match="wait_ready"):
+        _ = source.svid
+    first = source.wait_ready(10)
+    assert first.svid is not None and first.svid.spiffe_id == WEB
+    assert source.svid is first.svid
+    assert source.bundle.anchors == (trust.ca.anchor,)
+    assert within_validity(first.svid)
+    assert first.svid.not_after - datetime.now(UTC) <= timedelta(seconds=4)
+    seen: list[int] = []
+    unsubscribe = source.subscribe(lambda s: seen.append(serial(s.svid)) if s.svid else None)
+    wait_until(lambda: len(seen) >= 2, 8, "two renewals")
+    unsubscribe()
+    assert len(set(seen)) == len(seen) and serial(first.svid) not in seen
+    assert refreshes(source, "success") >= 3
+    assert refreshes(source, "failure") == 0
+
+
+def test_source_honours_its_own_ttl(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    server = servers(trust.dir, leaf_ttl=timedelta(hours=1))
+    server.start()
+    source = sources(
+        server.address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB), ttl=timedelta(seconds=30)
+    )
+    svid = source.wait_ready(10).svid
+    assert svid is not None
+    assert timedelta(seconds=25) < svid.not_after - datetime.now(UTC) <= timedelta(seconds=30)
+
+
+def test_server_down_at_start_then_up(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    port = free_port()
+    token = add_token(trust.dir, WEB)
+    source = sources(f"127.0.0.1:{port}", trust.ca.bundle, WEB, join_token=token)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=str(WEB)):
+        source.wait_ready(1.5)
+    assert time.monotonic() - started >= 1.5
+    assert not source.snapshot.ready
+    down_failures = refreshes(source, "failure")
+    assert down_failures >= 2
+    assert down_failures < 15  # backoff, not a hot loop
+    server = servers(trust.dir)
+    assert server.start(port) == port
+    snapshot = source.wait_ready(10)
+    assert snapshot.svid is not None and within_validity(snapshot.svid)
+    assert refreshes(source, "success") == 1
+
+
+@pytest.mark.slow
+def test_server_down_at_renewal_keeps_the_old_svid_and_recovers_before_it_expires(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    server = servers(trust.dir, leaf_ttl=timedelta(seconds=10))
+    port = server.start()
+    source = sources(server.address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB))
+    first = source.wait_ready(10)
+    assert first.svid is not None
+    old = first.svid
+    server.stop()
+    moves: list[tuple[float, float]] = []  # (monotonic time, failure count) each time the count moved
+    with capture_logs() as logs:
+        # Renewal is due at about 5 s (4 to 6 with jitter); stay down until 2.5 s before expiry.
+        while datetime.now(UTC) < old.not_after - timedelta(seconds=2.5):
+            count = refreshes(source, "failure")
+            if not moves or count != moves[-1][1]:
+                moves.append((time.monotonic(), count))
+            assert source.snapshot is first  # the old SVID stays, untouched
+            assert within_validity(old)
+            time.sleep(0.01)
+    failures = moves[-1][1]
+    assert failures >= 4, moves
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(moves[1:])]
+    assert min(gaps) >= 0.08, gaps  # min_backoff is 100 ms; 20 ms of sampling slack
+    assert failures <= 40, moves  # spaced retries, not a hot loop
+    fetch_failed = [e for e in logs if e["event"] == "svid.fetch_failed"]
+    assert len(fetch_failed) >= failures
+    assert all(0.1 <= e["retry_in"] <= 0.6 for e in fetch_failed), [e["retry_in"] for e in fetch_failed]
+    assert "UNAVAILABLE" in fetch_failed[0]["reason"]
+
+    server.start(port)
+    restarted = time.monotonic()
+    wait_until(lambda: source.snapshot.svid is not old, 5, "a renewal after the restart")
+    # Near expiry the source retries at least every few hundred ms; the first retry after the
+    # restart gets through (gRPC's own reconnect backoff, up to minutes, must not hold it back).
+    assert time.monotonic() - restarted < 1.0
+    new = source.svid
+    assert datetime.now(UTC) < old.not_after
+    assert serial(new) != serial(old)
+    assert within_validity(new)
+    assert new.not_after > old.not_after
