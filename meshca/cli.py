@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -388,6 +389,16 @@ def cmd_serve(args: argparse.Namespace, clock: Clock) -> int:
             file=sys.stderr,
         )
 
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1", 2)
+    if args.workers > 1:
+        from meshca.server import run_supervisor
+        from meshca.server._state import validate
+
+        # Check the trust directory here, so a bad one fails once, in one line.
+        validate(TrustDir.at(config.dir).load_issuer(passphrase=config.passphrase), clock)
+        return run_supervisor(config, args.workers)
+
     async def serve() -> None:
         server = IdentityServer(config, clock=clock)
         await server.serve_until_signal()
@@ -654,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-principal request rate limit (default off)",
     )
     p.add_argument("--passphrase-file", help="passphrase of the issuer key")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="serving processes sharing the port (default: the number of cores)",
+    )
     p.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="join tokens").add_subparsers(

@@ -5,6 +5,7 @@ from meshca.server._auth import Principal, service_account_id
 from meshca.server._config import K8sJwtConfig, ServerConfig, TokenReviewConfig
 from meshca.server._service import linkerd_identity_to_spiffe_id
 from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, Store, hash_token, new_token
+from meshca.server._workers import run_supervisor
 
 __all__ = [
     "IdentityServer",
@@ -19,6 +20,7 @@ __all__ = [
     "hash_token",
     "linkerd_identity_to_spiffe_id",
     "new_token",
+    "run_supervisor",
     "service_account_id",
     "store_path",
 ]

@@ -20,7 +20,7 @@ from meshca.server._config import ServerConfig
 from meshca.server._metrics import Metrics, MetricsServer
 from meshca.server._service import IssuanceCore, IstioService, LinkerdService, NativeService
 from meshca.server._state import IssuerState
-from meshca.server._store import SqliteStore
+from meshca.server._store import SqliteStore, Store
 
 __all__ = ["IdentityServer", "store_path"]
 
@@ -47,13 +47,13 @@ def _split_hostport(value: str) -> tuple[str, int]:
 class IdentityServer:
     """One serving process. `start()` binds; `wait()` returns after `stop()` or a signal."""
 
-    def __init__(self, config: ServerConfig, *, clock: Clock = system_clock) -> None:
+    def __init__(self, config: ServerConfig, *, clock: Clock = system_clock, store: Store | None = None) -> None:
         self.config = config
         self.clock = clock
         self.tdir = TrustDir.at(config.dir)
         self.metrics = Metrics()
         self.state = IssuerState(self.tdir, clock, self.metrics, config.passphrase)
-        self.store = SqliteStore(store_path(self.tdir))
+        self.store: Store = store if store is not None else SqliteStore(store_path(self.tdir))
         td = self.state.issuer.trust_domain
         self.auth = Authenticators(
             JoinTokenAuthenticator(self.store, clock),
@@ -119,7 +119,7 @@ class IdentityServer:
         await self._set_health()
         if cfg.metrics_listen:
             host, port = _split_hostport(cfg.metrics_listen)
-            self._metrics_server = MetricsServer(self.metrics, host, port, lambda: self.state.usable)
+            self._metrics_server = MetricsServer(self.metrics.registry, host, port, lambda: self.state.usable)
             self._metrics_server.start()
             self.metrics_port = self._metrics_server.port
         self._tasks.append(asyncio.create_task(self._reload_loop()))

@@ -36,20 +36,29 @@ class Metrics:
             "meshca_authentication_failures", "Refused credentials by reason", ["reason"], registry=r
         )
         self.reloads = Counter("meshca_issuer_reloads", "Issuer and bundle reloads by result", ["result"], registry=r)
+        # multiprocess_mode applies under `serve --workers N`: the newest value of any worker.
         self.issuer_expiry = Gauge(
-            "meshca_issuer_expiry_timestamp_seconds", "NotAfter of the serving issuer chain", registry=r
+            "meshca_issuer_expiry_timestamp_seconds",
+            "NotAfter of the serving issuer chain",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.anchor_expiry = Gauge(
-            "meshca_anchor_expiry_timestamp_seconds", "NotAfter of each trust anchor", ["fingerprint"], registry=r
+            "meshca_anchor_expiry_timestamp_seconds",
+            "NotAfter of each trust anchor",
+            ["fingerprint"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
-        self.serving = Gauge("meshca_issuer_usable", "1 while the issuer can sign", registry=r)
+        self.serving = Gauge(
+            "meshca_issuer_usable", "1 while the issuer can sign", registry=r, multiprocess_mode="livemin"
+        )
 
 
 class MetricsServer:
     """Serves /metrics, /livez and /readyz on a plain HTTP port, in a thread."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int, ready: Callable[[], bool]) -> None:
-        registry = metrics.registry
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]) -> None:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:

@@ -114,7 +114,7 @@ _MAX_BATCH = 512
 class SqliteStore:
     """SQLite in WAL mode, synchronous=FULL; safe to share between processes on one machine."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writer: bool = True) -> None:
         self.path = Path(path)
         try:
             self._read = self._connect()
@@ -124,8 +124,15 @@ class SqliteStore:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._read_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write_loop, name="meshca-store-writer", daemon=True)
-        self._writer.start()
+        self._writer: threading.Thread | None = None
+        if writer:
+            self._writer = threading.Thread(target=self._write_loop, name="meshca-store-writer", daemon=True)
+            self._writer.start()
+
+    @classmethod
+    def reader(cls, path: str | Path) -> SqliteStore:
+        """A store for reads only (token lookups, the log); `record` is not available."""
+        return cls(path, writer=False)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -166,6 +173,8 @@ class SqliteStore:
         The future resolves once the record is durable, or fails with
         `TokenUsedUp` or `StoreError`.
         """
+        if self._writer is None:
+            raise StoreError("this store was opened for reading only")
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._queue.put((record, token_hash, future))
         return future
@@ -248,7 +257,8 @@ class SqliteStore:
 
     def close(self) -> None:
         """Commits what is queued, then stops the writer."""
-        self._queue.put(None)
-        self._writer.join()
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
         with self._read_lock:
             self._read.close()

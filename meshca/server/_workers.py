@@ -1,0 +1,338 @@
+"""`meshca serve --workers N`: several serving processes on one port, one store writer.
+
+Python runs one thread of Python at a time per process, so meshca scales
+issuance across cores with processes. The supervisor (the process the
+operator started):
+
+- binds nothing itself; each worker binds the gRPC port with SO_REUSEPORT
+  and the kernel spreads connections across them;
+- owns the SQLite store: workers send their issuance records (and join
+  token uses) over a pipe in batches, the supervisor commits them, many
+  per transaction, and answers; a worker sends a response only after its
+  record's batch committed. One writer means no cross-process lock
+  contention (SQLite's busy waits), and the token-use check stays atomic;
+- serves /metrics (Prometheus multiprocess mode, summed over workers),
+  /livez and /readyz;
+- restarts a worker that dies, forwards SIGTERM so every worker drains,
+  and closes the store last. Workers die with the supervisor (PDEATHSIG
+  and a parent watchdog), so a kill -9 leaves no orphan serving old keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from meshca._errors import StoreError
+from meshca._time import system_clock
+from meshca._trustdir import TrustDir
+from meshca.server._config import ServerConfig
+from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, TokenUsedUp
+
+__all__ = ["PipeStore", "run_supervisor"]
+
+log = structlog.get_logger("meshca.server")
+
+_Wire = tuple[str, str, float, str, str, float, str | None]  # an IssuanceRecord and a token hash
+_MAX_BATCH = 512
+
+
+def _to_wire(record: IssuanceRecord, token_hash: str | None) -> _Wire:
+    return (
+        record.serial,
+        record.spiffe_id,
+        record.not_after.timestamp(),
+        record.principal,
+        record.api,
+        record.issued_at.timestamp(),
+        token_hash,
+    )
+
+
+def _from_wire(item: _Wire) -> tuple[IssuanceRecord, str | None]:
+    serial, sid, not_after, principal, api, issued_at, token_hash = item
+    record = IssuanceRecord(
+        serial,
+        sid,
+        datetime.fromtimestamp(not_after, UTC),
+        principal,
+        api,
+        datetime.fromtimestamp(issued_at, UTC),
+    )
+    return record, token_hash
+
+
+class PipeStore:
+    """A worker's view of the store: reads from SQLite directly, writes through the supervisor.
+
+    Batches are pipelined: the sender does not wait for one batch's commit
+    before sending the next, and the supervisor answers them in order.
+    """
+
+    def __init__(self, path: Path, conn: multiprocessing.connection.Connection) -> None:
+        self._conn = conn
+        self._reader = SqliteStore.reader(path)
+        self._queue: queue.SimpleQueue[tuple[_Wire, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
+        self._pending: queue.SimpleQueue[list[concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="meshca-store-send", daemon=True)
+        self._receiver = threading.Thread(target=self._receive_loop, name="meshca-store-receive", daemon=True)
+        self._sender.start()
+        self._receiver.start()
+
+    def add_token(self, token: JoinToken) -> None:
+        raise StoreError("join tokens are created with 'meshca token create', not by a serving worker")
+
+    def get_token(self, token_hash: str) -> JoinToken | None:
+        return self._reader.get_token(token_hash)
+
+    def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]:
+        return self._reader.issuances(spiffe_id, limit)
+
+    def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((_to_wire(record, token_hash), future))
+        return future
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._pending.put(None)
+                return
+            batch = [item]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            futures = [future for _, future in batch]
+            try:
+                self._conn.send([wire for wire, _ in batch])
+            except (OSError, EOFError) as exc:
+                _fail(futures, StoreError(f"store writer is gone: {exc}"))
+                continue
+            self._pending.put(futures)
+
+    def _receive_loop(self) -> None:
+        while True:
+            futures = self._pending.get()
+            if futures is None:
+                return
+            try:
+                outcomes: list[str | None] = self._conn.recv()
+            except (OSError, EOFError) as exc:
+                _fail(futures, StoreError(f"store writer is gone: {exc}"))
+                continue
+            for future, outcome in zip(futures, outcomes, strict=True):
+                if outcome is None:
+                    future.set_result(None)
+                elif outcome == "used_up":
+                    future.set_exception(TokenUsedUp("join token has no use left"))
+                else:
+                    future.set_exception(StoreError(outcome))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._sender.join(timeout=10)
+        self._receiver.join(timeout=10)
+        self._reader.close()
+
+
+def _fail(futures: list[concurrent.futures.Future[None]], error: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _serve_pipe(store: SqliteStore, conn: multiprocessing.connection.Connection, name: str) -> None:
+    """Supervisor side of one worker's pipe: queue each batch for commit; a second thread answers in order."""
+    answers: queue.SimpleQueue[list[concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
+
+    def answer() -> None:
+        while (futures := answers.get()) is not None:
+            outcomes: list[str | None] = []
+            for future in futures:
+                try:
+                    future.result()
+                    outcomes.append(None)
+                except TokenUsedUp:
+                    outcomes.append("used_up")
+                except StoreError as exc:
+                    outcomes.append(str(exc))
+            try:
+                conn.send(outcomes)
+            except OSError:
+                log.warning("worker.pipe_closed", worker=name)
+                return
+
+    responder = threading.Thread(target=answer, name=f"meshca-store-answer-{name}", daemon=True)
+    responder.start()
+    while True:
+        try:
+            batch: list[_Wire] = conn.recv()
+        except (EOFError, OSError):
+            answers.put(None)
+            return
+        answers.put([store.record(*_from_wire(item)[:1], token_hash=item[6]) for item in batch])
+
+
+def _die_with_parent(parent: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_main(config: ServerConfig, conn: multiprocessing.connection.Connection, parent: int, index: int) -> None:
+    """Entry point of one serving process (started with the 'spawn' method)."""
+    _die_with_parent(parent)
+    from meshca._log import configure_logging
+    from meshca.server._app import IdentityServer, store_path
+
+    configure_logging()
+    structlog.contextvars.bind_contextvars(worker=index)
+
+    async def serve() -> None:
+        store = PipeStore(Path(store_path(TrustDir.at(config.dir))), conn)
+        server = IdentityServer(config, store=store)
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(1)
+            os._exit(1)
+
+        watchdog = asyncio.create_task(watch_parent())
+        try:
+            await server.serve_until_signal()
+        finally:
+            watchdog.cancel()
+            store.close()
+
+    asyncio.run(serve())
+
+
+def _reserve_port(listen: str) -> tuple[str, socket.socket | None]:
+    """For port 0, picks a port now (held with SO_REUSEPORT until the workers bind it)."""
+    host, _, port = listen.rpartition(":")
+    if port != "0":
+        return listen, None
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((bare or "0.0.0.0", 0))
+    return f"{host}:{sock.getsockname()[1]}", sock
+
+
+def run_supervisor(config: ServerConfig, workers: int) -> int:
+    """Runs ``workers`` serving processes until SIGTERM or SIGINT; returns the exit code."""
+    from meshca.server._app import store_path
+
+    tdir = TrustDir.at(config.dir)
+    metrics_dir = tempfile.mkdtemp(prefix="meshca-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    listen, held = _reserve_port(config.listen)
+    worker_config = replace(config, listen=listen, metrics_listen=None)
+    store = SqliteStore(store_path(tdir))
+    ctx = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+
+    def start(index: int) -> None:
+        parent_end, child_end = ctx.Pipe()
+        proc = ctx.Process(
+            target=_worker_main, args=(worker_config, child_end, os.getpid(), index), name=f"meshca-worker-{index}"
+        )
+        proc.start()
+        child_end.close()
+        threading.Thread(target=_serve_pipe, args=(store, parent_end, f"{index}"), daemon=True).start()
+        procs[index] = proc
+
+    for index in range(workers):
+        start(index)
+    metrics_server = _start_metrics(config, tdir, metrics_dir)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("supervisor.started", workers=workers, listen=listen)
+    if held is not None:
+        time.sleep(0.5)
+    try:
+        while not stopping.wait(0.5):
+            if held is not None:
+                held.close()
+                held = None
+            for index, proc in list(procs.items()):
+                if not proc.is_alive() and not stopping.is_set():
+                    log.error("worker.died", worker=index, exitcode=proc.exitcode)
+                    time.sleep(0.5)
+                    start(index)
+    finally:
+        for proc in procs.values():
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in procs.values():
+            proc.join(timeout=config.drain_grace.total_seconds() + 5)
+            if proc.is_alive():
+                proc.kill()
+        if metrics_server is not None:
+            metrics_server.stop()
+        store.close()
+        for name in os.listdir(metrics_dir):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(metrics_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(metrics_dir)
+        log.info("supervisor.stopped")
+    return 0
+
+
+def _start_metrics(config: ServerConfig, tdir: TrustDir, metrics_dir: str) -> Any:
+    if not config.metrics_listen:
+        return None
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from meshca.server._app import _split_hostport
+    from meshca.server._metrics import MetricsServer
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+
+    def ready() -> bool:
+        # Ready while the issuer on disk can sign now (what every worker checks too).
+        try:
+            tdir.load_issuer(passphrase=config.passphrase).check(system_clock())
+        except Exception:  # noqa: BLE001 - anything wrong means not ready
+            return False
+        return True
+
+    host, port = _split_hostport(config.metrics_listen)
+    server = MetricsServer(registry, host, port, ready)
+    server.start()
+    return server
