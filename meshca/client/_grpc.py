@@ -7,6 +7,7 @@ by opening a new channel (`SvidSource.grpc_channel_credentials()` again).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -132,10 +133,11 @@ class AsyncSpiffeAuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
         if handler is None:
             return None
         authorizer = self._authorizer
-        streaming = handler.response_streaming
 
         def wrap(behavior: Any) -> Any:
-            if streaming:
+            # grpc.aio takes response-streaming handlers in two shapes: async generators, and
+            # coroutines that call context.write() (grpc_health's Watch is one). Keep the shape.
+            if inspect.isasyncgenfunction(behavior):
 
                 async def checked_stream(request: Any, context: Any) -> Any:
                     problem = _peer_problem(context, authorizer)
