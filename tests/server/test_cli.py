@@ -151,9 +151,10 @@ def test_serve_initializes_an_empty_dir_and_drains_on_sigterm(
         assert meshca.verify_chain([response.leaf, *response.intermediates], bundle, at=datetime.now(UTC)) == WEB
         assert time.monotonic() - started < 8
 
+        # (with several worker processes, each drains and stops: the issuing one stops after it issued)
         names = [e["event"] for e in server.events]
-        assert names.index("server.draining") < names.index("svid.issued") < names.index("server.stopped")
-        assert names[-1] == "server.stopped"
+        last_stopped = len(names) - 1 - names[::-1].index("server.stopped")
+        assert names.index("server.draining") < names.index("svid.issued") < last_stopped
         output = "\n".join(server.lines)
         assert "BEGIN" not in output
         assert token not in output

@@ -23,13 +23,16 @@ pytestmark = pytest.mark.slow
 CLIENTS = 4
 
 
-def _issue_until_error(port: int, bundle_pem: bytes, token: str, received: list[str], stop: threading.Event) -> None:
+def _issue_until_error(
+    port: int, bundle_pem: bytes, token: str, received: list[str], errors: list[grpc.RpcError], stop: threading.Event
+) -> None:
     with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(bundle_pem)) as channel:
         stub = meshca_identity_pb2_grpc.IdentityStub(channel)
         while not stop.is_set():
             try:
                 response = stub.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token), timeout=5)
-            except grpc.RpcError:
+            except grpc.RpcError as exc:
+                errors.append(exc)
                 return
             received.append(serial_hex(cert(response.leaf)))
 
@@ -41,12 +44,13 @@ def test_sigkill_during_issuance_loses_no_issued_certificate(d: Path, server_ca:
     store.close()
 
     received: list[list[str]] = [[] for _ in range(CLIENTS)]
+    errors: list[grpc.RpcError] = []
     stop = threading.Event()
     with ServeProcess(d) as server:
         port = server.wait_started()
         threads = [
             threading.Thread(
-                target=_issue_until_error, args=(port, server_ca.bundle.to_pem(), tokens[n], received[n], stop)
+                target=_issue_until_error, args=(port, server_ca.bundle.to_pem(), tokens[n], received[n], errors, stop)
             )
             for n in range(CLIENTS)
         ]
@@ -54,6 +58,7 @@ def test_sigkill_during_issuance_loses_no_issued_certificate(d: Path, server_ca:
             t.start()
         deadline = time.monotonic() + 15
         while sum(map(len, received)) < 100 and time.monotonic() < deadline:
+            assert not errors, errors[0]
             time.sleep(0.02)
         server.kill()  # SIGKILL, while the clients are still sending
         killed_at = sum(map(len, received))
