@@ -154,6 +154,19 @@ def build_issuer(
     return builder.sign(signer_key, signature_hash(signer_key))
 
 
+_LEAF_BASIC_CONSTRAINTS = x509.Extension(
+    x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=False, path_length=None)
+)
+_LEAF_KEY_USAGE = {
+    rsa_key: x509.Extension(x509.KeyUsage.oid, True, _leaf_key_usage(rsa_key)) for rsa_key in (False, True)
+}
+_LEAF_EKU = x509.Extension(
+    x509.ExtendedKeyUsage.oid,
+    False,
+    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+)
+
+
 def leaf_extensions(
     public_key: PublicKey,
     spiffe_id: SpiffeId,
@@ -162,14 +175,13 @@ def leaf_extensions(
     *,
     subject_empty: bool,
 ) -> list[x509.Extension[x509.ExtensionType]]:
-    """The extensions of an X.509-SVID leaf, in a stable order."""
+    """The extensions of an X.509-SVID leaf, in a stable order. The constant ones are built once."""
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     names.extend(x509.DNSName(n) for n in dns_names)
-    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     return [
-        x509.Extension(x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=False, path_length=None)),
-        x509.Extension(x509.KeyUsage.oid, True, _leaf_key_usage(isinstance(public_key, rsa.RSAPublicKey))),
-        x509.Extension(x509.ExtendedKeyUsage.oid, False, eku),
+        _LEAF_BASIC_CONSTRAINTS,
+        _LEAF_KEY_USAGE[isinstance(public_key, rsa.RSAPublicKey)],
+        _LEAF_EKU,
         x509.Extension(x509.SubjectKeyIdentifier.oid, False, x509.SubjectKeyIdentifier.from_public_key(public_key)),
         x509.Extension(x509.AuthorityKeyIdentifier.oid, False, authority_key_identifier),
         # RFC 5280 4.2.1.6: the SAN is critical when the subject is empty.

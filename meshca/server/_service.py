@@ -9,6 +9,8 @@ durably -> respond. Errors become gRPC status codes in one place
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -99,6 +101,47 @@ class _RateLimiter:
             self._buckets.clear()
 
 
+class _Completions:
+    """Moves finished store futures onto the event loop with one wake-up per burst.
+
+    A group commit finishes many records at once; `asyncio.wrap_future` would
+    wake the loop once per record (a syscall each), this wakes it once.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: list[tuple[concurrent.futures.Future[None], asyncio.Future[None]]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def watch(self, future: concurrent.futures.Future[None]) -> asyncio.Future[None]:
+        loop = self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        future.add_done_callback(lambda f: self._finished(f, waiter))
+        return waiter
+
+    def _finished(self, future: concurrent.futures.Future[None], waiter: asyncio.Future[None]) -> None:
+        with self._lock:  # any thread
+            self._done.append((future, waiter))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            done, self._done, self._scheduled = self._done, [], False
+        for future, waiter in done:
+            if waiter.cancelled():
+                continue
+            error = future.exception()
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+
 def _timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
@@ -155,6 +198,7 @@ class IssuanceCore:
         self._request_counters: dict[tuple[str, str, grpc.StatusCode], Any] = {}
         self._latencies: dict[tuple[str, str], Any] = {}
         self._issued: dict[tuple[str, str], Any] = {}
+        self._completions = _Completions()
         self._bundle_message: tuple[TrustBundle, int, meshca_identity_pb2.Bundle] | None = None
         configured = config.k8s_jwt.audiences if config.k8s_jwt else ()
         if config.token_review:
@@ -243,7 +287,7 @@ class IssuanceCore:
         svid = issuer.sign(checked.public_key, principal.spiffe_id, now=now, ttl=ttl, dns_names=checked.dns_names)
         serial = format(svid.serial, "x")
         record = IssuanceRecord(serial, str(principal.spiffe_id), svid.not_after, principal.name, api, now)
-        await asyncio.wrap_future(self.store.record(record, token_hash=principal.token_hash))
+        await self._completions.watch(self.store.record(record, token_hash=principal.token_hash))
         issued_key = (principal.spiffe_id.trust_domain.name, api)
         issued_counter = self._issued.get(issued_key)
         if issued_counter is None:
