@@ -279,7 +279,12 @@ def run_supervisor(config: ServerConfig, workers: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("supervisor.started", workers=workers, listen=listen)
+    log.info(
+        "supervisor.started",
+        workers=workers,
+        listen=listen,
+        metrics_port=metrics_server.port if metrics_server is not None else None,
+    )
     if held is not None:
         time.sleep(0.5)
     try:
