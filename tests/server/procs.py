@@ -61,13 +61,14 @@ class ServeProcess:
 
     @property
     def events(self) -> list[dict[str, Any]]:
+        """The JSON log events; a log line that is not exactly one JSON object fails the test."""
         out = []
         for line in list(self.lines):
             if line.startswith("{"):
                 try:
                     out.append(json.loads(line))
                 except ValueError:
-                    continue
+                    raise AssertionError(f"a log line is not one JSON object (interleaved writes?): {line!r}") from None
         return out
 
     def wait_started(self, timeout: float = 15) -> int:

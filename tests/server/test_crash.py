@@ -84,6 +84,9 @@ def test_sigkill_during_issuance_loses_no_issued_certificate(d: Path, server_ca:
             stub = meshca_identity_pb2_grpc.IdentityStub(channel)
             response = stub.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=tokens[0]), timeout=5)
         assert restarted.terminate() == 0
+    for output in ("\n".join(server.lines), "\n".join(restarted.lines)):
+        assert "BEGIN" not in output
+        assert not any(token in output for token in tokens)
     reopened = SqliteStore(d / "meshca.db")
     try:
         records = reopened.issuances()
