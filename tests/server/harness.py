@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -391,9 +390,3 @@ async def serving(
             for ch in (channel, *h._channels):
                 await ch.close()
             await server.stop()
-
-
-def run_in_thread(target: Any, *args: Any) -> threading.Thread:
-    thread = threading.Thread(target=target, args=args, daemon=True)
-    thread.start()
-    return thread

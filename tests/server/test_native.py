@@ -51,7 +51,7 @@ async def test_join_token_issues_an_svid_that_verifies(d: Path, server_ca: TestC
         assert response.intermediates == [server_ca.issuer_certificate.public_bytes(DER)]
         assert meshca.verify_chain(_chain(response), server_ca.bundle, at=h.clock()) == WEB
         assert response.valid_until.ToDatetime(tzinfo=leaf.not_valid_after_utc.tzinfo) == leaf.not_valid_after_utc
-        # the default lifetime, less the backdating for clock skew
+        # the default lifetime, plus the backdating for clock skew
         lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
         assert timedelta(hours=24) <= lifetime <= timedelta(hours=24, minutes=10)
         assert response.bundle.trust_domain == TD
