@@ -54,7 +54,13 @@ class Principal:
 def service_account_id(trust_domain: TrustDomain, subject: str) -> SpiffeId:
     """``system:serviceaccount:NS:SA`` -> ``spiffe://TD/ns/NS/sa/SA``."""
     parts = subject.split(":")
-    if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"] or not parts[2] or not parts[3]:
+    if (
+        len(parts) != 4
+        or parts[:2] != ["system", "serviceaccount"]
+        or not parts[2]
+        or not parts[3]
+        or "/" in parts[2] + parts[3]  # one path segment each, never more
+    ):
         raise AuthenticationError("token subject is not a Kubernetes service account", "not_service_account")
     try:
         return trust_domain.spiffe_id(f"/ns/{parts[2]}/sa/{parts[3]}")

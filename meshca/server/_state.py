@@ -156,7 +156,8 @@ class IssuerState:
 
     def _export_expiry(self) -> None:
         self._metrics.issuer_expiry.set(self.issuer.not_after.timestamp())
-        self._metrics.anchor_expiry.clear()
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # multiprocess mode cannot clear; stale labels stay
+            self._metrics.anchor_expiry.clear()
         for anchor in self.bundle.anchors:
             self._metrics.anchor_expiry.labels(fingerprint(anchor)[:23]).set(anchor.not_valid_after_utc.timestamp())
 
