@@ -20,8 +20,9 @@ import contextlib
 import os
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from cryptography import x509
@@ -86,6 +87,22 @@ class SpiffeSSLContext(ssl.SSLContext):
     meshca_anchors: set[bytes]
     meshca_svid: X509Svid | None = None
 
+    def __init__(self, protocol: int | None = None, *args: Any, **kwargs: Any) -> None:
+        # OpenSSL must not see the context change while it makes a connection from it: an SSL
+        # made half-way through load_cert_chain gets the new certificate without its key (the
+        # handshake fails), and the unsynchronized access can corrupt memory. `refresh` holds
+        # this lock while it loads; making a connection (SSL_new, which copies the certificate
+        # and key) holds it too. The handshake itself runs outside it.
+        self.meshca_lock = threading.Lock()
+
+    def _wrap_socket(self, *args: Any, **kwargs: Any) -> Any:
+        with self.meshca_lock:
+            return super()._wrap_socket(*args, **kwargs)  # type: ignore[misc]
+
+    def _wrap_bio(self, *args: Any, **kwargs: Any) -> Any:
+        with self.meshca_lock:
+            return super()._wrap_bio(*args, **kwargs)  # type: ignore[misc]
+
 
 @contextlib.contextmanager
 def _in_memory_file(data: bytes) -> Iterator[str]:
@@ -109,12 +126,17 @@ def refresh(ctx: SpiffeSSLContext, snapshot: Snapshot) -> None:
     """Loads a new SVID and any new anchors into a live context."""
     svid = snapshot.svid
     if svid is not None and svid is not ctx.meshca_svid:
-        with _in_memory_file(svid.chain_pem) as cert_path, _in_memory_file(svid.key_pem()) as key_path:
+        with (
+            _in_memory_file(svid.chain_pem) as cert_path,
+            _in_memory_file(svid.key_pem()) as key_path,
+            ctx.meshca_lock,
+        ):
             ctx.load_cert_chain(cert_path, key_path)
         ctx.meshca_svid = svid
     new = [a for a in snapshot.bundle.anchors if a.fingerprint(_SHA256) not in ctx.meshca_anchors]
     if new:
-        ctx.load_verify_locations(cadata="".join(a.public_bytes(Encoding.PEM).decode() for a in new))
+        with ctx.meshca_lock:
+            ctx.load_verify_locations(cadata="".join(a.public_bytes(Encoding.PEM).decode() for a in new))
         ctx.meshca_anchors.update(a.fingerprint(_SHA256) for a in new)
 
 
