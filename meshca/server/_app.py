@@ -97,7 +97,8 @@ class IdentityServer:
     async def start(self) -> None:
         cfg = self.config
         options = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            # gRPC's limit guards memory; meshca's own, lower one is checked (and logged) per request.
+            ("grpc.max_receive_message_length", 16 * cfg.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 1),
             ("grpc.keepalive_permit_without_calls", 1),

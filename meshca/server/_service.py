@@ -154,6 +154,10 @@ class Issued:
     bundle: TrustBundle
 
 
+class RequestTooLarge(MeshcaError):
+    """A request above the configured size (gRPC's own limit is higher, so this one is logged)."""
+
+
 def _status_for(exc: BaseException, name_mismatch: grpc.StatusCode) -> grpc.StatusCode | None:
     if isinstance(exc, AuthenticationError | TokenUsedUp):
         return grpc.StatusCode.UNAUTHENTICATED
@@ -163,7 +167,7 @@ def _status_for(exc: BaseException, name_mismatch: grpc.StatusCode) -> grpc.Stat
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(exc, IssuerUnavailable):
         return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | RequestTooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE
@@ -220,12 +224,15 @@ class IssuanceCore:
         method: str,
         work: Callable[[], Awaitable[T]],
         *,
+        size: int,
         name_mismatch: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED,
     ) -> T:
         """Runs one request: deadline, metrics, and the translation of errors into status codes."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if size > self.config.max_message_bytes:
+                raise RequestTooLarge(f"request of {size} bytes is above the limit of {self.config.max_message_bytes}")
             async with asyncio.timeout(self.config.request_timeout.total_seconds()):
                 return await work()
         except TimeoutError:
@@ -323,7 +330,9 @@ class NativeService(meshca_identity_pb2_grpc.IdentityServicer):
     async def IssueSVID(
         self, request: meshca_identity_pb2.IssueSVIDRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> meshca_identity_pb2.IssueSVIDResponse:
-        return await self._core.run(context, "meshca.identity.v1.Identity", "IssueSVID", lambda: self._issue(request))
+        return await self._core.run(
+            context, "meshca.identity.v1.Identity", "IssueSVID", lambda: self._issue(request), size=request.ByteSize()
+        )
 
     async def _issue(self, request: meshca_identity_pb2.IssueSVIDRequest) -> meshca_identity_pb2.IssueSVIDResponse:
         core = self._core
@@ -381,6 +390,7 @@ class LinkerdService(linkerd_identity_pb2_grpc.IdentityServicer):
             "io.linkerd.proxy.identity.Identity",
             "Certify",
             lambda: self._certify(request),
+            size=request.ByteSize(),
             name_mismatch=grpc.StatusCode.FAILED_PRECONDITION,
         )
 
@@ -421,6 +431,7 @@ class IstioService(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
             "istio.v1.auth.IstioCertificateService",
             "CreateCertificate",
             lambda: self._create(request, metadata),
+            size=request.ByteSize(),
         )
 
     async def _create(

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.duration_pb2 import Duration
@@ -289,13 +290,19 @@ async def test_rate_limit_per_principal(d: Path, server_ca: TestCA) -> None:
         assert len(h.server.store.issuances()) == 4
 
 
-async def test_oversized_message_is_refused_by_grpc(d: Path, server_ca: TestCA) -> None:
+async def test_oversized_message_is_refused_and_logged(d: Path, server_ca: TestCA) -> None:
     async with serving(d, server_ca, max_message_bytes=16 * 1024) as h:
         token = h.token()
         padded = pb.IssueSVIDRequest(csr=web_csr(), credential=pb.Credential(join_token=token), spiffe_id="x" * 20_000)
-        assert await code_of(h.native.IssueSVID(padded)) == C.RESOURCE_EXHAUSTED
-        big_csr = ipb.IstioCertificateRequest(csr="A" * 20_000)
-        assert await code_of(h.istio.CreateCertificate(big_csr, metadata=bearer(token))) == C.RESOURCE_EXHAUSTED
+        with capture_logs() as logs:
+            assert await code_of(h.native.IssueSVID(padded)) == C.RESOURCE_EXHAUSTED
+            big_csr = ipb.IstioCertificateRequest(csr="A" * 20_000)
+            assert await code_of(h.istio.CreateCertificate(big_csr, metadata=bearer(token))) == C.RESOURCE_EXHAUSTED
+        refused = [e for e in logs if e["event"] == "request.refused"]
+        assert len(refused) == 2 and all("above the limit" in e["reason"] for e in refused)
+        # far above the limit, gRPC itself refuses before meshca sees the request
+        huge = pb.IssueSVIDRequest(csr=web_csr(), credential=pb.Credential(join_token=token), spiffe_id="x" * 400_000)
+        assert await code_of(h.native.IssueSVID(huge)) == C.RESOURCE_EXHAUSTED
         # the connection and the token are still good
         assert await code_of(h.native.IssueSVID(native_request(web_csr(), join_token=token))) == C.OK
 
