@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 import pytest
-from structlog.testing import capture_logs
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.duration_pb2 import Duration
+from structlog.testing import capture_logs
 
 import meshca
 from meshca.server import JoinToken, hash_token, new_token
