@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from meshca._errors import StoreError
 from meshca._spiffe import SpiffeId
@@ -109,6 +109,29 @@ CREATE INDEX IF NOT EXISTS issuances_by_id ON issuances (spiffe_id, issued_at);
 
 _Item = tuple[IssuanceRecord, str | None, concurrent.futures.Future[None]]
 _MAX_BATCH = 512
+T = TypeVar("T")
+
+
+def next_batch(source: queue.SimpleQueue[T | None], limit: int = _MAX_BATCH) -> list[T] | None:
+    """Blocks for one item, then takes whatever else is queued, up to ``limit``: one group commit's worth.
+
+    None in the queue means "stop": it ends the stream (after the items before it,
+    which come back as the last batch).
+    """
+    first = source.get()
+    if first is None:
+        return None
+    batch = [first]
+    while len(batch) < limit:
+        try:
+            item = source.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            source.put(None)  # seen again by the next call, which ends the stream
+            break
+        batch.append(item)
+    return batch
 
 
 class SqliteStore:
@@ -195,24 +218,8 @@ class SqliteStore:
 
     def _write_loop(self) -> None:
         conn = self._connect()
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            stop = False
-            while len(batch) < _MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+        while (batch := next_batch(self._queue)) is not None:
             self._commit(conn, batch)
-            if stop:
-                break
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: Sequence[_Item]) -> None:

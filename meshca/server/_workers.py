@@ -44,7 +44,7 @@ from meshca._errors import StoreError
 from meshca._time import system_clock
 from meshca._trustdir import TrustDir
 from meshca.server._config import ServerConfig
-from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, TokenUsedUp
+from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, TokenUsedUp, next_batch
 
 __all__ = ["PipeStore", "run_supervisor"]
 
@@ -111,21 +111,7 @@ class PipeStore:
         return future
 
     def _send_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._pending.put(None)
-                return
-            batch = [item]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
+        while (batch := next_batch(self._queue)) is not None:
             futures = [future for _, future in batch]
             try:
                 self._conn.send([wire for wire, _ in batch])
@@ -133,6 +119,7 @@ class PipeStore:
                 _fail(futures, StoreError(f"store writer is gone: {exc}"))
                 continue
             self._pending.put(futures)
+        self._pending.put(None)
 
     def _receive_loop(self) -> None:
         while True:
