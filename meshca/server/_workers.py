@@ -51,7 +51,6 @@ __all__ = ["PipeStore", "run_supervisor"]
 log = structlog.get_logger("meshca.server")
 
 _Wire = tuple[str, str, float, str, str, float, str | None]  # an IssuanceRecord and a token hash
-_MAX_BATCH = 512
 
 
 def _to_wire(record: IssuanceRecord, token_hash: str | None) -> _Wire:

@@ -16,7 +16,7 @@ import pytest
 from meshca.client import SvidSource
 from meshca.testing import TestCA
 
-from .support import SERVER_NAME, TD, ServerThread
+from .support import API, SERVER_NAME, TD, WEB, ServerThread, add_token
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,29 @@ def sources() -> Iterator[Callable[..., SvidSource]]:
     yield make
     for source in reversed(made):
         source.close()
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An identity server and two ready sources: ``web`` (a TLS server here) and ``api`` (its client)."""
+
+    server: ServerThread
+    web: SvidSource
+    api: SvidSource
+
+
+def start_pair(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource], **config: Any
+) -> Pair:
+    server = servers(trust.dir, **config)
+    server.start()
+    web = sources(server.address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB))
+    api = sources(server.address, trust.ca.bundle, API, join_token=add_token(trust.dir, API))
+    web.wait_ready(10)
+    api.wait_ready(10)
+    return Pair(server, web, api)
+
+
+@pytest.fixture
+def pair(trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]) -> Pair:
+    return start_pair(trust, servers, sources)

@@ -238,17 +238,40 @@ class TlsEcho:
         self.close()
 
 
+@dataclass(frozen=True)
+class Reply:
+    peer: meshca.SpiffeId
+    serial: int
+    data: bytes
+
+
 def handshake(
-    context: ssl.SSLContext, port: int, payload: bytes = b"ping", timeout: float = 5
-) -> tuple[meshca.SpiffeId, bytes]:
-    """Connects to 127.0.0.1:``port``, sends ``payload``; returns the server's SPIFFE ID and its whole reply."""
+    context: ssl.SSLContext, port: int, payload: bytes = b"ping", *, until: bytes | None = None, timeout: float = 5
+) -> Reply:
+    """Connects to 127.0.0.1:``port`` and sends ``payload``; the server's SPIFFE ID, leaf serial and reply.
+
+    The reply is read to the end of the stream, or until it contains ``until``.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, context.wrap_socket(raw) as tls:
-        server, _ = peer_id(tls)
+        peer, peer_serial = peer_id(tls)
         tls.sendall(payload)
-        reply = b""
-        while chunk := tls.recv(1024):
-            reply += chunk
-    return server, reply
+        data = b""
+        while (until is None or until not in data) and (chunk := tls.recv(1024)):
+            data += chunk
+    return Reply(peer, peer_serial, data)
+
+
+def refused(context: ssl.SSLContext, port: int, payload: bytes = b"ping") -> bool:
+    """True if a handshake and exchange with a server that should refuse us got no echo back.
+
+    A client refused by the server may see its handshake fail, the connection
+    closed or reset, or (TLS 1.3: the client finishes first) an empty reply.
+    """
+    try:
+        reply = handshake(context, port, payload)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return not reply.data.startswith(b"echo:")
 
 
 # -- a fake identity service
@@ -317,3 +340,45 @@ class FakeIdentity:
         if self._server is not None:
             self._server.stop(0).wait(5)
             self._server = None
+
+
+class HandshakeLoop:
+    """Handshakes with ``context`` against 127.0.0.1:``port`` every ``interval`` seconds, on a thread.
+
+    Every handshake must complete and get its own payload echoed; anything
+    else is recorded in ``failures`` with the time it happened.
+    """
+
+    def __init__(self, context: ssl.SSLContext, port: int, interval: float = 0.15) -> None:
+        self.context = context
+        self.port = port
+        self.interval = interval
+        self.replies: list[Reply] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="handshake-loop", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        n = 0
+        while not self._stop.wait(self.interval):
+            n += 1
+            payload = b"ping %d" % n
+            try:
+                reply = handshake(self.context, self.port, payload)
+            except Exception as exc:
+                self.failures.append(f"{datetime.now(UTC).isoformat()} handshake {n}: {exc!r}")
+                continue
+            if reply.data != b"echo:" + payload:
+                self.failures.append(f"{datetime.now(UTC).isoformat()} handshake {n}: reply {reply.data!r}")
+            self.replies.append(reply)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def __enter__(self) -> HandshakeLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
