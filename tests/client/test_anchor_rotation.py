@@ -1,0 +1,103 @@
+"""Trust anchor rotation, A to B, with mutual TLS between two sources never failing on the way.
+
+The runbook: (1) publish A+B in the bundle, and wait until every client has
+it; (2) sign with an issuer under B, and wait until every SVID chains to B;
+(3) drop A from the bundle.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+import meshca
+from meshca._certs import certificates_pem
+from meshca._files import atomic_write
+from meshca.client import SvidSource
+from meshca.testing import TestCA
+
+from .conftest import Trust, start_pair
+from .support import API, TD, WEB, HandshakeLoop, ServerThread, TlsEcho, refused, wait_until, write_bundle
+from .support import serial as svid_serial
+
+
+@pytest.mark.slow
+def test_anchor_rotation_with_handshakes_succeeding_throughout(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    a, b = trust.ca, TestCA(TD)
+    pair = start_pair(trust, servers, sources, leaf_ttl=timedelta(seconds=6))
+    web, api = pair.web, pair.api
+    both = (web, api)
+    server_ctx = web.server_ssl_context(meshca.authorize_id(API))
+    client_ctx = api.client_ssl_context(meshca.authorize_id(WEB))
+    contexts = (server_ctx, client_ctx)
+    tdir = meshca.TrustDir.at(trust.dir)
+    # Every SVID each source has held: serial -> the issuer that signed it.
+    held: dict[meshca.SpiffeId, dict[int, x509.Certificate]] = {
+        s.spiffe_id: {svid_serial(s.svid): s.svid.chain[1]} for s in both
+    }
+    for source in both:
+        source.subscribe(lambda snap: held[snap.svid.spiffe_id].setdefault(svid_serial(snap.svid), snap.svid.chain[1]))
+
+    def renewed_twice() -> Callable[[], bool]:
+        start = {sid: len(svids) for sid, svids in held.items()}
+        return lambda: all(len(svids) >= start[sid] + 2 for sid, svids in held.items())
+
+    with TlsEcho(server_ctx) as echo, HandshakeLoop(client_ctx, echo.port, interval=0.1) as loop:
+        time.sleep(1)
+        assert loop.replies
+
+        # 1. A and B in the bundle: the watch stream brings B to both sources and their contexts.
+        write_bundle(trust.dir, a.anchor, b.anchor)
+        wait_until(lambda: all(set(s.bundle.anchors) == {a.anchor, b.anchor} for s in both), 5, "B at both sources")
+        assert all(b.anchor.fingerprint(hashes.SHA256()) in ctx.meshca_anchors for ctx in contexts)
+        # Renewals still come from A's issuer, over channels that now trust A and B.
+        wait_until(renewed_twice(), 10, "two renewals with A and B in the bundle")
+        assert all(s.svid.chain[1] == a.issuer_certificate for s in both)
+
+        # 2. Sign under B (key first, then certificate: the server refuses the mismatched pair in between).
+        meshca.write_private_key(tdir.issuer_key, b.issuer_key, overwrite=True)
+        atomic_write(tdir.issuer_cert, certificates_pem([b.issuer_certificate]))
+        wait_until(lambda: all(s.svid.chain[1] == b.issuer_certificate for s in both), 10, "SVIDs renewed under B")
+        assert all(ctx.meshca_svid is s.svid for ctx, s in zip(contexts, both, strict=True))
+        time.sleep(0.5)
+
+        # 3. Nothing in use chains to A any more: drop it.
+        write_bundle(trust.dir, b.anchor)
+        wait_until(lambda: all(s.bundle.anchors == (b.anchor,) for s in both), 5, "A gone at both sources")
+        # Renewals carry on against an identity server that B alone vouches for now.
+        wait_until(renewed_twice(), 10, "two renewals with B alone")
+        time.sleep(0.5)
+    assert loop.failures == [], (loop.failures, echo.errors)
+    assert echo.errors == []
+    assert len(loop.replies) >= 80
+    assert {r.peer for r in loop.replies} == {WEB}
+    # The handshakes used SVIDs of both eras, on both sides: A's first, B's last, several of B's.
+    for issuers in (
+        [held[WEB][r.serial] for r in loop.replies],
+        [held[API][acc.serial] for acc in echo.accepted],
+    ):
+        assert issuers[0] == a.issuer_certificate
+        assert issuers[-1] == b.issuer_certificate
+    assert all(len([i for i in svids.values() if i == b.issuer_certificate]) >= 3 for svids in held.values())
+    assert all(s.svid.chain[1] == b.issuer_certificate for s in both)
+
+    # The contexts still hold A inside OpenSSL (anchors cannot be removed), but the SPIFFE check
+    # uses the current bundle: a peer whose SVID chains to A is refused now.
+    stale = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    stale.check_hostname = False
+    b.configure_trust(stale)
+    a.issue_svid(API).configure_cert(stale)
+    with TlsEcho(server_ctx) as echo:
+        assert refused(stale, echo.port)
+        assert echo.accepted == []
+    assert len(echo.errors) == 1
+    assert isinstance(echo.errors[0], ssl.SSLCertVerificationError)
+    assert "anchor" in str(echo.errors[0])
