@@ -223,6 +223,9 @@ class TlsEcho:
                         data = tls.recv(1024)
                         tls.sendall(b"echo:" + data)
                         self.accepted.append(Accepted(peer, peer_serial, data))
+                        # Say goodbye properly (close_notify), though clients may leave without theirs.
+                        with contextlib.suppress(OSError):
+                            tls.unwrap()
                 except (OSError, ssl.SSLError, meshca.MeshcaError) as exc:
                     self.errors.append(exc)
 
