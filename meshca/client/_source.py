@@ -168,7 +168,10 @@ class SvidSource(_SourceBase):
     def _stub(self, *, fresh: bool = False) -> pb_grpc.IdentityStub:
         with self._channel_lock:
             bundle = self._state.snapshot.bundle
-            if fresh or self._channel is None or self._channel_bundle is not bundle:
+            # Once closed, never open a channel again (close() would not see it); calls on the
+            # closed one fail and the loops end.
+            stale = fresh or self._channel is None or self._channel_bundle is not bundle
+            if stale and not self._stop.is_set():
                 if self._channel is not None:
                     self._channel.close()
                 creds = grpc.ssl_channel_credentials(bundle.to_pem())

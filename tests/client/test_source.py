@@ -117,3 +117,31 @@ def test_server_down_at_renewal_keeps_the_old_svid_and_recovers_before_it_expire
     assert serial(new) != serial(old)
     assert within_validity(new)
     assert new.not_after > old.not_after
+
+
+@pytest.mark.parametrize("server_up", [True, False], ids=["server-up", "server-down"])
+def test_close_stops_the_threads_promptly(
+    server_up: bool, trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    if server_up:
+        server = servers(trust.dir)
+        server.start()
+        address = server.address
+    else:
+        address = f"127.0.0.1:{free_port()}"
+    source = sources(address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB))
+    if server_up:
+        source.wait_ready(10)
+    else:
+        wait_until(lambda: refreshes(source, "failure") >= 2, 5, "failed attempts")
+    threads = list(source._threads)
+    assert all(t.is_alive() for t in threads)
+    started = time.monotonic()
+    with source:  # __exit__ closes
+        pass
+    assert time.monotonic() - started < 2
+    assert not any(t.is_alive() for t in threads)
+    successes, failures = refreshes(source, "success"), refreshes(source, "failure")
+    time.sleep(1.2)  # longer than any retry delay so far: nothing runs any more
+    assert (refreshes(source, "success"), refreshes(source, "failure")) == (successes, failures)
+    source.close()  # closing twice is harmless
