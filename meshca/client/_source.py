@@ -268,6 +268,8 @@ class AsyncSvidSource(_SourceBase):
         self._queues: set[asyncio.Queue[Snapshot | None]] = set()  # None: the source closed
 
     async def start(self) -> None:
+        if self._ready is not None:
+            raise RuntimeError("this source is already started")
         self._ready = asyncio.Event()
         loop = asyncio.get_running_loop()
 

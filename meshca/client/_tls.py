@@ -155,6 +155,11 @@ def make_context(
     ctx.verify_mode = ssl.CERT_REQUIRED
     if side == "client":
         ctx.check_hostname = False  # the peer is named by its SPIFFE ID, which the check enforces
+    else:
+        # No session resumption: a resumed handshake carries no verified chain, and every
+        # connection should be checked against the bundle as it is now.
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
     ctx.meshca_anchors = set()
     refresh(ctx, snapshot)
     peer_role: Literal["client", "server"] = "client" if side == "server" else "server"

@@ -185,3 +185,17 @@ def test_reloading_a_live_context_while_other_threads_handshake() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"failures": 0, "server_errors": []}
+
+
+def test_server_contexts_issue_no_session_tickets(pair: Pair) -> None:
+    """Every connection is checked against the bundle as it is now: no resumption to skip that."""
+    ctx = pair.api.server_ssl_context(meshca.authorize_any())
+    assert ctx.num_tickets == 0
+    assert ctx.options & ssl.OP_NO_TICKET
+    with TlsEcho(ctx) as echo:
+        client = pair.web.client_ssl_context(meshca.authorize_id(API))
+        with socket.create_connection(("127.0.0.1", echo.port), timeout=10) as raw:
+            with client.wrap_socket(raw) as tls:
+                tls.sendall(b"ping")
+                tls.recv(4)
+                assert tls.session is None or not tls.session.has_ticket
