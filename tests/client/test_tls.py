@@ -194,8 +194,10 @@ def test_server_contexts_issue_no_session_tickets(pair: Pair) -> None:
     assert ctx.options & ssl.OP_NO_TICKET
     with TlsEcho(ctx) as echo:
         client = pair.web.client_ssl_context(meshca.authorize_id(API))
-        with socket.create_connection(("127.0.0.1", echo.port), timeout=10) as raw:
-            with client.wrap_socket(raw) as tls:
-                tls.sendall(b"ping")
-                tls.recv(4)
-                assert tls.session is None or not tls.session.has_ticket
+        with (
+            socket.create_connection(("127.0.0.1", echo.port), timeout=10) as raw,
+            client.wrap_socket(raw) as tls,
+        ):
+            tls.sendall(b"ping")
+            tls.recv(4)
+            assert tls.session is None or not tls.session.has_ticket
