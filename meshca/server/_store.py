@@ -147,6 +147,8 @@ class SqliteStore:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._read_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._direct: sqlite3.Connection | None = None
+        self._direct_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         if writer:
             self._writer = threading.Thread(target=self._write_loop, name="meshca-store-writer", daemon=True)
@@ -223,10 +225,30 @@ class SqliteStore:
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: Sequence[_Item]) -> None:
-        outcomes: list[BaseException | None] = []
+        outcomes = self._apply(conn, [(record, token_hash) for record, token_hash, _ in batch])
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+            if outcome is None:
+                future.set_result(None)
+            else:
+                future.set_exception(outcome)
+
+    def commit_now(self, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
+        """Commits ``items`` in one transaction on the calling thread; one outcome per item.
+
+        For a caller that already groups records (the supervisor of several
+        workers): no writer-thread hop, no future per record.
+        """
+        with self._direct_lock:
+            if self._direct is None:
+                self._direct = self._connect()
+            return self._apply(self._direct, items)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
+        outcomes: list[StoreError | None] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for record, token_hash, _ in batch:
+            for record, token_hash in items:
                 if token_hash is not None:
                     used = conn.execute(
                         "UPDATE join_tokens SET uses_left = uses_left - 1 "
@@ -252,15 +274,8 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            error = StoreError(f"cannot record issuance: {exc}")
-            for _, _, future in batch:
-                future.set_exception(error)
-            return
-        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-            if outcome is None:
-                future.set_result(None)
-            else:
-                future.set_exception(outcome)
+            return [StoreError(f"cannot record issuance: {exc}")] * len(items)
+        return outcomes
 
     def close(self) -> None:
         """Commits what is queued, then stops the writer."""
@@ -269,3 +284,6 @@ class SqliteStore:
             self._writer.join()
         with self._read_lock:
             self._read.close()
+        with self._direct_lock:
+            if self._direct is not None:
+                self._direct.close()

@@ -152,35 +152,22 @@ def _fail(futures: list[concurrent.futures.Future[None]], error: BaseException) 
 
 
 def _serve_pipe(store: SqliteStore, conn: multiprocessing.connection.Connection, name: str) -> None:
-    """Supervisor side of one worker's pipe: queue each batch for commit; a second thread answers in order."""
-    answers: queue.SimpleQueue[list[concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
-
-    def answer() -> None:
-        while (futures := answers.get()) is not None:
-            outcomes: list[str | None] = []
-            for future in futures:
-                try:
-                    future.result()
-                    outcomes.append(None)
-                except TokenUsedUp:
-                    outcomes.append("used_up")
-                except StoreError as exc:
-                    outcomes.append(str(exc))
-            try:
-                conn.send(outcomes)
-            except OSError:
-                log.warning("worker.pipe_closed", worker=name)
-                return
-
-    responder = threading.Thread(target=answer, name=f"meshca-store-answer-{name}", daemon=True)
-    responder.start()
+    """Supervisor side of one worker's pipe: commit each batch in one transaction, answer in order."""
     while True:
         try:
             batch: list[_Wire] = conn.recv()
         except (EOFError, OSError):
-            answers.put(None)
             return
-        answers.put([store.record(*_from_wire(item)[:1], token_hash=item[6]) for item in batch])
+        outcomes = store.commit_now([_from_wire(item) for item in batch])
+        answer = [
+            None if outcome is None else "used_up" if isinstance(outcome, TokenUsedUp) else str(outcome)
+            for outcome in outcomes
+        ]
+        try:
+            conn.send(answer)
+        except OSError:
+            log.warning("worker.pipe_closed", worker=name)
+            return
 
 
 def _die_with_parent(parent: int) -> None:
