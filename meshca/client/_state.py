@@ -204,12 +204,14 @@ class SourceState:
         # The renewal and watch threads each change half of the snapshot: build the new one from the
         # latest under the lock, so neither undoes the other's change.
         with self._lock:
-            snapshot = self._snapshot = change(self._snapshot)
+            snapshot = change(self._snapshot)
             listeners = list(self._listeners)
             # Under the lock too: refreshes run in publication order, so a context never goes back
-            # to an older SVID when a refresh for an earlier snapshot runs late.
+            # to an older SVID when a refresh for an earlier snapshot runs late. Contexts first,
+            # then the snapshot: whoever sees the new snapshot finds every context already on it.
             for ctx in list(self._contexts):
                 refresh(ctx, snapshot)
+            self._snapshot = snapshot
         for listener in listeners:
             try:
                 listener(snapshot)
