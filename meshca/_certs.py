@@ -16,6 +16,7 @@ __all__ = [
     "is_signing_certificate",
     "load_certificates",
     "spiffe_ids_of",
+    "subject_key_identifier",
     "uri_sans",
 ]
 
@@ -57,6 +58,14 @@ def certificates_pem(certs: Sequence[x509.Certificate]) -> bytes:
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 fingerprint, lower-case hex with colons, as `openssl x509 -fingerprint` prints."""
     return cert.fingerprint(hashes.SHA256()).hex(":")
+
+
+def subject_key_identifier(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
+    """The certificate's SKI, or the RFC 5280 method-1 one computed from its key when it has none."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
 
 
 def uri_sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:

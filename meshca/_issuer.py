@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from meshca._bundle import TrustBundle
-from meshca._certs import certificates_pem, fingerprint, is_signing_certificate, load_certificates
+from meshca._certs import (
+    certificates_pem,
+    fingerprint,
+    is_signing_certificate,
+    load_certificates,
+    subject_key_identifier,
+)
 from meshca._errors import IssuanceError, IssuerUnavailable, KeyPolicyError
 from meshca._keys import PrivateKey, PublicKey, key_type_of, load_private_key
 from meshca._profiles import CLOCK_SKEW, LEAF_TTL, leaf_extensions, random_serial, signature_hash
@@ -56,13 +62,6 @@ class IssuedSvid:
 
     def chain_pem(self) -> bytes:
         return certificates_pem([self.leaf, *self.intermediates])
-
-
-def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
 
 
 class Issuer:
@@ -101,7 +100,7 @@ class Issuer:
         self._key = key
         self._hash = signature_hash(key)
         self._intermediates_der = tuple(c.public_bytes(_DER) for c in chain)
-        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(certificate))
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_identifier(certificate))
         # A leaf must never outlive anything in its chain, the anchor included.
         anchor = self._anchor_of(chain[-1], bundle)
         self._not_after = min(c.not_valid_after_utc for c in (*chain, anchor))

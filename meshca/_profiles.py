@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshca._certs import subject_key_identifier
 from meshca._keys import PrivateKey, PublicKey
 from meshca._spiffe import SpiffeId, TrustDomain
 
@@ -141,7 +142,7 @@ def build_issuer(
     peers rely on) rejects URI name constraints as unsupported.
     """
     not_after = min(now + lifetime, signer_certificate.not_valid_after_utc)
-    ski = signer_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    ski = subject_key_identifier(signer_certificate)
     builder = _ca_builder(
         _ca_subject(trust_domain, "issuer"),
         signer_certificate.subject,

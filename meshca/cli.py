@@ -397,7 +397,10 @@ def cmd_serve(args: argparse.Namespace, clock: Clock) -> int:
 
         # Check the trust directory here, so a bad one fails once, in one line.
         validate(TrustDir.at(config.dir).load_issuer(passphrase=config.passphrase), clock)
-        return run_supervisor(config, args.workers)
+        code = run_supervisor(config, args.workers, clock=clock)
+        if code:
+            raise CliError("a worker could not start; its worker.failed log line says why")
+        return 0
 
     async def serve() -> None:
         server = IdentityServer(config, clock=clock)
@@ -442,7 +445,7 @@ def cmd_log(args: argparse.Namespace, clock: Clock) -> int:
     path = Path(store_path(tdir))
     if not path.exists():
         raise CliError(f"no issuance log at {path}")
-    store = SqliteStore(path)
+    store = SqliteStore.reader(path)
     try:
         rows = store.issuances(str(args.spiffe_id) if args.spiffe_id else None, args.limit)
     finally:

@@ -307,11 +307,14 @@ class AsyncSvidSource(_SourceBase):
     async def _stub(self, *, fresh: bool = False) -> pb_grpc.IdentityStub:
         bundle = self._state.snapshot.bundle
         if fresh or self._channel is None or self._channel_bundle is not bundle:
-            if self._channel is not None:
-                await self._channel.close(None)
+            # Swap first, close after: the other loop, resuming during the close, finds the new channel.
+            old = self._channel
             creds = grpc.ssl_channel_credentials(bundle.to_pem())
             self._channel = grpc.aio.secure_channel(self._state.config.server, creds, self._channel_options())
             self._channel_bundle = bundle
+            if old is not None:
+                await old.close(None)
+        assert self._channel is not None
         return pb_grpc.IdentityStub(self._channel)
 
     async def _renew_loop(self) -> None:

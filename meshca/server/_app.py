@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
@@ -100,7 +101,8 @@ class IdentityServer:
             # gRPC's limit guards memory; meshca's own, lower one is checked (and logged) per request.
             ("grpc.max_receive_message_length", 16 * cfg.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
-            ("grpc.so_reuseport", 1),
+            # Only workers share a port; a lone server must fail to bind a port that is taken.
+            ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         server = grpc.aio.server(options=options)
@@ -109,10 +111,13 @@ class IdentityServer:
         linkerd_identity_pb2_grpc.add_IdentityServicer_to_server(LinkerdService(core), server)
         istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(IstioService(core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if cfg.insecure_plaintext:
-            self.port = server.add_insecure_port(cfg.listen)
-        else:
-            self.port = server.add_secure_port(cfg.listen, self._credentials())
+        try:
+            if cfg.insecure_plaintext:
+                self.port = server.add_insecure_port(cfg.listen)
+            else:
+                self.port = server.add_secure_port(cfg.listen, self._credentials())
+        except RuntimeError as exc:  # grpc reports a failed bind this way
+            raise OSError(f"cannot listen on {cfg.listen}: {exc}") from None
         if not self.port:
             raise OSError(f"cannot listen on {cfg.listen}")
         await server.start()
@@ -171,8 +176,10 @@ class IdentityServer:
     async def wait(self) -> None:
         await self._stopped.wait()
 
-    async def serve_until_signal(self) -> None:
+    async def serve_until_signal(self, on_started: Callable[[], None] | None = None) -> None:
         await self.start()
+        if on_started is not None:
+            on_started()
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,6 +31,7 @@ from meshca.server._store import TOKEN_PREFIX, JoinToken, Store, hash_token
 
 __all__ = [
     "Authenticators",
+    "CredentialCheckUnavailable",
     "JoinTokenAuthenticator",
     "K8sJwtAuthenticator",
     "Principal",
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 JWT_LEEWAY = timedelta(seconds=60)
+
+
+class CredentialCheckUnavailable(AuthenticationError):
+    """The credential could not be checked now (the Kubernetes API is unreachable): retry, not refuse."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +217,8 @@ class TokenReviewAuthenticator:
             raise AuthenticationError(
                 f"TokenReview refused the token: {status.get('error') or 'not authenticated'}", "tokenreview_refused"
             )
-        if audiences and not set(status.get("audiences") or audiences) & set(audiences):
+        # An empty status.audiences means "valid for the API server's own audience": not ours.
+        if audiences and not set(status.get("audiences") or ()) & set(audiences):
             raise AuthenticationError("TokenReview audiences do not match", "tokenreview_audience")
         username = str((status.get("user") or {}).get("username", ""))
         sid = service_account_id(self._trust_domain, username)
@@ -252,10 +258,10 @@ class TokenReviewAuthenticator:
             ) as response:
                 doc = json.loads(response.read())
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise AuthenticationError(f"TokenReview request failed: {exc}", "tokenreview_unavailable") from exc
+            raise CredentialCheckUnavailable(f"TokenReview request failed: {exc}", "tokenreview_unavailable") from exc
         status = doc.get("status") if isinstance(doc, dict) else None
         if not isinstance(status, dict):
-            raise AuthenticationError("TokenReview response has no status", "tokenreview_unavailable")
+            raise CredentialCheckUnavailable("TokenReview response has no status", "tokenreview_unavailable")
         return status
 
 

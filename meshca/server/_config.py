@@ -53,3 +53,4 @@ class ServerConfig:
     reload_interval: timedelta = timedelta(seconds=1)
     drain_grace: timedelta = timedelta(seconds=10)
     passphrase: bytes | None = field(default=None, repr=False)
+    reuse_port: bool = False  # set for the workers of `serve --workers N`, which share the port

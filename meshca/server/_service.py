@@ -49,7 +49,7 @@ from meshca._proto import (
 )
 from meshca._spiffe import SpiffeId, TrustDomain
 from meshca._time import Clock
-from meshca.server._auth import Authenticators, Principal
+from meshca.server._auth import Authenticators, CredentialCheckUnavailable, Principal
 from meshca.server._config import ServerConfig
 from meshca.server._metrics import Metrics
 from meshca.server._state import IssuerState
@@ -159,6 +159,8 @@ class RequestTooLarge(MeshcaError):
 
 
 def _status_for(exc: BaseException, name_mismatch: grpc.StatusCode) -> grpc.StatusCode | None:
+    if isinstance(exc, CredentialCheckUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, AuthenticationError | TokenUsedUp):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, CsrNameMismatch):
@@ -209,6 +211,12 @@ class IssuanceCore:
             configured += config.token_review.audiences
         for api, default in (("native", NATIVE_AUDIENCE), ("linkerd", LINKERD_AUDIENCE), ("istio", ISTIO_AUDIENCE)):
             self._audiences[api] = tuple(dict.fromkeys((default, *configured)))
+
+    def check_lifetime_seconds(self, seconds: int) -> None:
+        """Refuses a requested lifetime above the maximum before it becomes a (possibly overflowing) timedelta."""
+        limit = int(self.config.max_leaf_ttl.total_seconds())
+        if seconds > limit:
+            raise InvalidRequest(f"requested lifetime {seconds}s is above the maximum {limit}s")
 
     def audiences(self, api: str) -> Collection[str]:
         return self._audiences[api]
@@ -344,7 +352,10 @@ class NativeService(meshca_identity_pb2_grpc.IdentityServicer):
             wanted = SpiffeId.parse(request.spiffe_id)
             if wanted != principal.spiffe_id:
                 raise PermissionDenied(f"credential grants {principal.spiffe_id}, not {wanted}")
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") and request.ttl.ToNanoseconds() else None
+        ttl = None
+        if request.HasField("ttl") and (request.ttl.seconds or request.ttl.nanos):
+            core.check_lifetime_seconds(request.ttl.seconds)
+            ttl = request.ttl.ToTimedelta()
         issued = await core.issue(principal, csr, api="native", ttl=ttl)
         svid = issued.svid
         return meshca_identity_pb2.IssueSVIDResponse(
@@ -448,6 +459,7 @@ class IstioService(istio_ca_pb2_grpc.IstioCertificateServiceServicer):
         if not token:
             raise AuthenticationError("missing 'authorization: Bearer' metadata", "missing")
         principal = await core.auth.bearer(token, core.audiences("istio"))
+        core.check_lifetime_seconds(request.validity_duration)
         ttl = timedelta(seconds=request.validity_duration) if request.validity_duration else None
         issued = await core.issue(principal, csr, api="istio", ttl=ttl)
         svid = issued.svid

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
@@ -39,12 +40,12 @@ class ServingSvid:
     """The server's own TLS identity."""
 
     chain_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)
     renew_at: float  # Unix time
     issuer_fingerprint: str
 
 
-def _stamp(paths: tuple[os.PathLike[str], ...]) -> _Stamp:
+def file_stamp(paths: tuple[os.PathLike[str], ...]) -> _Stamp:
     out = []
     for p in paths:
         try:
@@ -74,7 +75,7 @@ class IssuerState:
         self._metrics = metrics
         self._passphrase = passphrase
         self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
-        self._stamp = _stamp(self._paths)
+        self._stamp = file_stamp(self._paths)
         issuer = tdir.load_issuer(passphrase=passphrase)
         validate(issuer, clock)
         self._sequence = 1
@@ -83,6 +84,7 @@ class IssuerState:
         self._changed = asyncio.Event()
         self._usable = True
         self._serving: ServingSvid | None = None
+        self._serving_lock = threading.Lock()
         self._metrics.serving.set(1)
         self._export_expiry()
 
@@ -108,7 +110,7 @@ class IssuerState:
 
     def poll(self) -> bool:
         """Reloads if the files changed; refreshes usability. Returns True when a new issuer was swapped in."""
-        stamp = _stamp(self._paths)
+        stamp = file_stamp(self._paths)
         swapped = False
         if stamp != self._stamp:
             self._stamp = stamp
@@ -126,7 +128,6 @@ class IssuerState:
             return False
         old_bundle = self.bundle
         self.issuer = issuer
-        self._serving = None
         self._metrics.reloads.labels("success").inc()
         log.info(
             "issuer.reloaded",
@@ -165,24 +166,31 @@ class IssuerState:
 
     def serving_svid(self, server_names: tuple[str, ...], ttl: timedelta) -> ServingSvid:
         """The current server SVID, issued anew at half its life or after an issuer change."""
+        with self._serving_lock:  # gRPC calls this from its own threads
+            return self._serving_svid(server_names, ttl)
+
+    def _serving_svid(self, server_names: tuple[str, ...], ttl: timedelta) -> ServingSvid:
         now = self._clock()
         current = self._serving
-        if current is not None and now.timestamp() < current.renew_at:
+        issuer = self.issuer
+        issuer_fingerprint = fingerprint(issuer.certificate)
+        if (
+            current is not None
+            and now.timestamp() < current.renew_at
+            and current.issuer_fingerprint == issuer_fingerprint  # a reloaded issuer signs a new one
+        ):
             return current
         key = generate_key()
-        issued = self.issuer.sign(
+        issued = issuer.sign(
             key.public_key(),
-            self.issuer.trust_domain.spiffe_id("/meshca/identity"),
+            issuer.trust_domain.spiffe_id("/meshca/identity"),
             now=now,
             ttl=ttl,
             dns_names=server_names,
         )
         life = issued.not_after - now
         self._serving = ServingSvid(
-            issued.chain_pem(),
-            private_key_pem(key),
-            (now + life / 2).timestamp(),
-            fingerprint(self.issuer.certificate),
+            issued.chain_pem(), private_key_pem(key), (now + life / 2).timestamp(), issuer_fingerprint
         )
         log.info("server.svid_issued", spiffe_id=str(issued.spiffe_id), not_after=issued.not_after.isoformat())
         return self._serving

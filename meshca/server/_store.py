@@ -14,6 +14,7 @@ recorded and its certificate is never returned.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import queue
 import secrets
@@ -215,13 +216,22 @@ class SqliteStore:
             sql += " LIMIT ?"
             params.append(limit)
         with self._read_lock:
-            rows = self._read.execute(sql, params).fetchall()
+            try:
+                rows = self._read.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the issuance log: {exc}") from exc
         return [IssuanceRecord(r[0], r[1], _dt(r[2]), r[3], r[4], _dt(r[5])) for r in rows]
 
     def _write_loop(self) -> None:
         conn = self._connect()
         while (batch := next_batch(self._queue)) is not None:
-            self._commit(conn, batch)
+            try:
+                self._commit(conn, batch)
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
+                error = StoreError(f"cannot record issuance: {exc}")
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: Sequence[_Item]) -> None:
@@ -273,7 +283,8 @@ class SqliteStore:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             return [StoreError(f"cannot record issuance: {exc}")] * len(items)
         return outcomes
 

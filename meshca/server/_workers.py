@@ -28,11 +28,11 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import shutil
 import signal
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 
 from meshca._errors import StoreError
-from meshca._time import system_clock
+from meshca._time import Clock, system_clock
 from meshca._trustdir import TrustDir
 from meshca.server._config import ServerConfig
 from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, TokenUsedUp, next_batch
@@ -130,6 +130,9 @@ class PipeStore:
             except (OSError, EOFError) as exc:
                 _fail(futures, StoreError(f"store writer is gone: {exc}"))
                 continue
+            if len(outcomes) != len(futures):
+                _fail(futures, StoreError("store writer answered out of step"))
+                continue
             for future, outcome in zip(futures, outcomes, strict=True):
                 if outcome is None:
                     future.set_result(None)
@@ -158,7 +161,10 @@ def _serve_pipe(store: SqliteStore, conn: multiprocessing.connection.Connection,
             batch: list[_Wire] = conn.recv()
         except (EOFError, OSError):
             return
-        outcomes = store.commit_now([_from_wire(item) for item in batch])
+        try:
+            outcomes: list[StoreError | None] = store.commit_now([_from_wire(item) for item in batch])
+        except Exception as exc:  # noqa: BLE001 - answer this batch, keep serving the next
+            outcomes = [StoreError(f"cannot record issuance: {exc}")] * len(batch)
         answer = [
             None if outcome is None else "used_up" if isinstance(outcome, TokenUsedUp) else str(outcome)
             for outcome in outcomes
@@ -178,9 +184,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_main(config: ServerConfig, conn: multiprocessing.connection.Connection, parent: int, index: int) -> None:
+def _worker_main(
+    config: ServerConfig,
+    conn: multiprocessing.connection.Connection,
+    parent: int,
+    index: int,
+    started: Any,  # a multiprocessing Event
+) -> None:
     """Entry point of one serving process (started with the 'spawn' method)."""
     _die_with_parent(parent)
+    from meshca._errors import MeshcaError
     from meshca._log import configure_logging
     from meshca.server._app import IdentityServer, store_path
 
@@ -189,21 +202,27 @@ def _worker_main(config: ServerConfig, conn: multiprocessing.connection.Connecti
 
     async def serve() -> None:
         store = PipeStore(Path(store_path(TrustDir.at(config.dir))), conn)
-        server = IdentityServer(config, store=store)
-
-        async def watch_parent() -> None:
-            while os.getppid() == parent:
-                await asyncio.sleep(1)
-            os._exit(1)
-
-        watchdog = asyncio.create_task(watch_parent())
         try:
-            await server.serve_until_signal()
+            server = IdentityServer(config, store=store)
+
+            async def watch_parent() -> None:
+                while os.getppid() == parent:
+                    await asyncio.sleep(1)
+                os._exit(1)
+
+            watchdog = asyncio.create_task(watch_parent())
+            try:
+                await server.serve_until_signal(on_started=started.set)
+            finally:
+                watchdog.cancel()
         finally:
-            watchdog.cancel()
             store.close()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except (MeshcaError, OSError, ValueError) as exc:
+        log.error("worker.failed", reason=str(exc))
+        raise SystemExit(1) from None
 
 
 def _reserve_port(listen: str) -> tuple[str, socket.socket | None]:
@@ -219,33 +238,47 @@ def _reserve_port(listen: str) -> tuple[str, socket.socket | None]:
     return f"{host}:{sock.getsockname()[1]}", sock
 
 
-def run_supervisor(config: ServerConfig, workers: int) -> int:
-    """Runs ``workers`` serving processes until SIGTERM or SIGINT; returns the exit code."""
+_MAX_RESTART_DELAY = 30.0
+
+
+def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_clock) -> int:
+    """Runs ``workers`` serving processes until SIGTERM or SIGINT; returns the exit code.
+
+    A worker that dies before it serves makes the whole server exit 1 (its
+    reason is in its log line): a broken configuration fails once, loudly.
+    A worker that dies later is restarted, with backoff.
+    """
+    from prometheus_client import multiprocess
+
     from meshca.server._app import store_path
 
     tdir = TrustDir.at(config.dir)
     metrics_dir = tempfile.mkdtemp(prefix="meshca-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     listen, held = _reserve_port(config.listen)
-    worker_config = replace(config, listen=listen, metrics_listen=None)
-    store = SqliteStore(store_path(tdir))
+    worker_config = replace(config, listen=listen, metrics_listen=None, reuse_port=True)
+    store = SqliteStore(store_path(tdir), writer=False)  # commit_now only
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
-    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]] = {}
+    restarts: dict[int, float] = {}
 
     def start(index: int) -> None:
         parent_end, child_end = ctx.Pipe()
+        started = ctx.Event()
         proc = ctx.Process(
-            target=_worker_main, args=(worker_config, child_end, os.getpid(), index), name=f"meshca-worker-{index}"
+            target=_worker_main,
+            args=(worker_config, child_end, os.getpid(), index, started),
+            name=f"meshca-worker-{index}",
         )
         proc.start()
         child_end.close()
         threading.Thread(target=_serve_pipe, args=(store, parent_end, f"{index}"), daemon=True).start()
-        procs[index] = proc
+        procs[index] = (proc, started)
 
     for index in range(workers):
         start(index)
-    metrics_server = _start_metrics(config, tdir, metrics_dir)
+    metrics_server = _start_metrics(config, tdir, metrics_dir, clock)
 
     def on_signal(signum: int, _frame: Any) -> None:
         stopping.set()
@@ -258,39 +291,47 @@ def run_supervisor(config: ServerConfig, workers: int) -> int:
         listen=listen,
         metrics_port=metrics_server.port if metrics_server is not None else None,
     )
-    if held is not None:
-        time.sleep(0.5)
+    code = 0
     try:
         while not stopping.wait(0.5):
-            if held is not None:
+            if held is not None and all(started.is_set() for _, started in procs.values()):
                 held.close()
                 held = None
-            for index, proc in list(procs.items()):
-                if not proc.is_alive() and not stopping.is_set():
-                    log.error("worker.died", worker=index, exitcode=proc.exitcode)
-                    time.sleep(0.5)
-                    start(index)
+            for index, (proc, started) in list(procs.items()):
+                if proc.is_alive() or stopping.is_set():
+                    continue
+                if proc.pid is not None:
+                    multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                if not started.is_set():
+                    log.error("supervisor.failed", worker=index, exitcode=proc.exitcode)
+                    code = 1
+                    stopping.set()
+                    break
+                delay = min(_MAX_RESTART_DELAY, restarts.get(index, 0.5) * 2)
+                restarts[index] = delay
+                log.error("worker.died", worker=index, exitcode=proc.exitcode, restart_in=delay)
+                if stopping.wait(delay):
+                    break
+                start(index)
     finally:
-        for proc in procs.values():
+        if held is not None:
+            held.close()
+        for proc, _ in procs.values():
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
+        for proc, _ in procs.values():
             proc.join(timeout=config.drain_grace.total_seconds() + 5)
             if proc.is_alive():
                 proc.kill()
         if metrics_server is not None:
             metrics_server.stop()
         store.close()
-        for name in os.listdir(metrics_dir):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(metrics_dir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(metrics_dir)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("supervisor.stopped")
-    return 0
+    return code
 
 
-def _start_metrics(config: ServerConfig, tdir: TrustDir, metrics_dir: str) -> Any:
+def _start_metrics(config: ServerConfig, tdir: TrustDir, metrics_dir: str, clock: Clock) -> Any:
     if not config.metrics_listen:
         return None
     from prometheus_client import CollectorRegistry
@@ -298,14 +339,22 @@ def _start_metrics(config: ServerConfig, tdir: TrustDir, metrics_dir: str) -> An
 
     from meshca.server._app import _split_hostport
     from meshca.server._metrics import MetricsServer
+    from meshca.server._state import file_stamp
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+    paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
+    loaded: dict[object, Any] = {}
 
     def ready() -> bool:
-        # Ready while the issuer on disk can sign now (what every worker checks too).
+        # Ready while the issuer on disk can sign now (what every worker checks too);
+        # the issuer is loaded again only when its files change.
         try:
-            tdir.load_issuer(passphrase=config.passphrase).check(system_clock())
+            stamp = file_stamp(paths)
+            if stamp not in loaded:
+                loaded.clear()
+                loaded[stamp] = tdir.load_issuer(passphrase=config.passphrase)
+            loaded[stamp].check(clock())
         except Exception:  # noqa: BLE001 - anything wrong means not ready
             return False
         return True

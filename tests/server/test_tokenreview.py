@@ -62,6 +62,26 @@ async def test_cached_answer_expires_with_the_token(
         assert api_server.reviews_of(token) == 2
 
 
+async def test_a_review_without_audiences_is_not_for_meshca(
+    d: Path, server_ca: TestCA, k8s: K8sIssuer, api_server: FakeApiServer
+) -> None:
+    """An authenticated review with empty status.audiences is valid for the API server only."""
+    token = review_token(api_server, k8s, "web", ["meshca"])
+    original = api_server.review
+
+    def audience_agnostic(spec: dict[str, object]) -> dict[str, object]:
+        answer = original(spec)
+        answer.pop("audiences", None)
+        return answer
+
+    api_server.review = audience_agnostic  # type: ignore[method-assign]
+    async with serving(d, server_ca, token_review=api_server.config()) as h:
+        code = await code_of(h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], jwt_token=token)))
+        assert code == C.UNAUTHENTICATED
+        assert [e["reason"] for e in h.events("auth.failed")] == ["tokenreview_audience"]
+        assert h.server.store.issuances() == []
+
+
 async def test_refused_token_is_unauthenticated(
     d: Path, server_ca: TestCA, k8s: K8sIssuer, api_server: FakeApiServer
 ) -> None:
@@ -120,7 +140,9 @@ async def test_api_server_unreachable_fails_closed(d: Path, server_ca: TestCA, k
     async with serving(d, server_ca, token_review=config) as h:
         token = k8s.token("default", "api", aud="meshca")
         code = await code_of(h.native.IssueSVID(native_request(spiffe_csr(API)[1], jwt_token=token)))
-        assert code == C.UNAUTHENTICATED
+        # Nothing issued, and the caller is told to retry rather than that its token is bad.
+        assert code == C.UNAVAILABLE
+        assert h.server.store.issuances() == []
         assert [e["reason"] for e in h.events("auth.failed")] == ["tokenreview_unavailable"]
 
 
