@@ -69,9 +69,9 @@ def random_serial() -> int:
     return secrets.randbits(127) | (1 << 126)
 
 
-def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
+def signature_hash(key: PrivateKey | PublicKey) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for P-384, SHA-256 otherwise, as the WebPKI and SPIFFE peers expect."""
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
     return hashes.SHA256()
 

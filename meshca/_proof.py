@@ -16,11 +16,11 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from meshca._errors import AuthenticationError, VerificationError
 from meshca._keys import PrivateKey
+from meshca._profiles import signature_hash
 from meshca._spiffe import SpiffeId
 from meshca._verify import BundleSource, verify_chain
 
@@ -41,19 +41,13 @@ def _message(csr_der: bytes, signed_at: datetime) -> bytes:
     return _CONTEXT + hashlib.sha256(csr_der).digest() + int(signed_at.timestamp()).to_bytes(8, "big")
 
 
-def _hash_for(key: object) -> hashes.SHA256 | hashes.SHA384:
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
-
-
 def sign_svid_proof(chain_der: tuple[bytes, ...], key: PrivateKey, csr_der: bytes, now: datetime) -> SvidProof:
     signed_at = datetime.fromtimestamp(int(now.timestamp()), UTC)
     message = _message(csr_der, signed_at)
     if isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(message, padding.PKCS1v15(), _hash_for(key))
+        signature = key.sign(message, padding.PKCS1v15(), signature_hash(key))
     else:
-        signature = key.sign(message, ec.ECDSA(_hash_for(key)))
+        signature = key.sign(message, ec.ECDSA(signature_hash(key)))
     return SvidProof(chain_der, signature, signed_at)
 
 
@@ -73,9 +67,9 @@ def verify_svid_proof(proof: SvidProof, csr_der: bytes, bundles: BundleSource, *
     message = _message(csr_der, proof.signed_at)
     try:
         if isinstance(key, rsa.RSAPublicKey):
-            key.verify(proof.signature, message, padding.PKCS1v15(), _hash_for(key))
+            key.verify(proof.signature, message, padding.PKCS1v15(), signature_hash(key))
         elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(proof.signature, message, ec.ECDSA(_hash_for(key)))
+            key.verify(proof.signature, message, ec.ECDSA(signature_hash(key)))
         else:
             raise AuthenticationError("SVID proof leaf has an unsupported key type", "svid_proof")
     except InvalidSignature:
