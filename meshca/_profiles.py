@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshca._certs import subject_key_identifier
-from meshca._keys import PrivateKey, PublicKey
+from meshca._keys import KeyType, PrivateKey, PublicKey, generate_key
 from meshca._spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "build_anchor",
     "build_issuer",
     "leaf_extensions",
+    "new_trust_domain",
     "random_serial",
     "signature_hash",
 ]
@@ -125,6 +127,39 @@ def build_anchor(
     subject = _ca_subject(trust_domain, "trust anchor")
     builder = _ca_builder(subject, subject, key.public_key(), trust_domain, now - CLOCK_SKEW, now + lifetime, 1)
     return builder.sign(key, signature_hash(key))
+
+
+@dataclass(frozen=True)
+class NewTrustDomain:
+    """A fresh anchor and an issuer signed by it. ``repr`` shows no key."""
+
+    anchor_key: PrivateKey = field(repr=False)
+    anchor: x509.Certificate
+    issuer_key: PrivateKey = field(repr=False)
+    issuer: x509.Certificate
+
+
+def new_trust_domain(
+    trust_domain: TrustDomain,
+    *,
+    now: datetime,
+    key_type: KeyType = KeyType.EC_P256,
+    anchor_lifetime: timedelta = ANCHOR_LIFETIME,
+    issuer_lifetime: timedelta = ISSUER_LIFETIME,
+) -> NewTrustDomain:
+    """What `meshca init` (and `meshca.testing.TestCA`) start from."""
+    anchor_key = generate_key(key_type)
+    anchor = build_anchor(anchor_key, trust_domain, now=now, lifetime=anchor_lifetime)
+    issuer_key = generate_key(key_type)
+    issuer = build_issuer(
+        issuer_key.public_key(),
+        signer_certificate=anchor,
+        signer_key=anchor_key,
+        trust_domain=trust_domain,
+        now=now,
+        lifetime=issuer_lifetime,
+    )
+    return NewTrustDomain(anchor_key, anchor, issuer_key, issuer)
 
 
 def build_issuer(

@@ -19,8 +19,8 @@ from meshca._certs import certificates_pem
 from meshca._errors import BundleError, IssuerUnavailable
 from meshca._files import atomic_write
 from meshca._issuer import Issuer
-from meshca._keys import KeyType, generate_key, write_private_key
-from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, build_anchor, build_issuer
+from meshca._keys import KeyType, write_private_key
+from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, NewTrustDomain, new_trust_domain
 from meshca._spiffe import TrustDomain
 
 __all__ = ["TrustDir"]
@@ -73,25 +73,33 @@ class TrustDir:
             for existing in (self.anchor_key, self.issuer_key):
                 if existing.exists():
                     raise FileExistsError(f"{existing} exists; pass --force to replace it")
-        self.path.mkdir(parents=True, exist_ok=True)
-        anchor_key = generate_key(key_type)
-        anchor = build_anchor(anchor_key, trust_domain, now=now, lifetime=anchor_lifetime)
-        issuer_key = generate_key(key_type)
-        issuer = build_issuer(
-            issuer_key.public_key(),
-            signer_certificate=anchor,
-            signer_key=anchor_key,
-            trust_domain=trust_domain,
+        made = new_trust_domain(
+            trust_domain,
             now=now,
-            lifetime=issuer_lifetime,
+            key_type=key_type,
+            anchor_lifetime=anchor_lifetime,
+            issuer_lifetime=issuer_lifetime,
         )
-        write_private_key(self.anchor_key, anchor_key, passphrase=passphrase, overwrite=force)
-        write_private_key(self.issuer_key, issuer_key, passphrase=passphrase, overwrite=force)
-        atomic_write(self.anchor_cert, certificates_pem([anchor]))
-        atomic_write(self.issuer_cert, certificates_pem([issuer]))
-        bundle = TrustBundle(trust_domain, (anchor,))
+        bundle = self.write(made, trust_domain, passphrase=passphrase, overwrite=force)
+        return Issuer([made.issuer], made.issuer_key, bundle)
+
+    def write(
+        self,
+        made: NewTrustDomain,
+        trust_domain: TrustDomain,
+        *,
+        passphrase: bytes | None = None,
+        overwrite: bool = False,
+    ) -> TrustBundle:
+        """Writes the layout for ``made``: keys first (0600, atomically), then certificates and bundle."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_private_key(self.anchor_key, made.anchor_key, passphrase=passphrase, overwrite=overwrite)
+        write_private_key(self.issuer_key, made.issuer_key, passphrase=passphrase, overwrite=overwrite)
+        atomic_write(self.anchor_cert, certificates_pem([made.anchor]))
+        atomic_write(self.issuer_cert, certificates_pem([made.issuer]))
+        bundle = TrustBundle(trust_domain, (made.anchor,))
         atomic_write(self.bundle, bundle.to_pem())
-        return Issuer([issuer], issuer_key, bundle)
+        return bundle
 
     def load_bundle(self) -> TrustBundle:
         try:

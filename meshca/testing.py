@@ -23,10 +23,9 @@ from cryptography import x509
 
 from meshca._bundle import TrustBundle
 from meshca._certs import certificates_pem
-from meshca._files import atomic_write
 from meshca._issuer import Issuer
-from meshca._keys import KeyType, PrivateKey, generate_key, private_key_pem, write_private_key
-from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, LEAF_TTL, build_anchor, build_issuer
+from meshca._keys import KeyType, PrivateKey, generate_key, private_key_pem
+from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, LEAF_TTL, new_trust_domain
 from meshca._spiffe import SpiffeId, TrustDomain
 from meshca._trustdir import TrustDir
 
@@ -96,17 +95,17 @@ class TestCA:
     ) -> None:
         self.trust_domain = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
         self.now = now or datetime.now(UTC)
-        self.anchor_key = generate_key(key_type)
-        self.anchor = build_anchor(self.anchor_key, self.trust_domain, now=self.now, lifetime=anchor_lifetime)
-        self.issuer_key = generate_key(key_type)
-        self.issuer_certificate = build_issuer(
-            self.issuer_key.public_key(),
-            signer_certificate=self.anchor,
-            signer_key=self.anchor_key,
-            trust_domain=self.trust_domain,
+        self._made = new_trust_domain(
+            self.trust_domain,
             now=self.now,
-            lifetime=issuer_lifetime,
+            key_type=key_type,
+            anchor_lifetime=anchor_lifetime,
+            issuer_lifetime=issuer_lifetime,
         )
+        self.anchor_key = self._made.anchor_key
+        self.anchor = self._made.anchor
+        self.issuer_key = self._made.issuer_key
+        self.issuer_certificate = self._made.issuer
         self.bundle = TrustBundle(self.trust_domain, (self.anchor,))
         self.issuer = Issuer([self.issuer_certificate], self.issuer_key, self.bundle)
 
@@ -131,10 +130,5 @@ class TestCA:
     def write(self, directory: str | os.PathLike[str]) -> TrustDir:
         """Writes the layout `meshca init` makes, for tests of the CLI and the server."""
         tdir = TrustDir.at(directory)
-        tdir.path.mkdir(parents=True, exist_ok=True)
-        write_private_key(tdir.anchor_key, self.anchor_key, overwrite=True)
-        write_private_key(tdir.issuer_key, self.issuer_key, overwrite=True)
-        atomic_write(tdir.anchor_cert, certificates_pem([self.anchor]))
-        atomic_write(tdir.issuer_cert, certificates_pem([self.issuer_certificate]))
-        atomic_write(tdir.bundle, self.bundle.to_pem())
+        tdir.write(self._made, self.trust_domain, overwrite=True)
         return tdir
