@@ -4,9 +4,9 @@ The public API is what ``__all__`` lists; modules with a leading underscore
 are private. `meshca.testing` is a public submodule for tests.
 """
 
-from meshca._bundle import TrustBundle
-from meshca._csr import CheckedCsr, KeyPolicy, build_csr, check_csr, load_csr
-from meshca._errors import (
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._csr import CheckedCsr, KeyPolicy, build_csr, check_csr, load_csr
+from meshca.pki._errors import (
     AuthenticationError,
     AuthorizationError,
     BundleError,
@@ -23,8 +23,8 @@ from meshca._errors import (
     StoreError,
     VerificationError,
 )
-from meshca._issuer import IssuedSvid, Issuer
-from meshca._keys import (
+from meshca.pki._issuer import IssuedSvid, Issuer
+from meshca.pki._keys import (
     KeyType,
     PrivateKey,
     PublicKey,
@@ -34,10 +34,10 @@ from meshca._keys import (
     private_key_pem,
     write_private_key,
 )
-from meshca._spiffe import SpiffeId, TrustDomain
-from meshca._time import Clock, parse_duration, system_clock
-from meshca._trustdir import TrustDir
-from meshca._verify import (
+from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._time import Clock, parse_duration, system_clock
+from meshca.pki._trustdir import TrustDir
+from meshca.pki._verify import (
     Authorizer,
     BundleSource,
     authorize_any,

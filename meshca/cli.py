@@ -18,19 +18,19 @@ from typing import Any
 
 from cryptography import x509
 
-from meshca._bundle import TrustBundle
-from meshca._certs import certificates_pem, load_certificates, spiffe_ids_of
-from meshca._check import check_trust_dir
-from meshca._csr import load_csr
-from meshca._errors import MeshcaError
-from meshca._files import atomic_write
-from meshca._inspect import describe_certificate, describe_csr
-from meshca._keys import KeyType, generate_key, load_private_key, write_private_key
-from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, LEAF_TTL, build_anchor, build_issuer
-from meshca._spiffe import SpiffeId, TrustDomain
-from meshca._time import Clock, format_duration, parse_duration, system_clock
-from meshca._trustdir import TrustDir
-from meshca._verify import authorize_id, authorize_member_of, verify_chain
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import certificates_pem, load_certificates, spiffe_ids_of
+from meshca.pki._check import check_trust_dir
+from meshca.pki._csr import load_csr
+from meshca.pki._errors import MeshcaError
+from meshca.pki._files import atomic_write
+from meshca.pki._inspect import describe_certificate, describe_csr
+from meshca.pki._keys import KeyType, generate_key, load_private_key, write_private_key
+from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, LEAF_TTL, build_anchor, build_issuer
+from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._time import Clock, format_duration, parse_duration, system_clock
+from meshca.pki._trustdir import TrustDir
+from meshca.pki._verify import authorize_id, authorize_member_of, verify_chain
 
 __all__ = ["main"]
 
@@ -368,8 +368,8 @@ def _server_config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace, clock: Clock) -> int:
     import asyncio
 
-    from meshca._log import configure_logging
     from meshca.server import IdentityServer
+    from meshca.server._logging import configure_logging
 
     configure_logging()
     tdir = TrustDir.at(args.dir)
@@ -476,9 +476,9 @@ def cmd_fetch(args: argparse.Namespace, clock: Clock) -> int:
     import subprocess
     import threading
 
-    from meshca._log import configure_logging
     from meshca.client import SvidSource
     from meshca.client._sink import FileSink
+    from meshca.server._logging import configure_logging
 
     configure_logging()
     token = args.token

@@ -21,13 +21,13 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
-from meshca._bundle import TrustBundle
-from meshca._certs import certificates_pem
-from meshca._issuer import Issuer
-from meshca._keys import KeyType, PrivateKey, generate_key, private_key_pem
-from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, LEAF_TTL, new_trust_domain
-from meshca._spiffe import SpiffeId, TrustDomain
-from meshca._trustdir import TrustDir
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import certificates_pem
+from meshca.pki._issuer import Issuer
+from meshca.pki._keys import KeyType, PrivateKey, generate_key, private_key_pem
+from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, LEAF_TTL, new_trust_domain
+from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._trustdir import TrustDir
 
 __all__ = ["FrozenClock", "TestCA", "TestSvid"]
 

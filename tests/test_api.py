@@ -44,12 +44,12 @@ def test_star_import_gives_exactly_all() -> None:
     assert sorted(namespace) == sorted(meshca.__all__)
 
 
-def test_public_names_come_from_private_modules() -> None:
+def test_public_names_come_from_private_pki_modules() -> None:
     for name in meshca.__all__:
         value = getattr(meshca, name)
         module = getattr(value, "__module__", None)
         if module is not None and (inspect.isclass(value) or inspect.isfunction(value)):
-            assert module.startswith("meshca._"), f"{name} is defined in {module}"
+            assert module.startswith("meshca.pki._"), f"{name} is defined in {module}"
 
 
 def test_version() -> None:

@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import meshca
 from meshca import KeyType, SpiffeId, TrustDir, TrustDomain
-from meshca._profiles import build_anchor
+from meshca.pki._profiles import build_anchor
 from meshca.testing import TestCA
 
 SKEW = timedelta(seconds=60)

@@ -1,10 +1,10 @@
 """The client library for proxies: an SVID that keeps itself fresh, and mTLS authorized by SPIFFE ID."""
 
-from meshca._rotation import RenewalPolicy
 from meshca.client._core import Snapshot, X509Svid
 from meshca.client._grpc import AsyncSpiffeAuthzInterceptor, SpiffeAuthzInterceptor
 from meshca.client._source import AsyncSvidSource, SvidSource
 from meshca.client._tls import SpiffeSSLContext
+from meshca.pki._rotation import RenewalPolicy
 
 __all__ = [
     "AsyncSpiffeAuthzInterceptor",

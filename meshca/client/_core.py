@@ -14,15 +14,15 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from meshca._bundle import TrustBundle
-from meshca._certs import certificates_pem
-from meshca._csr import build_csr
-from meshca._errors import MeshcaError, VerificationError
-from meshca._keys import PrivateKey, private_key_pem
-from meshca._proof import sign_svid_proof
 from meshca._proto import meshca_identity_pb2 as pb
-from meshca._spiffe import SpiffeId, TrustDomain
-from meshca._verify import authorize_id, verify_chain
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import certificates_pem
+from meshca.pki._csr import build_csr
+from meshca.pki._errors import MeshcaError, VerificationError
+from meshca.pki._keys import PrivateKey, private_key_pem
+from meshca.pki._proof import sign_svid_proof
+from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._verify import authorize_id, verify_chain
 
 __all__ = ["Credentials", "Snapshot", "X509Svid", "bundle_from_message", "make_request", "svid_from_response"]
 

@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from meshca._errors import VerificationError
-from meshca._verify import Authorizer, check_leaf_rules, leaf_spiffe_id
 from meshca.client._core import Snapshot
+from meshca.pki._errors import VerificationError
+from meshca.pki._verify import Authorizer, check_leaf_rules, leaf_spiffe_id
 
 __all__ = ["AsyncSpiffeAuthzInterceptor", "SpiffeAuthzInterceptor", "channel_credentials", "server_credentials"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meshca._files import atomic_write
 from meshca.client._core import Snapshot
+from meshca.pki._files import atomic_write
 
 __all__ = ["FileSink"]
 

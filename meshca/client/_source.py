@@ -21,18 +21,18 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry
 
-from meshca._bundle import TrustBundle
-from meshca._keys import KeyType
 from meshca._proto import meshca_identity_pb2 as pb
 from meshca._proto import meshca_identity_pb2_grpc as pb_grpc
-from meshca._rotation import DEFAULT_POLICY, RenewalPolicy, retry_delay
-from meshca._spiffe import SpiffeId
-from meshca._time import Clock, system_clock
-from meshca._verify import Authorizer
 from meshca.client._core import Credentials, Snapshot, X509Svid, load_bundle
 from meshca.client._grpc import channel_credentials, server_credentials
 from meshca.client._state import SourceConfig, SourceState
 from meshca.client._tls import SpiffeSSLContext, make_context
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._keys import KeyType
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, retry_delay
+from meshca.pki._spiffe import SpiffeId
+from meshca.pki._time import Clock, system_clock
+from meshca.pki._verify import Authorizer
 
 __all__ = ["AsyncSvidSource", "SvidSource"]
 

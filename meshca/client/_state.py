@@ -16,12 +16,7 @@ from weakref import WeakKeyDictionary, WeakSet
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meshca._bundle import TrustBundle
-from meshca._keys import KeyType, PrivateKey, generate_key
 from meshca._proto import meshca_identity_pb2 as pb
-from meshca._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
-from meshca._spiffe import SpiffeId
-from meshca._time import Clock
 from meshca.client._core import (
     Credentials,
     Snapshot,
@@ -32,6 +27,11 @@ from meshca.client._core import (
     svid_from_response,
 )
 from meshca.client._tls import SpiffeSSLContext, refresh
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._keys import KeyType, PrivateKey, generate_key
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
+from meshca.pki._spiffe import SpiffeId
+from meshca.pki._time import Clock
 
 __all__ = ["SourceConfig", "SourceState"]
 

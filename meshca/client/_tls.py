@@ -29,10 +29,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from meshca._errors import VerificationError
-from meshca._time import Clock
-from meshca._verify import Authorizer, check_leaf_rules, leaf_spiffe_id, verify_chain
 from meshca.client._core import Snapshot, X509Svid
+from meshca.pki._errors import VerificationError
+from meshca.pki._time import Clock
+from meshca.pki._verify import Authorizer, check_leaf_rules, leaf_spiffe_id, verify_chain
 
 __all__ = ["SpiffeSSLContext", "make_context"]
 

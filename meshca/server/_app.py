@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from meshca._proto import istio_ca_pb2_grpc, linkerd_identity_pb2_grpc, meshca_identity_pb2_grpc
-from meshca._time import Clock, system_clock
-from meshca._trustdir import TrustDir
+from meshca.pki._time import Clock, system_clock
+from meshca.pki._trustdir import TrustDir
 from meshca.server._auth import Authenticators, JoinTokenAuthenticator, K8sJwtAuthenticator, TokenReviewAuthenticator
 from meshca.server._config import ServerConfig
 from meshca.server._metrics import Metrics, MetricsServer

@@ -21,11 +21,11 @@ from typing import Any
 
 import jwt
 
-from meshca._errors import AuthenticationError, InvalidSpiffeId, MeshcaError
-from meshca._proof import SvidProof, verify_svid_proof
-from meshca._spiffe import SpiffeId, TrustDomain
-from meshca._time import Clock
-from meshca._verify import BundleSource
+from meshca.pki._errors import AuthenticationError, InvalidSpiffeId, MeshcaError
+from meshca.pki._proof import SvidProof, verify_svid_proof
+from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._time import Clock
+from meshca.pki._verify import BundleSource
 from meshca.server._config import K8sJwtConfig, TokenReviewConfig
 from meshca.server._store import TOKEN_PREFIX, JoinToken, Store, hash_token
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from meshca._csr import KeyPolicy
+from meshca.pki._csr import KeyPolicy
 
 __all__ = ["K8sJwtConfig", "ServerConfig", "TokenReviewConfig"]
 

@@ -24,9 +24,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from meshca._bundle import TrustBundle
-from meshca._csr import check_csr, load_csr
-from meshca._errors import (
+from meshca._proto import (
+    istio_ca_pb2,
+    istio_ca_pb2_grpc,
+    linkerd_identity_pb2,
+    linkerd_identity_pb2_grpc,
+    meshca_identity_pb2,
+    meshca_identity_pb2_grpc,
+)
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._csr import check_csr, load_csr
+from meshca.pki._errors import (
     AuthenticationError,
     CsrNameMismatch,
     InvalidRequest,
@@ -37,18 +45,10 @@ from meshca._errors import (
     RateLimited,
     StoreError,
 )
-from meshca._issuer import IssuedSvid
-from meshca._proof import SvidProof
-from meshca._proto import (
-    istio_ca_pb2,
-    istio_ca_pb2_grpc,
-    linkerd_identity_pb2,
-    linkerd_identity_pb2_grpc,
-    meshca_identity_pb2,
-    meshca_identity_pb2_grpc,
-)
-from meshca._spiffe import SpiffeId, TrustDomain
-from meshca._time import Clock
+from meshca.pki._issuer import IssuedSvid
+from meshca.pki._proof import SvidProof
+from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._time import Clock
 from meshca.server._auth import Authenticators, CredentialCheckUnavailable, Principal
 from meshca.server._config import ServerConfig
 from meshca.server._metrics import Metrics

@@ -18,14 +18,14 @@ from datetime import timedelta
 
 import structlog
 
-from meshca._bundle import TrustBundle
-from meshca._certs import fingerprint
-from meshca._errors import MeshcaError
-from meshca._issuer import Issuer
-from meshca._keys import generate_key, private_key_pem
-from meshca._time import Clock
-from meshca._trustdir import TrustDir
-from meshca._verify import verify_chain
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import fingerprint
+from meshca.pki._errors import MeshcaError
+from meshca.pki._issuer import Issuer
+from meshca.pki._keys import generate_key, private_key_pem
+from meshca.pki._time import Clock
+from meshca.pki._trustdir import TrustDir
+from meshca.pki._verify import verify_chain
 from meshca.server._metrics import Metrics
 
 __all__ = ["IssuerState", "ServingSvid"]

@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from meshca._errors import StoreError
-from meshca._spiffe import SpiffeId
+from meshca.pki._errors import StoreError
+from meshca.pki._spiffe import SpiffeId
 
 __all__ = [
     "IssuanceRecord",

@@ -40,9 +40,9 @@ from typing import Any
 
 import structlog
 
-from meshca._errors import StoreError
-from meshca._time import Clock, system_clock
-from meshca._trustdir import TrustDir
+from meshca.pki._errors import StoreError
+from meshca.pki._time import Clock, system_clock
+from meshca.pki._trustdir import TrustDir
 from meshca.server._config import ServerConfig
 from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, TokenUsedUp, next_batch
 
@@ -193,9 +193,9 @@ def _worker_main(
 ) -> None:
     """Entry point of one serving process (started with the 'spawn' method)."""
     _die_with_parent(parent)
-    from meshca._errors import MeshcaError
-    from meshca._log import configure_logging
+    from meshca.pki._errors import MeshcaError
     from meshca.server._app import IdentityServer, store_path
+    from meshca.server._logging import configure_logging
 
     configure_logging()
     structlog.contextvars.bind_contextvars(worker=index)

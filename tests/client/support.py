@@ -24,13 +24,13 @@ import grpc
 from cryptography import x509
 
 import meshca
-from meshca._bundle import TrustBundle
-from meshca._files import atomic_write
 from meshca._proto import meshca_identity_pb2 as pb
 from meshca._proto import meshca_identity_pb2_grpc as pb_grpc
-from meshca._trustdir import TrustDir
-from meshca._verify import leaf_spiffe_id
 from meshca.client import AsyncSvidSource, SvidSource
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._files import atomic_write
+from meshca.pki._trustdir import TrustDir
+from meshca.pki._verify import leaf_spiffe_id
 from meshca.server import IdentityServer, JoinToken, ServerConfig, SqliteStore, hash_token, new_token, store_path
 from meshca.testing import TestCA
 

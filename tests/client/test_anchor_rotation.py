@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 import meshca
-from meshca._certs import certificates_pem
-from meshca._files import atomic_write
 from meshca.client import SvidSource
+from meshca.pki._certs import certificates_pem
+from meshca.pki._files import atomic_write
 from meshca.testing import TestCA
 
 from .conftest import Trust, start_pair

@@ -14,12 +14,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
 
 import meshca
-from meshca._proof import SvidProof, verify_svid_proof
 from meshca._proto import meshca_identity_pb2 as pb
-from meshca._rotation import RenewalPolicy
 from meshca.client import Snapshot, X509Svid
 from meshca.client._core import Credentials, bundle_from_message, make_request, svid_from_response
 from meshca.client._state import SourceConfig, SourceState
+from meshca.pki._proof import SvidProof, verify_svid_proof
+from meshca.pki._rotation import RenewalPolicy
 from meshca.testing import FrozenClock, TestCA
 
 from .support import OTHER, REFRESHES, WEB

@@ -98,8 +98,8 @@ def write_svid(directory: Path, name: str, svid: X509Svid | TestSvid) -> list[st
     key_pem = svid.key_pem() if isinstance(svid, X509Svid) else svid.key_pem
     leaf, *rest = svid.chain
     cert, chain, key = directory / f"{name}.pem", directory / f"{name}-chain.pem", directory / f"{name}.key"
-    cert.write_bytes(meshca._certs.certificates_pem([leaf]))
-    chain.write_bytes(meshca._certs.certificates_pem(rest))
+    cert.write_bytes(meshca.pki._certs.certificates_pem([leaf]))
+    chain.write_bytes(meshca.pki._certs.certificates_pem(rest))
     key.touch(0o600)
     key.write_bytes(key_pem)
     return ["-cert", str(cert), "-cert_chain", str(chain), "-key", str(key)]

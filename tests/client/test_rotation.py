@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from meshca._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 S = timedelta(seconds=1)

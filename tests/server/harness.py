@@ -33,7 +33,6 @@ from structlog.testing import capture_logs
 
 import meshca
 import meshca.server
-from meshca._proof import SvidProof
 from meshca._proto import (
     istio_ca_pb2,
     istio_ca_pb2_grpc,
@@ -42,6 +41,7 @@ from meshca._proto import (
     meshca_identity_pb2,
     meshca_identity_pb2_grpc,
 )
+from meshca.pki._proof import SvidProof
 from meshca.server import IdentityServer, JoinToken, ServerConfig, SqliteStore, hash_token, new_token
 from meshca.testing import TestCA
 

@@ -46,7 +46,7 @@ def test_fetch_writes_a_verified_svid_key_and_bundle(d: Path, tmp_path: Path) ->
         bundle = meshca.TrustBundle.from_pem((out / "bundle.pem").read_bytes())
         assert meshca.verify_chain(chain, bundle, at=meshca.system_clock()) == WEB
         key = meshca.load_private_key((out / "svid.key").read_bytes())
-        leaf = meshca._certs.load_certificates(chain)[0]
+        leaf = meshca.pki._certs.load_certificates(chain)[0]
         assert leaf.public_key() == key.public_key()
         verify = subprocess.run(
             ["openssl", "verify", "-CAfile", str(out / "bundle.pem"), "-untrusted", str(out / "svid.pem"),
@@ -84,7 +84,7 @@ def test_fetch_watch_renews_rewrites_and_runs_the_command(d: Path, tmp_path: Pat
             while time.monotonic() < deadline and len(serials) < 3:
                 try:
                     chain = (out / "svid.pem").read_bytes()
-                    serials.add(meshca._certs.load_certificates(chain)[0].serial_number)
+                    serials.add(meshca.pki._certs.load_certificates(chain)[0].serial_number)
                 except (OSError, ValueError):
                     pass
                 time.sleep(0.2)
@@ -92,11 +92,11 @@ def test_fetch_watch_renews_rewrites_and_runs_the_command(d: Path, tmp_path: Pat
             assert marker.exists() and len(marker.read_text()) >= 3
             # Key and certificate on disk always belong together after a rewrite.
             key = meshca.load_private_key((out / "svid.key").read_bytes())
-            leaf = meshca._certs.load_certificates((out / "svid.pem").read_bytes())[0]
+            leaf = meshca.pki._certs.load_certificates((out / "svid.pem").read_bytes())[0]
             if leaf.public_key() != key.public_key():  # caught between the two renames: read again
                 time.sleep(0.5)
                 key = meshca.load_private_key((out / "svid.key").read_bytes())
-                leaf = meshca._certs.load_certificates((out / "svid.pem").read_bytes())[0]
+                leaf = meshca.pki._certs.load_certificates((out / "svid.pem").read_bytes())[0]
             assert leaf.public_key() == key.public_key()
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import meshca
-from meshca._certs import certificates_pem
+from meshca.pki._certs import certificates_pem
 from meshca.testing import TestCA
 
 from .harness import (

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from google.protobuf.duration_pb2 import Duration
 
 import meshca
-from meshca._keys import generate_key, write_private_key
+from meshca.pki._keys import generate_key, write_private_key
 from meshca.server import IdentityServer, ServerConfig
 from meshca.testing import TestCA
 
@@ -90,7 +90,7 @@ def test_issuer_create_with_an_anchor_that_has_no_ski(tmp_path: Path) -> None:
         "--trust-domain", "example.org", "--dir", tmp_path / "td",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    issuer = meshca._certs.load_certificates((tmp_path / "td" / "issuer.crt").read_bytes())[0]
+    issuer = meshca.pki._certs.load_certificates((tmp_path / "td" / "issuer.crt").read_bytes())[0]
     aki = issuer.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     assert aki.key_identifier == x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
     issuer.verify_directly_issued_by(anchor)

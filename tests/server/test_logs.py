@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from meshca._proof import sign_svid_proof
+from meshca.pki._proof import sign_svid_proof
 from meshca.server import hash_token
 from meshca.testing import TestCA
 

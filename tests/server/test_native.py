@@ -10,7 +10,7 @@ import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import meshca
-from meshca._proof import sign_svid_proof
+from meshca.pki._proof import sign_svid_proof
 from meshca.testing import TestCA
 
 from .harness import (

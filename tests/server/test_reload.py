@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import meshca
-from meshca._certs import certificates_pem
-from meshca._profiles import build_issuer
 from meshca._proto import meshca_identity_pb2_grpc
+from meshca.pki._certs import certificates_pem
+from meshca.pki._profiles import build_issuer
 from meshca.testing import TestCA
 
 from .harness import (

@@ -7,10 +7,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshca._certs import fingerprint, is_signing_certificate
-from meshca._errors import KeyPolicyError
-from meshca._keys import key_type_of
-from meshca._spiffe import SpiffeId
+from meshca.pki._certs import fingerprint, is_signing_certificate
+from meshca.pki._errors import KeyPolicyError
+from meshca.pki._keys import key_type_of
+from meshca.pki._spiffe import SpiffeId
 
 __all__ = ["describe_certificate", "describe_csr", "describe_key"]
 

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from meshca._errors import CsrNameMismatch, InvalidCsr, KeyPolicyError
-from meshca._keys import KeyType, PrivateKey, PublicKey, key_type_of
-from meshca._profiles import signature_hash
-from meshca._spiffe import SpiffeId
+from meshca.pki._errors import CsrNameMismatch, InvalidCsr, KeyPolicyError
+from meshca.pki._keys import KeyType, PrivateKey, PublicKey, key_type_of
+from meshca.pki._profiles import signature_hash
+from meshca.pki._spiffe import SpiffeId
 
 __all__ = ["CheckedCsr", "KeyPolicy", "build_csr", "check_csr", "load_csr"]
 

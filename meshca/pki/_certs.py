@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from meshca._errors import InvalidSpiffeId
-from meshca._spiffe import SpiffeId
+from meshca.pki._errors import InvalidSpiffeId
+from meshca.pki._spiffe import SpiffeId
 
 __all__ = [
     "certificates_pem",

@@ -18,11 +18,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from meshca._errors import AuthenticationError, VerificationError
-from meshca._keys import PrivateKey
-from meshca._profiles import signature_hash
-from meshca._spiffe import SpiffeId
-from meshca._verify import BundleSource, verify_chain
+from meshca.pki._errors import AuthenticationError, VerificationError
+from meshca.pki._keys import PrivateKey
+from meshca.pki._profiles import signature_hash
+from meshca.pki._spiffe import SpiffeId
+from meshca.pki._verify import BundleSource, verify_chain
 
 __all__ = ["PROOF_MAX_AGE", "SvidProof", "sign_svid_proof", "verify_svid_proof"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from meshca._errors import InvalidSpiffeId
+from meshca.pki._errors import InvalidSpiffeId
 
 __all__ = ["SpiffeId", "TrustDomain"]
 

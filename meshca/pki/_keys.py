@@ -9,8 +9,8 @@ from typing import TypeAlias
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from meshca._errors import KeyPolicyError
-from meshca._files import atomic_write
+from meshca.pki._errors import KeyPolicyError
+from meshca.pki._files import atomic_write
 
 __all__ = [
     "KeyType",

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from meshca._bundle import TrustBundle
-from meshca._certs import certificates_pem
-from meshca._errors import BundleError, IssuerUnavailable
-from meshca._files import atomic_write
-from meshca._issuer import Issuer
-from meshca._keys import KeyType, write_private_key
-from meshca._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, NewTrustDomain, new_trust_domain
-from meshca._spiffe import TrustDomain
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import certificates_pem
+from meshca.pki._errors import BundleError, IssuerUnavailable
+from meshca.pki._files import atomic_write
+from meshca.pki._issuer import Issuer
+from meshca.pki._keys import KeyType, write_private_key
+from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, NewTrustDomain, new_trust_domain
+from meshca.pki._spiffe import TrustDomain
 
 __all__ = ["TrustDir"]
 

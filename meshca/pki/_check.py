@@ -11,13 +11,13 @@ from typing import Literal
 
 from cryptography import x509
 
-from meshca._certs import fingerprint, load_certificates
-from meshca._errors import KeyPolicyError, MeshcaError
-from meshca._inspect import describe_key
-from meshca._issuer import Issuer
-from meshca._keys import key_type_of
-from meshca._time import format_duration
-from meshca._trustdir import TrustDir
+from meshca.pki._certs import fingerprint, load_certificates
+from meshca.pki._errors import KeyPolicyError, MeshcaError
+from meshca.pki._inspect import describe_key
+from meshca.pki._issuer import Issuer
+from meshca.pki._keys import key_type_of
+from meshca.pki._time import format_duration
+from meshca.pki._trustdir import TrustDir
 
 __all__ = ["ANCHOR_WARN", "ISSUER_WARN", "Finding", "check_trust_dir"]
 

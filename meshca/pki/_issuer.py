@@ -19,18 +19,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from meshca._bundle import TrustBundle
-from meshca._certs import (
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import (
     certificates_pem,
     fingerprint,
     is_signing_certificate,
     load_certificates,
     subject_key_identifier,
 )
-from meshca._errors import IssuanceError, IssuerUnavailable, KeyPolicyError
-from meshca._keys import PrivateKey, PublicKey, key_type_of, load_private_key
-from meshca._profiles import CLOCK_SKEW, LEAF_TTL, leaf_extensions, random_serial, signature_hash
-from meshca._spiffe import SpiffeId, TrustDomain
+from meshca.pki._errors import IssuanceError, IssuerUnavailable, KeyPolicyError
+from meshca.pki._keys import PrivateKey, PublicKey, key_type_of, load_private_key
+from meshca.pki._profiles import CLOCK_SKEW, LEAF_TTL, leaf_extensions, random_serial, signature_hash
+from meshca.pki._spiffe import SpiffeId, TrustDomain
 
 __all__ = ["IssuedSvid", "Issuer"]
 

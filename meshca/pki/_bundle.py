@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.verification import Store
 
-from meshca._certs import certificates_pem, fingerprint, is_signing_certificate, load_certificates, spiffe_ids_of
-from meshca._errors import BundleError
-from meshca._spiffe import TrustDomain
+from meshca.pki._certs import certificates_pem, fingerprint, is_signing_certificate, load_certificates, spiffe_ids_of
+from meshca.pki._errors import BundleError
+from meshca.pki._spiffe import TrustDomain
 
 __all__ = ["TrustBundle"]
 

@@ -17,10 +17,10 @@ from cryptography import x509
 from cryptography.x509 import verification as x509v
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshca._bundle import TrustBundle
-from meshca._certs import fingerprint, load_certificates, uri_sans
-from meshca._errors import AuthorizationError, InvalidSpiffeId, VerificationError
-from meshca._spiffe import SpiffeId, TrustDomain
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import fingerprint, load_certificates, uri_sans
+from meshca.pki._errors import AuthorizationError, InvalidSpiffeId, VerificationError
+from meshca.pki._spiffe import SpiffeId, TrustDomain
 
 __all__ = [
     "Authorizer",

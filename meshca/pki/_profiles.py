@@ -1,6 +1,6 @@
 """Certificate profiles: trust anchor, issuer, and workload leaf (X.509-SVID).
 
-The defaults are the table in DESIGN.md. Every builder takes the time it
+The defaults are the profile table in docs/architecture.md. Every builder takes the time it
 builds at; none reads a clock.
 """
 
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshca._certs import subject_key_identifier
-from meshca._keys import KeyType, PrivateKey, PublicKey, generate_key
-from meshca._spiffe import SpiffeId, TrustDomain
+from meshca.pki._certs import subject_key_identifier
+from meshca.pki._keys import KeyType, PrivateKey, PublicKey, generate_key
+from meshca.pki._spiffe import SpiffeId, TrustDomain
 
 __all__ = [
     "ANCHOR_LIFETIME",
