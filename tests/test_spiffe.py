@@ -292,3 +292,19 @@ def test_one_bad_character_in_the_trust_domain_is_rejected(td: str, path: str, b
 def test_one_bad_character_in_the_path_is_rejected(td: str, path: str, bad: str) -> None:
     with pytest.raises(InvalidSpiffeId):
         SpiffeId.parse(f"spiffe://{td}{path}/a{bad}b")
+
+
+@pytest.mark.parametrize(
+    ("text", "reserved"),
+    [
+        ("spiffe://example.org/meshca", True),
+        ("spiffe://example.org/meshca/identity", True),
+        ("spiffe://example.org/meshca/agent/node-1", True),
+        ("spiffe://example.org/meshcax", False),
+        ("spiffe://example.org/ns/meshca/sa/web", False),
+        ("spiffe://example.org/Meshca/identity", False),
+        ("spiffe://example.org", False),
+    ],
+)
+def test_reserved_ids(text: str, reserved: bool) -> None:
+    assert SpiffeId.parse(text).reserved is reserved

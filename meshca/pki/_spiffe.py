@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from meshca.pki._errors import InvalidSpiffeId
 
-__all__ = ["SpiffeId", "TrustDomain"]
+__all__ = ["RESERVED_PATH", "SpiffeId", "TrustDomain"]
+
+RESERVED_PATH = "/meshca"
 
 SCHEME_PREFIX = "spiffe://"
 MAX_ID_BYTES = 2048
@@ -147,6 +149,15 @@ class SpiffeId:
 
     def member_of(self, trust_domain: TrustDomain) -> bool:
         return self.trust_domain == trust_domain
+
+    @property
+    def reserved(self) -> bool:
+        """True for ``spiffe://TD/meshca`` and every ID under it: meshca's own components.
+
+        The identity service and node agents hold these; no workload credential
+        can obtain one (docs/architecture.md, Reserved identities).
+        """
+        return self.path == RESERVED_PATH or self.path.startswith(RESERVED_PATH + "/")
 
     def __str__(self) -> str:
         return f"{SCHEME_PREFIX}{self.trust_domain.name}{self.path}"
