@@ -12,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.verification import Store
+from jwt import PyJWK, PyJWTError
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from meshca.pki._certs import certificates_pem, fingerprint, is_signing_certificate, load_certificates, spiffe_ids_of
 from meshca.pki._errors import BundleError
@@ -20,59 +22,30 @@ from meshca.pki._spiffe import TrustDomain
 __all__ = ["TrustBundle"]
 
 _SHA256 = hashes.SHA256()
-_CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
-_CURVES_BY_JWK = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64url_int(value: int) -> str:
-    return _b64url(value.to_bytes((value.bit_length() + 7) // 8 or 1, "big"))
-
-
-def _unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+_JWK_PARAMS = ("kty", "crv", "x", "y", "n", "e")  # the public key members meshca writes and checks
 
 
 def _jwk_params(cert: x509.Certificate) -> dict[str, str]:
     key = cert.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
-        size = (key.curve.key_size + 7) // 8
-        nums = key.public_numbers()
-        return {
-            "kty": "EC",
-            "crv": _CURVE_NAMES[key.curve.name],
-            "x": _b64url(nums.x.to_bytes(size, "big")),
-            "y": _b64url(nums.y.to_bytes(size, "big")),
-        }
-    if isinstance(key, rsa.RSAPublicKey):
-        rnums = key.public_numbers()
-        return {"kty": "RSA", "n": _b64url_int(rnums.n), "e": _b64url_int(rnums.e)}
-    raise BundleError(f"anchor key type {type(key).__name__} has no JWK form here")
+        jwk = ECAlgorithm.to_jwk(key, as_dict=True)
+    elif isinstance(key, rsa.RSAPublicKey):
+        jwk = RSAAlgorithm.to_jwk(key, as_dict=True)
+    else:
+        raise BundleError(f"anchor key type {type(key).__name__} has no JWK form here")
+    return {name: jwk[name] for name in _JWK_PARAMS if name in jwk}
 
 
 def _check_jwk_matches(entry: dict[str, Any], cert: x509.Certificate) -> None:
     """If the JWK carries key parameters, they must be the certificate's key."""
     kty = entry.get("kty")
-    key = cert.public_key()
+    if not (kty == "EC" and "x" in entry) and not (kty == "RSA" and "n" in entry):
+        return
     try:
-        if kty == "EC" and "x" in entry:
-            jwk_key: object = ec.EllipticCurvePublicNumbers(
-                int.from_bytes(_unb64url(entry["x"]), "big"),
-                int.from_bytes(_unb64url(entry["y"]), "big"),
-                _CURVES_BY_JWK[entry["crv"]],
-            ).public_key()
-        elif kty == "RSA" and "n" in entry:
-            jwk_key = rsa.RSAPublicNumbers(
-                int.from_bytes(_unb64url(entry["e"]), "big"), int.from_bytes(_unb64url(entry["n"]), "big")
-            ).public_key()
-        else:
-            return
-    except (KeyError, ValueError, TypeError) as exc:
+        jwk_key = PyJWK({name: entry[name] for name in _JWK_PARAMS if name in entry}).key
+    except (PyJWTError, KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"x509-svid key has malformed {kty} parameters") from exc
-    if jwk_key != key:
+    if jwk_key != cert.public_key():
         raise BundleError("x509-svid key parameters do not match the certificate in x5c")
 
 

@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from meshca.pki._errors import CsrNameMismatch, InvalidCsr, KeyPolicyError
-from meshca.pki._keys import KeyType, PrivateKey, PublicKey, key_type_of
-from meshca.pki._profiles import signature_hash
+from meshca.pki._keys import KeyType, PrivateKey, PublicKey, key_type_of, signature_hash
 from meshca.pki._spiffe import SpiffeId
 
 __all__ = ["CheckedCsr", "KeyPolicy", "build_csr", "check_csr", "load_csr"]

@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import (
@@ -28,8 +27,8 @@ from meshca.pki._certs import (
     subject_key_identifier,
 )
 from meshca.pki._errors import IssuanceError, IssuerUnavailable, KeyPolicyError
-from meshca.pki._keys import PrivateKey, PublicKey, key_type_of, load_private_key
-from meshca.pki._profiles import CLOCK_SKEW, LEAF_TTL, leaf_extensions, random_serial, signature_hash
+from meshca.pki._keys import PrivateKey, PublicKey, key_type_of, load_private_key, signature_hash
+from meshca.pki._profiles import LEAF_TTL, leaf_builder
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 
 __all__ = ["IssuedSvid", "Issuer"]
@@ -182,15 +181,15 @@ class Issuer:
             raise IssuanceError("ttl must be positive")
         key_type_of(public_key)  # only the key types meshca supports become leaves
         ttl = min(ttl, self._not_after - now)  # clamp before adding, so no lifetime overflows
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])] if dns_names else [])
-        builder = x509.CertificateBuilder(
-            issuer_name=self.certificate.subject,
-            subject_name=subject,
-            public_key=public_key,
-            serial_number=random_serial(),
-            not_valid_before=max(now - CLOCK_SKEW, self._not_before),
-            not_valid_after=now + ttl,
-            extensions=leaf_extensions(public_key, spiffe_id, dns_names, self._aki, subject_empty=not dns_names),
+        builder = leaf_builder(
+            self.certificate.subject,
+            public_key,
+            spiffe_id,
+            dns_names,
+            self._aki,
+            now=now,
+            not_after=now + ttl,
+            not_before_floor=self._not_before,
         )
         leaf = builder.sign(self._key, self._hash)
         return IssuedSvid(spiffe_id, leaf, self.intermediates, self._intermediates_der)

@@ -6,7 +6,7 @@ import enum
 import os
 from typing import TypeAlias
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshca.pki._errors import KeyPolicyError
@@ -20,6 +20,7 @@ __all__ = [
     "key_type_of",
     "load_private_key",
     "private_key_pem",
+    "signature_hash",
     "write_private_key",
 ]
 
@@ -80,6 +81,13 @@ def key_type_of(key: object) -> KeyType:
             raise KeyPolicyError("RSA public exponent must be 65537")
         return found
     raise KeyPolicyError(f"unsupported key algorithm {type(key).__name__}")
+
+
+def signature_hash(key: PrivateKey | PublicKey) -> hashes.SHA256 | hashes.SHA384:
+    """SHA-384 for P-384, SHA-256 otherwise, as the WebPKI and SPIFFE peers expect."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
 
 
 def private_key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:

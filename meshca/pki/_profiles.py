@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshca.pki._certs import subject_key_identifier
-from meshca.pki._keys import KeyType, PrivateKey, PublicKey, generate_key
+from meshca.pki._keys import KeyType, PrivateKey, PublicKey, generate_key, signature_hash
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -27,10 +26,9 @@ __all__ = [
     "LEAF_TTL",
     "build_anchor",
     "build_issuer",
-    "leaf_extensions",
+    "leaf_builder",
     "new_trust_domain",
     "random_serial",
-    "signature_hash",
 ]
 
 ANCHOR_LIFETIME = timedelta(days=3650)
@@ -69,13 +67,6 @@ def _leaf_key_usage(rsa_key: bool) -> x509.KeyUsage:
 def random_serial() -> int:
     """A random positive serial of 127 bits (RFC 5280 allows up to 20 octets)."""
     return secrets.randbits(127) | (1 << 126)
-
-
-def signature_hash(key: PrivateKey | PublicKey) -> hashes.SHA256 | hashes.SHA384:
-    """SHA-384 for P-384, SHA-256 otherwise, as the WebPKI and SPIFFE peers expect."""
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()
 
 
 def _ca_subject(trust_domain: TrustDomain, role: str) -> x509.Name:
@@ -203,23 +194,42 @@ _LEAF_EKU = x509.Extension(
 )
 
 
-def leaf_extensions(
+def leaf_builder(
+    issuer_subject: x509.Name,
     public_key: PublicKey,
     spiffe_id: SpiffeId,
     dns_names: Sequence[str],
     authority_key_identifier: x509.AuthorityKeyIdentifier,
     *,
-    subject_empty: bool,
-) -> list[x509.Extension[x509.ExtensionType]]:
-    """The extensions of an X.509-SVID leaf, in a stable order. The constant ones are built once."""
+    now: datetime,
+    not_after: datetime,
+    not_before_floor: datetime,
+) -> x509.CertificateBuilder:
+    """The whole X.509-SVID leaf profile, ready to sign.
+
+    Subject: CN = the first DNS name when DNS names are granted (Linkerd's
+    form), else empty with a critical SAN. NotBefore is backdated by
+    `CLOCK_SKEW` but never before ``not_before_floor`` (the issuer chain's own
+    NotBefore). The caller has clamped ``not_after`` to the chain.
+    """
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])] if dns_names else [])
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     names.extend(x509.DNSName(n) for n in dns_names)
-    return [
+    extensions = [
         _LEAF_BASIC_CONSTRAINTS,
         _LEAF_KEY_USAGE[isinstance(public_key, rsa.RSAPublicKey)],
         _LEAF_EKU,
         x509.Extension(x509.SubjectKeyIdentifier.oid, False, x509.SubjectKeyIdentifier.from_public_key(public_key)),
         x509.Extension(x509.AuthorityKeyIdentifier.oid, False, authority_key_identifier),
         # RFC 5280 4.2.1.6: the SAN is critical when the subject is empty.
-        x509.Extension(x509.SubjectAlternativeName.oid, subject_empty, x509.SubjectAlternativeName(names)),
+        x509.Extension(x509.SubjectAlternativeName.oid, not dns_names, x509.SubjectAlternativeName(names)),
     ]
+    return x509.CertificateBuilder(
+        issuer_name=issuer_subject,
+        subject_name=subject,
+        public_key=public_key,
+        serial_number=random_serial(),
+        not_valid_before=max(now - CLOCK_SKEW, not_before_floor),
+        not_valid_after=not_after,
+        extensions=extensions,
+    )

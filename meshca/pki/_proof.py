@@ -19,8 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from meshca.pki._errors import AuthenticationError, VerificationError
-from meshca.pki._keys import PrivateKey
-from meshca.pki._profiles import signature_hash
+from meshca.pki._keys import PrivateKey, signature_hash
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._verify import BundleSource, verify_chain
 
