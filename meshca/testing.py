@@ -27,6 +27,7 @@ from meshca.pki._issuer import Issuer
 from meshca.pki._keys import KeyType, PrivateKey, generate_key, private_key_pem
 from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, LEAF_TTL, new_trust_domain
 from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._time import system_clock
 from meshca.pki._trustdir import TrustDir
 
 __all__ = ["FrozenClock", "TestCA", "TestSvid"]
@@ -94,7 +95,7 @@ class TestCA:
         issuer_lifetime: timedelta = ISSUER_LIFETIME,
     ) -> None:
         self.trust_domain = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
-        self.now = now or datetime.now(UTC)
+        self.now = now or system_clock()
         self._made = new_trust_domain(
             self.trust_domain,
             now=self.now,

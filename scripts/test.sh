@@ -20,7 +20,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-python3 -m ruff check meshca tests scripts
-python3 -m ruff format --check meshca tests scripts
+python3 -m ruff check meshca tests scripts fuzz
+python3 -m ruff format --check meshca tests scripts fuzz
 python3 -m mypy
 python3 -m pytest "$@"

@@ -124,9 +124,9 @@ class TrustBundle:
             if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
                 raise BundleError("an x509-svid key must have an x5c of exactly one certificate")
             try:
-                cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
+                cert = load_certificates([base64.b64decode(x5c[0], validate=True)])[0]
             except ValueError as exc:
-                raise BundleError("x5c entry is not a base64 DER certificate") from exc
+                raise BundleError(f"x5c entry is not a base64 DER certificate: {exc}") from exc
             _check_jwk_matches(entry, cert)
             anchors.append(cert)
         sequence = doc.get("spiffe_sequence", 0)

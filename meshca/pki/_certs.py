@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 from meshca.pki._errors import InvalidSpiffeId
 from meshca.pki._spiffe import SpiffeId
 
 __all__ = [
+    "UNREADABLE",
     "certificates_pem",
     "fingerprint",
     "is_signing_certificate",
@@ -21,18 +23,31 @@ __all__ = [
 ]
 
 
+UNREADABLE = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
+"""What cryptography raises for X.509 structures it cannot read (not all of it is a ValueError)."""
+
+
 def load_certificates(data: bytes | str | Sequence[bytes] | Sequence[x509.Certificate]) -> list[x509.Certificate]:
     """Certificates from PEM (one or many), a single DER, a list of DER, or certificate objects.
 
-    Raises ``ValueError`` with a short reason for anything else.
+    Raises ``ValueError`` with a short reason for anything else, including a
+    certificate whose extensions or key cryptography cannot read: every
+    certificate meshca holds has been read whole once, here, so no later
+    rule meets a parse error.
     """
     if isinstance(data, str):
         data = data.encode()
     if isinstance(data, bytes):
         if b"-----BEGIN" in data:
             try:
-                return x509.load_pem_x509_certificates(data)
-            except ValueError as exc:
+                return [_readable(c) for c in x509.load_pem_x509_certificates(data)]
+            except UNREADABLE as exc:
                 raise ValueError(f"not a PEM certificate: {exc}") from exc
         items: Sequence[bytes | x509.Certificate] = [data]
     else:
@@ -43,12 +58,22 @@ def load_certificates(data: bytes | str | Sequence[bytes] | Sequence[x509.Certif
             certs.append(item)
             continue
         try:
-            certs.append(x509.load_der_x509_certificate(item))
-        except ValueError as exc:
-            raise ValueError("not a DER or PEM certificate") from exc
+            cert = x509.load_der_x509_certificate(item)
+        except UNREADABLE as exc:
+            raise ValueError(f"not a DER or PEM certificate: {exc}") from exc
+        certs.append(_readable(cert))
     if not certs:
         raise ValueError("no certificates")
     return certs
+
+
+def _readable(cert: x509.Certificate) -> x509.Certificate:
+    try:
+        cert.extensions  # noqa: B018 - parsed (and cached) now, so later reads cannot fail
+        cert.public_key()
+    except UNREADABLE as exc:
+        raise ValueError(f"certificate cannot be read: {exc}") from exc
+    return cert
 
 
 def certificates_pem(certs: Sequence[x509.Certificate]) -> bytes:

@@ -45,7 +45,7 @@ def _bad_char_reason(ch: str, where: str) -> str:
 def _check_trust_domain_name(name: str, text: str) -> None:
     if not name:
         raise InvalidSpiffeId(f"trust domain is empty in {text!r}")
-    if len(name.encode()) > MAX_TRUST_DOMAIN_BYTES:
+    if _utf8_len(name) > MAX_TRUST_DOMAIN_BYTES:
         raise InvalidSpiffeId(f"trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
     for ch in name:
         if ch not in _TD_CHARS:
@@ -64,6 +64,11 @@ def _check_path(path: str, text: str) -> None:
         for ch in segment:
             if ch not in _PATH_CHARS:
                 raise InvalidSpiffeId(_bad_char_reason(ch, "path") + f" in {text!r}")
+
+
+def _utf8_len(text: str) -> int:
+    # surrogatepass: a lone surrogate (argv decoded with surrogateescape) is counted, then refused as a character
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _require_str(text: object, what: str) -> str:
@@ -124,7 +129,7 @@ class SpiffeId:
             if not path.startswith("/"):
                 raise InvalidSpiffeId(f"path must start with '/', got {path!r}")
             _check_path(path, text)
-        if len(text.encode()) > MAX_ID_BYTES:
+        if _utf8_len(text) > MAX_ID_BYTES:
             raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
 
     @classmethod
@@ -133,7 +138,7 @@ class SpiffeId:
         text = _require_str(text, "SPIFFE ID")
         if not text:
             raise InvalidSpiffeId("SPIFFE ID is empty")
-        if len(text.encode()) > MAX_ID_BYTES:
+        if _utf8_len(text) > MAX_ID_BYTES:
             raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
         if not text.startswith(SCHEME_PREFIX):
             scheme, sep, _ = text.partition("://")

@@ -1,0 +1,63 @@
+"""Writes the seed corpora and the fixture CA the targets use: python fuzz/make_seeds.py.
+
+Run it again only to change the seeds; the corpora are checked in. The
+fixture CA is minted at `targets.AT` (proofs are verified at that time).
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+
+import targets
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from meshca import KeyType, build_csr, generate_key
+from meshca.pki._proof import sign_svid_proof
+from meshca.testing import TestCA
+
+
+def main() -> None:
+    shutil.rmtree(targets.HERE / "corpus", ignore_errors=True)
+    ca = TestCA(targets.TRUST_DOMAIN, now=targets.AT - timedelta(days=1))
+    fixtures = targets.HERE / "fixtures"
+    fixtures.mkdir(exist_ok=True)
+    (fixtures / "bundle.pem").write_bytes(ca.bundle.to_pem())
+    granted = targets.GRANTED
+    seeds: dict[str, list[bytes]] = {
+        "spiffe_id": [
+            str(granted).encode(),
+            b"spiffe://example.org",
+            b"spiffe://a.b-c_d/x/./y",
+            b"SPIFFE://example.org/x",
+            b"spiffe://example.org/x%41",
+            b"spiffe://user@example.org:80/x?q#f",
+        ],
+        "csr": [],
+        "bundle_pem": [ca.bundle.to_pem()],
+        "bundle_json": [ca.bundle.to_spiffe_json()],
+        "proof": [],
+    }
+    for key_type in (KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048):
+        key = generate_key(key_type)
+        seeds["csr"].append(build_csr(key, granted))
+        seeds["csr"].append(build_csr(key, granted, dns_names=("web.default.svc",)))
+    seeds["csr"].append(x509.load_der_x509_csr(build_csr(generate_key(), granted)).public_bytes(Encoding.PEM))
+    for key_type in (KeyType.EC_P256, KeyType.RSA_2048):
+        svid = ca.issue_svid(granted, key_type=key_type, now=targets.AT - timedelta(hours=1))
+        new_csr = build_csr(generate_key(), granted)
+        chain = tuple(c.public_bytes(Encoding.DER) for c in svid.chain)
+        made = sign_svid_proof(chain, svid.key, new_csr, targets.AT)
+        seeds["proof"].append(targets.SEP.join((*made.chain, new_csr, made.signature)))
+    for name, inputs in seeds.items():
+        folder = targets.HERE / "corpus" / name
+        folder.mkdir(parents=True)
+        for i, data in enumerate(inputs):
+            (folder / f"seed-{i:02d}").write_bytes(data)
+            if name in ("csr", "bundle_pem", "bundle_json", "proof"):
+                targets.TARGETS[name](data)  # a valid seed: fuzzing starts from the deep end
+
+
+if __name__ == "__main__":
+    main()

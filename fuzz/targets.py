@@ -1,0 +1,101 @@
+"""Fuzz targets: every parser an unauthenticated caller reaches, from raw bytes.
+
+The invariant of each target: the input yields a value or a `MeshcaError`
+(a clean refusal the service turns into a status), never another exception.
+`scripts/fuzz.sh` runs them under atheris; `tests/test_fuzz_targets.py`
+replays the seed corpora and every crash found so far on every test run.
+Inputs that carry several fields use one framing: fields separated by the
+byte string ``SEP`` (a chain, a CSR, a signature, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from meshca import InvalidSpiffeId, MeshcaError, SpiffeId, TrustBundle, TrustDomain, check_csr
+from meshca.pki._proof import SvidProof, verify_svid_proof
+
+HERE = Path(__file__).resolve().parent
+SEP = b"\n--meshca-fuzz--\n"
+TRUST_DOMAIN = TrustDomain("example.org")
+GRANTED = SpiffeId.parse("spiffe://example.org/ns/default/sa/web")
+# The seed CA (fuzz/fixtures/bundle.pem) was minted by fuzz/make_seeds.py; proofs are checked at its time.
+AT = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def _fixture_bundle() -> TrustBundle:
+    return TrustBundle.from_pem((HERE / "fixtures" / "bundle.pem").read_bytes(), TRUST_DOMAIN)
+
+
+def spiffe_id(data: bytes) -> None:
+    text = data.decode("utf-8", errors="surrogateescape")
+    try:
+        parsed = SpiffeId.parse(text)
+    except InvalidSpiffeId:
+        return
+    assert SpiffeId.parse(str(parsed)) == parsed, "a parsed ID must survive its own text form"
+
+
+def csr(data: bytes) -> None:
+    check_csr(data, GRANTED, allowed_dns=("web.default.svc",))
+
+
+def bundle_pem(data: bytes) -> None:
+    bundle = TrustBundle.from_pem(data, TRUST_DOMAIN)
+    assert TrustBundle.from_pem(bundle.to_pem(), TRUST_DOMAIN).anchors == bundle.anchors
+
+
+def bundle_json(data: bytes) -> None:
+    bundle = TrustBundle.from_spiffe_json(data, TRUST_DOMAIN)
+    assert TrustBundle.from_spiffe_json(bundle.to_spiffe_json(), TRUST_DOMAIN).anchors == bundle.anchors
+
+
+_BUNDLE: list[TrustBundle] = []
+
+
+def proof(data: bytes) -> None:
+    """``chain DER (leaf first, SEP between) SEP csr SEP signature``: a renewal credential."""
+    parts = data.split(SEP)
+    if len(parts) < 3:
+        raise _Skip
+    *chain, csr_der, signature = parts
+    if not _BUNDLE:
+        _BUNDLE.append(_fixture_bundle())
+    verify_svid_proof(SvidProof(tuple(chain), signature, AT), csr_der, _BUNDLE[0], now=AT)
+
+
+class _Skip(Exception):
+    """An input the target's framing cannot carry: not a finding."""
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "spiffe_id": spiffe_id,
+    "csr": csr,
+    "bundle_pem": bundle_pem,
+    "bundle_json": bundle_json,
+    "proof": proof,
+}
+
+
+def run_one(name: str, data: bytes) -> None:
+    """Runs one input through a target; raises only when the invariant breaks."""
+    with contextlib.suppress(MeshcaError, _Skip):
+        TARGETS[name](data)
+
+
+def corpus(name: str) -> list[Path]:
+    """The seed inputs and the regressions (crashes found, then fixed) of one target."""
+    found = []
+    for folder in (HERE / "corpus" / name, HERE / "regressions" / name):
+        if folder.is_dir():
+            found.extend(sorted(p for p in folder.iterdir() if p.is_file()))
+    return found
+
+
+if __name__ == "__main__":  # python fuzz/targets.py NAME FILE...: replay inputs by hand
+    for arg in sys.argv[2:]:
+        run_one(sys.argv[1], Path(arg).read_bytes())
