@@ -11,6 +11,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
@@ -71,7 +72,7 @@ def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
         if raw.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(raw)
         return x509.load_der_x509_csr(raw)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise InvalidCsr("CSR is not a valid PEM or DER PKCS#10 request") from exc
 
 
@@ -94,7 +95,7 @@ def check_csr(
         csr = load_csr(csr)
     try:
         public_key = csr.public_key()
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:  # an unknown key algorithm is UnsupportedAlgorithm
         raise InvalidCsr(f"CSR public key cannot be read: {exc}") from exc
     key_type = policy.check(public_key)
     try:
@@ -108,7 +109,8 @@ def check_csr(
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # x400Address and ediPartyName SANs are unsupported by cryptography, so unparsable here.
         raise InvalidCsr(f"CSR extensions cannot be parsed: {exc}") from exc
     if san is not None:
         for name in san:

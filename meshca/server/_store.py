@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from meshca.pki._errors import StoreError
+from meshca.pki._errors import StoreError, TokenUsedUp
 from meshca.pki._spiffe import SpiffeId
 
 __all__ = [
@@ -68,10 +68,6 @@ class IssuanceRecord:
     principal: str
     api: str
     issued_at: datetime
-
-
-class TokenUsedUp(StoreError):
-    """The join token had no use left (or expired) when its use was to be recorded."""
 
 
 class Store(Protocol):

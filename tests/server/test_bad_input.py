@@ -261,7 +261,7 @@ async def test_refused(case: Case, d: Path, server_ca: TestCA, k8s: K8sIssuer) -
         ctx = Ctx(h, k8s, h.token(WEB), expired, used_up)
 
         assert await code_of(case.call(ctx)) == case.code
-        assert store.issuances() == []
+        assert h.issued() == []
         refusals = h.events("auth.failed") + h.events("request.refused")
         assert len(refusals) == 1, h.logs
         [event] = refusals
@@ -287,7 +287,7 @@ async def test_rate_limit_per_principal(d: Path, server_ca: TestCA) -> None:
         # the bucket refills at one per second
         await asyncio.sleep(1.1)
         assert await code_of(h.native.IssueSVID(native_request(web_csr(), join_token=web))) == C.OK
-        assert len(h.server.store.issuances()) == 4
+        assert len(h.issued()) == 4
 
 
 async def test_oversized_message_is_refused_and_logged(d: Path, server_ca: TestCA) -> None:
