@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from meshca.pki._errors import CsrNameMismatch, InvalidCsr, KeyPolicyError
@@ -85,7 +85,9 @@ def check_csr(
 ) -> CheckedCsr:
     """Checks a CSR for the identity being granted.
 
-    - the self-signature verifies (`InvalidCsr` otherwise);
+    - the request parses, its key is in its canonical encoding (a named
+      curve, never explicit EC parameters) and its self-signature verifies
+      (`InvalidCsr` otherwise);
     - the key is of a type the policy allows (`KeyPolicyError`);
     - URI SANs, if any, are exactly ``spiffe_id``; DNS SANs and a CN are in
       ``allowed_dns`` (or the CN is the SPIFFE ID); no other SAN type
@@ -97,6 +99,10 @@ def check_csr(
         public_key = csr.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:  # an unknown key algorithm is UnsupportedAlgorithm
         raise InvalidCsr(f"CSR public key cannot be read: {exc}") from exc
+    # cryptography reads explicit EC parameters as the named curve they match; RFC 5480 allows only
+    # the name, so the key must appear in the request exactly as its canonical encoding.
+    if public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) not in csr.tbs_certrequest_bytes:
+        raise InvalidCsr("CSR public key is not in its canonical encoding (an EC key must name its curve)")
     key_type = policy.check(public_key)
     try:
         signature_ok = csr.is_signature_valid
