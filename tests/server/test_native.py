@@ -159,3 +159,15 @@ async def test_svid_proof_with_an_expired_svid(d: Path, server_ca: TestCA) -> No
         proof = sign_svid_proof(tuple(_chain(response)), key, renewal, h.clock())
         code = await code_of(h.native.IssueSVID(native_request(renewal, proof=proof_message(proof))))
         assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_join_token_is_stripped_of_surrounding_whitespace_as_a_bearer_token_is(
+    d: Path, server_ca: TestCA
+) -> None:
+    async with serving(d, server_ca) as h:
+        token = h.token(uses=2)
+        response = await h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=f" {token}\n"))
+        assert response.spiffe_id == str(WEB)
+        response = await h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], jwt_token=f"\t{token} "))
+        assert response.spiffe_id == str(WEB)
+        assert [r.principal for r in h.issued()] == [f"join-token:{meshca.server.hash_token(token)[:12]}"] * 2
