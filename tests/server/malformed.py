@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import jwt
+from certbuild import build
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -125,19 +126,19 @@ def self_signed(spiffe_id: str, now: datetime, *, twin_san: bool = False) -> byt
     key = p256()
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshca tests")])
     san = [x509.UniformResourceIdentifier(spiffe_id)]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName(san), critical=True)
-    )
+    extensions: list[tuple[x509.ExtensionType, bool]] = [(x509.SubjectAlternativeName(san), True)]
     if twin_san:
-        builder = builder.add_extension(x509.IssuerAlternativeName(san), critical=False)
-    der = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+        extensions.append((x509.IssuerAlternativeName(san), False))
+    certificate = build(
+        public_key=key.public_key(),
+        signer_name=name,
+        signer_key=key,
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(hours=1),
+        extensions=extensions,
+        subject=name,
+    )
+    der = certificate.public_bytes(serialization.Encoding.DER)
     if twin_san:
         ian = bytes.fromhex("0603551d12")
         at = der.index(ian)
