@@ -149,6 +149,8 @@ class Boundary:
 
     def stream(
         self,
+        service: str,
+        method: str,
         call: Callable[[Req, Context], AsyncIterator[Resp]],
         request: type[Req],
         response: type[Resp],
@@ -158,7 +160,7 @@ class Boundary:
         async def handle(message: Req | MeshcaError, context: Context) -> AsyncIterator[Resp]:
             if isinstance(message, MeshcaError):
                 code = status_for(message) or C.INTERNAL
-                log.warning("request.refused", code=code.name, reason=str(message))
+                log.warning("request.refused", service=service, method=method, code=code.name, reason=str(message))
                 await context.abort(code, str(message))
             assert not isinstance(message, MeshcaError)
             async for item in call(message, context):

@@ -40,7 +40,8 @@ async def test_unexpected_error_is_internal_with_a_request_id(d: Path, server_ca
         assert "sda7" not in details
         [failed] = h.events("request.failed")
         assert f"request id {failed['request_id']}" in details
-        assert failed["exc_info"]
+        assert failed["exc_info"]  # the traceback goes to the log, at error level
+        assert failed["log_level"] == "error"
         text = await h.scrape()
         assert sample_value(text, "meshca_requests_total", method="IssueSVID", code="INTERNAL") == 1
 

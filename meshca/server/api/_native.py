@@ -43,7 +43,9 @@ class NativeApi:
                 "IssueSVID": boundary.unary(
                     SERVICE, "IssueSVID", self.IssueSVID, pb.IssueSVIDRequest, pb.IssueSVIDResponse
                 ),
-                "WatchBundle": boundary.stream(self.WatchBundle, pb.WatchBundleRequest, pb.Bundle),
+                "WatchBundle": boundary.stream(
+                    SERVICE, "WatchBundle", self.WatchBundle, pb.WatchBundleRequest, pb.Bundle
+                ),
             },
         )
 
