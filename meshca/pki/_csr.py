@@ -129,7 +129,11 @@ def check_csr(
                 dns.append(name.value)
             else:
                 raise CsrNameMismatch(f"CSR asks for a {type(name).__name__}, which meshca never grants")
-    for attr in csr.subject:
+    try:
+        subject = list(csr.subject)
+    except ValueError as exc:  # a name attribute of the wrong string type
+        raise InvalidCsr(f"CSR subject cannot be parsed: {exc}") from exc
+    for attr in subject:
         if attr.oid != NameOID.COMMON_NAME:
             continue
         cn = attr.value if isinstance(attr.value, str) else attr.value.decode(errors="replace")
