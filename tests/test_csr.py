@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from server import malformed
 
 import meshca
 from meshca import CsrNameMismatch, InvalidCsr, KeyPolicy, KeyPolicyError, KeyType, SpiffeId, build_csr, check_csr
@@ -261,3 +262,28 @@ def test_checked_csr_signs_into_a_verifiable_svid(ca: TestCA) -> None:
     svid = ca.issuer.sign(checked.public_key, WEB, now=NOW, dns_names=checked.dns_names)
     assert svid.leaf.public_key() == key.public_key()
     assert meshca.verify_chain(svid.chain_der(), ca.bundle, at=NOW) == WEB
+
+
+@pytest.mark.parametrize(
+    ("csr", "reason"),
+    [
+        (lambda: malformed.csr_version(str(WEB), 5), "not a valid PEM or DER"),
+        (lambda: malformed.csr_with_san_tag(str(WEB), 0xA3), "extensions cannot be parsed"),
+        (lambda: malformed.csr_with_san_tag(str(WEB), 0xA5), "extensions cannot be parsed"),
+        (lambda: malformed.csr_with_key(str(WEB), malformed.unknown_key_algorithm()), "public key cannot be read"),
+        (lambda: malformed.csr_with_key(str(WEB), malformed.explicit_p256_parameters()), "canonical encoding"),
+    ],
+    ids=["version-5", "x400-address-san", "edi-party-name-san", "unknown-key-algorithm", "explicit-ec-parameters"],
+)
+def test_malformed_requests_are_invalid_csrs(csr: Callable[[], bytes], reason: str) -> None:
+    """Each is validly signed: the parse or the key rule refuses it, with `InvalidCsr`, never another error."""
+    with pytest.raises(InvalidCsr) as info:
+        check_csr(csr(), WEB)
+    assert reason in str(info.value)
+
+
+def test_the_der_editing_keeps_a_correct_request_correct() -> None:
+    """The helpers above only change what they are asked to: unedited, the request passes."""
+    algorithm = malformed.tlv(0x30, malformed.EC_PUBLIC_KEY_OID + malformed.P256_OID)
+    assert check_csr(malformed.csr_with_key(str(WEB), algorithm), WEB).key_type == KeyType.EC_P256
+    assert check_csr(malformed.csr_version(str(WEB), 0), WEB).key_type == KeyType.EC_P256

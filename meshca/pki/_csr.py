@@ -11,7 +11,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from meshca.pki._errors import CsrNameMismatch, InvalidCsr, KeyPolicyError
@@ -70,7 +71,7 @@ def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
         if raw.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(raw)
         return x509.load_der_x509_csr(raw)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise InvalidCsr("CSR is not a valid PEM or DER PKCS#10 request") from exc
 
 
@@ -83,7 +84,9 @@ def check_csr(
 ) -> CheckedCsr:
     """Checks a CSR for the identity being granted.
 
-    - the self-signature verifies (`InvalidCsr` otherwise);
+    - the request parses, its key is in its canonical encoding (a named
+      curve, never explicit EC parameters) and its self-signature verifies
+      (`InvalidCsr` otherwise);
     - the key is of a type the policy allows (`KeyPolicyError`);
     - URI SANs, if any, are exactly ``spiffe_id``; DNS SANs and a CN are in
       ``allowed_dns`` (or the CN is the SPIFFE ID); no other SAN type
@@ -93,8 +96,12 @@ def check_csr(
         csr = load_csr(csr)
     try:
         public_key = csr.public_key()
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:  # an unknown key algorithm is UnsupportedAlgorithm
         raise InvalidCsr(f"CSR public key cannot be read: {exc}") from exc
+    # cryptography reads explicit EC parameters as the named curve they match; RFC 5480 allows only
+    # the name, so the key must appear in the request exactly as its canonical encoding.
+    if public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) not in csr.tbs_certrequest_bytes:
+        raise InvalidCsr("CSR public key is not in its canonical encoding (an EC key must name its curve)")
     key_type = policy.check(public_key)
     try:
         signature_ok = csr.is_signature_valid
@@ -107,7 +114,8 @@ def check_csr(
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
-    except ValueError as exc:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # x400Address and ediPartyName SANs are unsupported by cryptography, so unparsable here.
         raise InvalidCsr(f"CSR extensions cannot be parsed: {exc}") from exc
     if san is not None:
         for name in san:
@@ -120,7 +128,11 @@ def check_csr(
                 dns.append(name.value)
             else:
                 raise CsrNameMismatch(f"CSR asks for a {type(name).__name__}, which meshca never grants")
-    for attr in csr.subject:
+    try:
+        subject = list(csr.subject)
+    except ValueError as exc:  # a name attribute of the wrong string type
+        raise InvalidCsr(f"CSR subject cannot be parsed: {exc}") from exc
+    for attr in subject:
         if attr.oid != NameOID.COMMON_NAME:
             continue
         cn = attr.value if isinstance(attr.value, str) else attr.value.decode(errors="replace")

@@ -2,17 +2,23 @@
 
 MeshcaError
  +-- InvalidSpiffeId (also ValueError)
- +-- KeyPolicyError   a key type or size the policy does not allow
- +-- InvalidCsr       unparsable CSR or bad signature
+ +-- KeyPolicyError (also ValueError)   a key type or size the policy does not allow
+ +-- InvalidCsr (also ValueError)       unparsable CSR or bad signature
  +-- CsrNameMismatch  the CSR asks for names the caller was not granted
- +-- BundleError      a trust bundle that cannot be read or written
+ +-- BundleError (also ValueError)      a trust bundle that cannot be read or written
+ +-- InvalidRequest (also ValueError)   a request field missing, malformed or out of bounds
  +-- IssuanceError    the issuer cannot sign
  |    +-- IssuerUnavailable   expired, not yet valid, or not chaining to the bundle
  +-- VerificationError  a chain that does not verify, or a peer not authorized
  |    +-- AuthorizationError
  +-- StoreError       the state store failed
+ |    +-- TokenUsedUp   the join token ran out before its use was recorded
  +-- AuthenticationError  no credential, or a credential that does not verify
+ |    +-- CredentialCheckUnavailable  the credential cannot be checked now (retry)
  +-- PermissionDenied     a valid credential that does not grant this identity
+ |    +-- IdentityMismatch  the request names another identity than the credential grants
+ +-- RateLimited          one principal exceeded its request rate
+ +-- RequestTooLarge      a request above the configured size
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ __all__ = [
     "AuthenticationError",
     "AuthorizationError",
     "BundleError",
+    "CredentialCheckUnavailable",
     "CsrNameMismatch",
+    "IdentityMismatch",
     "InvalidCsr",
     "InvalidRequest",
     "InvalidSpiffeId",
@@ -31,7 +39,9 @@ __all__ = [
     "MeshcaError",
     "PermissionDenied",
     "RateLimited",
+    "RequestTooLarge",
     "StoreError",
+    "TokenUsedUp",
     "VerificationError",
 ]
 
@@ -91,8 +101,20 @@ class AuthenticationError(MeshcaError):
         self.reason = reason
 
 
+class CredentialCheckUnavailable(AuthenticationError):
+    """The credential could not be checked now (the Kubernetes API is unreachable): retry, not refuse."""
+
+
+class TokenUsedUp(StoreError):
+    """The join token had no use left (or expired) when its use was to be recorded."""
+
+
 class PermissionDenied(MeshcaError):
     """A valid credential that does not grant the identity asked for."""
+
+
+class IdentityMismatch(PermissionDenied):
+    """The request names an identity (a field, not the CSR) other than the one the credential grants."""
 
 
 class InvalidRequest(MeshcaError, ValueError):
@@ -101,3 +123,7 @@ class InvalidRequest(MeshcaError, ValueError):
 
 class RateLimited(MeshcaError):
     """One principal exceeded its request rate."""
+
+
+class RequestTooLarge(MeshcaError):
+    """A request above the configured size (gRPC's own limit is higher, so this one is logged)."""

@@ -1,11 +1,11 @@
 """The identity service: gRPC issuance (native, Linkerd, Istio), bundle watch, health, metrics."""
 
 from meshca.server._app import IdentityServer, store_path
-from meshca.server._auth import Principal, service_account_id
 from meshca.server._config import K8sJwtConfig, ServerConfig, TokenReviewConfig
-from meshca.server._service import linkerd_identity_to_spiffe_id
 from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, Store, hash_token, new_token
 from meshca.server._workers import run_supervisor
+from meshca.server.api import linkerd_identity_to_spiffe_id
+from meshca.server.credentials import Principal, service_account_id
 
 __all__ = [
     "IdentityServer",

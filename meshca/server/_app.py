@@ -1,4 +1,4 @@
-"""`meshca serve`: wires the state, store, authenticators and services into a grpc.aio server."""
+"""`meshca serve`: wires the store, state, credentials, pipeline and wire adapters into a grpc.aio server."""
 
 from __future__ import annotations
 
@@ -13,25 +13,29 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from meshca._proto import istio_ca_pb2_grpc, linkerd_identity_pb2_grpc, meshca_identity_pb2_grpc
+from meshca.pki._errors import MeshcaError
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
-from meshca.server._auth import Authenticators, JoinTokenAuthenticator, K8sJwtAuthenticator, TokenReviewAuthenticator
+from meshca.server import api
 from meshca.server._config import ServerConfig
+from meshca.server._interceptor import Boundary
 from meshca.server._metrics import Metrics, MetricsServer
-from meshca.server._service import IssuanceCore, IstioService, LinkerdService, NativeService
+from meshca.server._pipeline import Pipeline
 from meshca.server._state import IssuerState
 from meshca.server._store import SqliteStore, Store
+from meshca.server.credentials import (
+    Credential,
+    JoinTokenCredential,
+    K8sJwtCredential,
+    SvidProofCredential,
+    TokenReviewCredential,
+)
 
 __all__ = ["IdentityServer", "store_path"]
 
 log = structlog.get_logger("meshca.server")
 
-SERVICES = (
-    "meshca.identity.v1.Identity",
-    "io.linkerd.proxy.identity.Identity",
-    "istio.v1.auth.IstioCertificateService",
-)
+SERVICES = api.SERVICES
 
 
 def store_path(tdir: TrustDir) -> str:
@@ -46,23 +50,45 @@ def _split_hostport(value: str) -> tuple[str, int]:
 
 
 class IdentityServer:
-    """One serving process. `start()` binds; `wait()` returns after `stop()` or a signal."""
+    """One serving process. `start()` binds; `wait()` returns after `stop()` or a signal.
 
-    def __init__(self, config: ServerConfig, *, clock: Clock = system_clock, store: Store | None = None) -> None:
+    ``multiprocess_metrics`` is set by the workers of `serve --workers N`
+    (Prometheus multiprocess mode), never read from the environment.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        clock: Clock = system_clock,
+        store: Store | None = None,
+        multiprocess_metrics: bool = False,
+    ) -> None:
         self.config = config
         self.clock = clock
         self.tdir = TrustDir.at(config.dir)
-        self.metrics = Metrics()
-        self.state = IssuerState(self.tdir, clock, self.metrics, config.passphrase)
+        self.metrics = Metrics(multiprocess=multiprocess_metrics)
         self.store: Store = store if store is not None else SqliteStore(store_path(self.tdir))
-        td = self.state.issuer.trust_domain
-        self.auth = Authenticators(
-            JoinTokenAuthenticator(self.store, clock),
-            K8sJwtAuthenticator(config.k8s_jwt, td, clock) if config.k8s_jwt else None,
-            TokenReviewAuthenticator(config.token_review, td, clock) if config.token_review else None,
-            clock=clock,
+        try:
+            self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase)
+            td = self.state.issuer.trust_domain
+            # Asked in this order; the first kind that claims a credential decides (JWKS before TokenReview).
+            credentials: list[Credential] = [JoinTokenCredential(self.store, clock)]
+            if config.k8s_jwt:
+                credentials.append(K8sJwtCredential(config.k8s_jwt, td, clock))
+            if config.token_review:
+                credentials.append(TokenReviewCredential(config.token_review, td, clock))
+            credentials.append(SvidProofCredential(lambda: self.state.bundle, clock))
+        except (MeshcaError, ValueError, OSError):
+            if store is None:
+                self.store.close()  # ours: no writer thread outlives a server that never started
+            raise
+        self.pipeline = Pipeline(config, self.state, self.store, credentials, self.metrics, clock)
+        self.apis = (
+            api.NativeApi(config, self.pipeline, self.state),
+            api.LinkerdApi(config, self.pipeline),
+            api.IstioApi(config, self.pipeline),
         )
-        self.core = IssuanceCore(config, self.state, self.store, self.auth, self.metrics, clock)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -82,7 +108,11 @@ class IdentityServer:
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             # Called by gRPC for new connections; None keeps the current one.
-            svid = self.state.serving_svid(self.config.server_names, ttl)
+            try:
+                svid = self.state.serving_svid(self.config.server_names, ttl)
+            except MeshcaError as exc:  # not recorded, so not used: keep serving the current one
+                log.error("server.svid_failed", reason=str(exc))
+                return None
             if svid is last[0]:
                 return None
             last[0] = svid
@@ -106,10 +136,9 @@ class IdentityServer:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         server = grpc.aio.server(options=options)
-        core = self.core
-        meshca_identity_pb2_grpc.add_IdentityServicer_to_server(NativeService(core), server)
-        linkerd_identity_pb2_grpc.add_IdentityServicer_to_server(LinkerdService(core), server)
-        istio_ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(IstioService(core), server)
+        boundary = Boundary(cfg, self.metrics)
+        for adapter in self.apis:
+            adapter.register(server, boundary)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             if cfg.insecure_plaintext:

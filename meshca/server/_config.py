@@ -32,6 +32,10 @@ class TokenReviewConfig:
     max_concurrency: int = 8
     timeout: timedelta = timedelta(seconds=5)
 
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1 or self.timeout <= timedelta():
+            raise ValueError("TokenReview max_concurrency must be at least 1 and timeout positive")
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -54,3 +58,19 @@ class ServerConfig:
     drain_grace: timedelta = timedelta(seconds=10)
     passphrase: bytes | None = field(default=None, repr=False)
     reuse_port: bool = False  # set for the workers of `serve --workers N`, which share the port
+
+    def __post_init__(self) -> None:
+        # A library user cannot build a configuration the server would misread.
+        zero = timedelta()
+        if not zero < self.leaf_ttl <= self.max_leaf_ttl:
+            raise ValueError("leaf_ttl must be positive and at most max_leaf_ttl")
+        if not self.server_names:
+            raise ValueError("server_names must name at least one DNS name")
+        if self.rate_limit is not None and not self.rate_limit > 0:
+            raise ValueError("rate_limit must be positive (None turns it off)")
+        if self.rate_burst < 1:
+            raise ValueError("rate_burst must be at least 1")
+        if self.request_timeout <= zero or self.reload_interval <= zero or self.drain_grace < zero:
+            raise ValueError("request_timeout and reload_interval must be positive, drain_grace not negative")
+        if self.max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be positive")

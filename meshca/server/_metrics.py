@@ -5,18 +5,24 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics", "MetricsServer"]
+__all__ = ["Children", "Metrics", "MetricsServer"]
 
 
 class Metrics:
-    """The golden metrics of the identity service, on their own registry."""
+    """The golden metrics of the identity service, on their own registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``multiprocess`` is set for the workers of `serve --workers N`, whose
+    metrics prometheus_client writes to files the supervisor sums.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess
         r = self.registry
         self.requests = Counter(
             "meshca_requests",
@@ -53,6 +59,22 @@ class Metrics:
         self.serving = Gauge(
             "meshca_issuer_usable", "1 while the issuer can sign", registry=r, multiprocess_mode="livemin"
         )
+
+
+class Children:
+    """A metric's children by label values, looked up once: `labels()` takes a lock and builds a key per call."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class MetricsServer:

@@ -6,31 +6,44 @@ validated (the issuer matches its key, chains to the new bundle, is valid
 now, and a probe leaf it signs verifies) and only then swapped in; a bad
 replacement is refused, logged and counted, and the last good issuer keeps
 serving.
+
+The server's own SVID (``spiffe://TD/meshca/identity``) renews by the same
+rotation policy as the clients, and is recorded in the issuance log (api
+``self``, principal ``meshca``) before it is used. The probe leaf is never
+handed to anyone and is not recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
+from cryptography import x509
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import fingerprint
-from meshca.pki._errors import MeshcaError
+from meshca.pki._errors import MeshcaError, StoreError
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import generate_key, private_key_pem
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time
 from meshca.pki._time import Clock
 from meshca.pki._trustdir import TrustDir
 from meshca.pki._verify import verify_chain
 from meshca.server._metrics import Metrics
+from meshca.server._store import IssuanceRecord, Store
 
 __all__ = ["IssuerState", "ServingSvid"]
 
 log = structlog.get_logger("meshca.server")
+
+SELF_API = "self"
+SELF_PRINCIPAL = "meshca"
+_RECORD_TIMEOUT = 30.0  # seconds; a store slower than this fails the renewal, the current SVID stays
 
 _Stamp = tuple[tuple[str, int, int, int], ...]
 
@@ -68,18 +81,37 @@ def validate(issuer: Issuer, now_clock: Clock) -> None:
     verify_chain([probe.leaf, *probe.intermediates], issuer.bundle, at=now)
 
 
+def anchor_of(issuer: Issuer) -> x509.Certificate:
+    """The anchor the issuer chains to, as the Issuer verified it when it was built."""
+    return issuer._anchor_of(issuer.intermediates[-1], issuer.bundle)
+
+
 class IssuerState:
-    def __init__(self, tdir: TrustDir, clock: Clock, metrics: Metrics, passphrase: bytes | None = None) -> None:
+    def __init__(
+        self,
+        tdir: TrustDir,
+        clock: Clock,
+        metrics: Metrics,
+        store: Store,
+        passphrase: bytes | None = None,
+        *,
+        renewal: RenewalPolicy = DEFAULT_POLICY,
+        rng: random.Random | None = None,
+    ) -> None:
         self._tdir = tdir
         self._clock = clock
         self._metrics = metrics
+        self._store = store
         self._passphrase = passphrase
+        self._renewal = renewal
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
         self._stamp = file_stamp(self._paths)
         issuer = tdir.load_issuer(passphrase=passphrase)
         validate(issuer, clock)
         self._sequence = 1
         self.issuer: Issuer = issuer
+        self.anchor = anchor_of(issuer)
         self.bundle: TrustBundle = issuer.bundle
         self._changed = asyncio.Event()
         self._usable = True
@@ -127,7 +159,7 @@ class IssuerState:
             log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(self.issuer.certificate)[:23])
             return False
         old_bundle = self.bundle
-        self.issuer = issuer
+        self.issuer, self.anchor = issuer, anchor_of(issuer)
         self._metrics.reloads.labels("success").inc()
         log.info(
             "issuer.reloaded",
@@ -157,7 +189,7 @@ class IssuerState:
 
     def _export_expiry(self) -> None:
         self._metrics.issuer_expiry.set(self.issuer.not_after.timestamp())
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # multiprocess mode cannot clear; stale labels stay
+        if not self._metrics.multiprocess:  # multiprocess mode cannot clear; stale labels stay
             self._metrics.anchor_expiry.clear()
         for anchor in self.bundle.anchors:
             self._metrics.anchor_expiry.labels(fingerprint(anchor)[:23]).set(anchor.not_valid_after_utc.timestamp())
@@ -165,7 +197,10 @@ class IssuerState:
     # -- the server's own SVID
 
     def serving_svid(self, server_names: tuple[str, ...], ttl: timedelta) -> ServingSvid:
-        """The current server SVID, issued anew at half its life or after an issuer change."""
+        """The current server SVID, issued anew when the rotation policy says or after an issuer change.
+
+        Raises `StoreError` when a new one cannot be recorded: it is then not used.
+        """
         with self._serving_lock:  # gRPC calls this from its own threads
             return self._serving_svid(server_names, ttl)
 
@@ -188,9 +223,19 @@ class IssuerState:
             ttl=ttl,
             dns_names=server_names,
         )
-        life = issued.not_after - now
-        self._serving = ServingSvid(
-            issued.chain_pem(), private_key_pem(key), (now + life / 2).timestamp(), issuer_fingerprint
+        serial = format(issued.serial, "x")
+        record = IssuanceRecord(serial, str(issued.spiffe_id), issued.not_after, SELF_PRINCIPAL, SELF_API, now)
+        try:
+            self._store.record(record).result(timeout=_RECORD_TIMEOUT)
+        except TimeoutError as exc:
+            raise StoreError("the issuance log did not record the server SVID in time") from exc
+        renew_at = renewal_time(now, issued.not_after, self._renewal, self._rng)
+        self._serving = ServingSvid(issued.chain_pem(), private_key_pem(key), renew_at.timestamp(), issuer_fingerprint)
+        log.info(
+            "server.svid_issued",
+            spiffe_id=str(issued.spiffe_id),
+            serial=serial,
+            not_after=issued.not_after.isoformat(),
+            renew_at=renew_at.isoformat(),
         )
-        log.info("server.svid_issued", spiffe_id=str(issued.spiffe_id), not_after=issued.not_after.isoformat())
         return self._serving

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from meshca.pki._errors import StoreError
+from meshca.pki._errors import StoreError, TokenUsedUp
 from meshca.pki._spiffe import SpiffeId
 
 __all__ = [
@@ -70,11 +70,9 @@ class IssuanceRecord:
     issued_at: datetime
 
 
-class TokenUsedUp(StoreError):
-    """The join token had no use left (or expired) when its use was to be recorded."""
-
-
 class Store(Protocol):
+    """What the issuance pipeline needs of a store (docs/architecture.md, Store contract)."""
+
     def add_token(self, token: JoinToken) -> None: ...
     def get_token(self, token_hash: str) -> JoinToken | None: ...
     def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]: ...

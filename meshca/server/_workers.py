@@ -203,7 +203,7 @@ def _worker_main(
     async def serve() -> None:
         store = PipeStore(Path(store_path(TrustDir.at(config.dir))), conn)
         try:
-            server = IdentityServer(config, store=store)
+            server = IdentityServer(config, store=store, multiprocess_metrics=True)
 
             async def watch_parent() -> None:
                 while os.getppid() == parent:

@@ -141,7 +141,12 @@ def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     return True
 
 
-# -- join tokens
+# -- join tokens and the issuance log
+
+
+def workload_records(records: list[meshca.server.IssuanceRecord]) -> list[meshca.server.IssuanceRecord]:
+    """The records of workload certificates: the server's own (api "self") left out."""
+    return [r for r in records if r.api != "self"]
 
 
 def add_token(
@@ -333,6 +338,10 @@ class Harness:
         channel = grpc.aio.secure_channel(f"localhost:{self.port}", grpc.ssl_channel_credentials(self.bundle_pem))
         self._channels.append(channel)
         return channel
+
+    def issued(self) -> list[meshca.server.IssuanceRecord]:
+        """The issuance log without the server's own SVIDs (api "self"), which every start adds."""
+        return workload_records(self.server.store.issuances())
 
     def token(self, spiffe_id: meshca.SpiffeId = WEB, *, uses: int = 1, ttl: timedelta = timedelta(hours=1)) -> str:
         return add_token(self.server.store, spiffe_id, uses=uses, ttl=ttl, now=self.clock())

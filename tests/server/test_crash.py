@@ -15,7 +15,7 @@ from meshca._proto import meshca_identity_pb2_grpc
 from meshca.server import SqliteStore, hash_token
 from meshca.testing import TestCA
 
-from .harness import WEB, add_token, cert, native_request, serial_hex, spiffe_csr
+from .harness import WEB, add_token, cert, native_request, serial_hex, spiffe_csr, workload_records
 from .procs import ServeProcess, run_meshca
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_sigkill_during_issuance_loses_no_issued_certificate(d: Path, server_ca:
         assert not any(token in output for token in tokens)
     reopened = SqliteStore(d / "meshca.db")
     try:
-        records = reopened.issuances()
+        records = workload_records(reopened.issuances())
         assert serial_hex(cert(response.leaf)) in {r.serial for r in records}
         spent = sum(1_000_000 - reopened.get_token(hash_token(t)).uses_left for t in tokens)
         assert spent == len(records)

@@ -32,7 +32,7 @@ class BrokenStore:
 async def test_unexpected_error_is_internal_with_a_request_id(d: Path, server_ca: TestCA) -> None:
     async with serving(d, server_ca, metrics_listen="127.0.0.1:0") as h:
         token = h.token()
-        h.server.core.store = BrokenStore(RuntimeError("disk controller says /dev/sda7 is on fire"))
+        h.server.pipeline.store = BrokenStore(RuntimeError("disk controller says /dev/sda7 is on fire"))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await h.native.IssueSVID(native_request(spiffe_csr()[1], join_token=token))
         assert caught.value.code() == grpc.StatusCode.INTERNAL
@@ -40,7 +40,8 @@ async def test_unexpected_error_is_internal_with_a_request_id(d: Path, server_ca
         assert "sda7" not in details
         [failed] = h.events("request.failed")
         assert f"request id {failed['request_id']}" in details
-        assert failed["exc_info"]
+        assert failed["exc_info"]  # the traceback goes to the log, at error level
+        assert failed["log_level"] == "error"
         text = await h.scrape()
         assert sample_value(text, "meshca_requests_total", method="IssueSVID", code="INTERNAL") == 1
 
@@ -48,8 +49,8 @@ async def test_unexpected_error_is_internal_with_a_request_id(d: Path, server_ca
 async def test_store_failure_is_unavailable_and_nothing_is_returned(d: Path, server_ca: TestCA) -> None:
     async with serving(d, server_ca) as h:
         token = h.token()
-        real = h.server.core.store
-        h.server.core.store = BrokenStore(StoreError("database is locked"))
+        real = h.server.pipeline.store
+        h.server.pipeline.store = BrokenStore(StoreError("database is locked"))
         code = None
         try:
             await h.native.IssueSVID(native_request(spiffe_csr()[1], join_token=token))
@@ -59,5 +60,5 @@ async def test_store_failure_is_unavailable_and_nothing_is_returned(d: Path, ser
         [refused] = h.events("request.refused")
         assert refused["code"] == "UNAVAILABLE"
         # the token was not spent: once the store is back, it still pays for one certificate
-        h.server.core.store = real
+        h.server.pipeline.store = real
         await h.native.IssueSVID(native_request(spiffe_csr()[1], join_token=token))

@@ -50,4 +50,4 @@ async def test_expired_issuer_means_not_serving_and_unavailable(d: Path, server_
         assert code == 503, body
         assert (await asyncio.to_thread(http_get, h.server.metrics_port, "/livez"))[0] == 200
         assert h.events("issuer.unusable")
-        assert len(h.server.store.issuances()) == 1
+        assert len(h.issued()) == 1

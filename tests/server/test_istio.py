@@ -28,7 +28,7 @@ async def test_create_certificate_returns_leaf_issuer_root(d: Path, server_ca: T
         assert root == server_ca.anchor
         assert meshca.verify_chain([leaf, issuer], server_ca.bundle, at=h.clock()) == API
         assert timedelta(minutes=59) < leaf.not_valid_after_utc - h.clock() <= timedelta(hours=1)
-        [record] = h.server.store.issuances()
+        [record] = h.issued()
         assert (record.api, record.principal) == ("istio", "k8s:default:api")
 
 

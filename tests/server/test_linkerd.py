@@ -43,7 +43,7 @@ async def test_certify_issues_the_linkerd_identity_and_spiffe_id(d: Path, server
         assert response.valid_until.ToDatetime(tzinfo=leaf.not_valid_after_utc.tzinfo) == leaf.not_valid_after_utc
         chain = [response.leaf_certificate, *response.intermediate_certificates]
         assert meshca.verify_chain(chain, server_ca.bundle, at=h.clock()) == WEB
-        [record] = h.server.store.issuances()
+        [record] = h.issued()
         assert (record.api, record.spiffe_id) == ("linkerd", str(WEB))
 
 
@@ -74,7 +74,7 @@ async def test_name_mismatch_is_failed_precondition(d: Path, server_ca: TestCA, 
         }
         for name, request in cases.items():
             assert await code_of(h.linkerd.Certify(request)) == grpc.StatusCode.FAILED_PRECONDITION, name
-        assert h.server.store.issuances() == []
+        assert h.issued() == []
         assert len(h.events("request.refused")) == len(cases)
 
 

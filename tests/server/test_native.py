@@ -57,7 +57,7 @@ async def test_join_token_issues_an_svid_that_verifies(d: Path, server_ca: TestC
         assert response.bundle.trust_domain == TD
         assert list(response.bundle.anchors) == [server_ca.anchor.public_bytes(DER)]
         assert response.bundle.sequence == 1
-        [record] = h.server.store.issuances()
+        [record] = h.issued()
         assert (record.serial, record.spiffe_id, record.api) == (serial_hex(leaf), str(WEB), "native")
 
 
@@ -76,7 +76,7 @@ async def test_jwt_credential(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> Non
         response = await h.native.IssueSVID(native_request(csr, jwt_token=k8s.token("default", "api")))
         assert response.spiffe_id == str(API)
         assert uris(cert(response.leaf)) == [str(API)]
-        [record] = h.server.store.issuances()
+        [record] = h.issued()
         assert record.principal == "k8s:default:api"
 
 
@@ -96,7 +96,7 @@ async def test_svid_proof_renews_the_same_id(d: Path, server_ca: TestCA) -> None
             assert response.spiffe_id == str(WEB)
             assert cert(response.leaf).public_key() == new_key.public_key()
             old_key, chain = new_key, tuple(_chain(response))
-        assert [r.principal for r in h.server.store.issuances()][1:] == [f"svid:{WEB}"] * 2
+        assert [r.principal for r in h.issued()][1:] == [f"svid:{WEB}"] * 2
 
 
 async def test_svid_proof_refusals(d: Path, server_ca: TestCA) -> None:
@@ -128,7 +128,7 @@ async def test_svid_proof_refusals(d: Path, server_ca: TestCA) -> None:
         proof = sign_svid_proof(chain, old_key, csr, now)
         code = await code_of(h.native.IssueSVID(native_request(csr, proof=proof_message(proof), spiffe_id=str(API))))
         assert code == grpc.StatusCode.PERMISSION_DENIED
-        assert len(h.server.store.issuances()) == 1
+        assert len(h.issued()) == 1
         reasons = [e["reason"] for e in h.events("auth.failed")]
         assert reasons == ["svid_proof"] * len(cases)
 
@@ -147,7 +147,7 @@ async def test_a_one_use_token_pays_for_one_certificate_under_concurrency(d: Pat
         calls = [h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token)) for _ in range(8)]
         codes = await asyncio.gather(*(code_of(c) for c in calls))
         assert sorted(c.name for c in codes) == ["OK"] + ["UNAUTHENTICATED"] * 7
-        assert len(h.server.store.issuances()) == 1
+        assert len(h.issued()) == 1
 
 
 async def test_svid_proof_with_an_expired_svid(d: Path, server_ca: TestCA) -> None:
@@ -159,3 +159,15 @@ async def test_svid_proof_with_an_expired_svid(d: Path, server_ca: TestCA) -> No
         proof = sign_svid_proof(tuple(_chain(response)), key, renewal, h.clock())
         code = await code_of(h.native.IssueSVID(native_request(renewal, proof=proof_message(proof))))
         assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_join_token_is_stripped_of_surrounding_whitespace_as_a_bearer_token_is(
+    d: Path, server_ca: TestCA
+) -> None:
+    async with serving(d, server_ca) as h:
+        token = h.token(uses=2)
+        response = await h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=f" {token}\n"))
+        assert response.spiffe_id == str(WEB)
+        response = await h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], jwt_token=f"\t{token} "))
+        assert response.spiffe_id == str(WEB)
+        assert [r.principal for r in h.issued()] == [f"join-token:{meshca.server.hash_token(token)[:12]}"] * 2

@@ -48,7 +48,7 @@ async def test_issuance_via_tokenreview_is_cached(
         assert review["apiVersion"] == "authentication.k8s.io/v1"
         assert "meshca" in review["spec"]["audiences"]
         assert api_server.bad_auth == 0
-        assert {r.principal for r in h.server.store.issuances()} == {"k8s:default:web"}
+        assert {r.principal for r in h.issued()} == {"k8s:default:web"}
 
 
 async def test_cached_answer_expires_with_the_token(
@@ -79,7 +79,7 @@ async def test_a_review_without_audiences_is_not_for_meshca(
         code = await code_of(h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], jwt_token=token)))
         assert code == C.UNAUTHENTICATED
         assert [e["reason"] for e in h.events("auth.failed")] == ["tokenreview_audience"]
-        assert h.server.store.issuances() == []
+        assert h.issued() == []
 
 
 async def test_refused_token_is_unauthenticated(
@@ -92,7 +92,7 @@ async def test_refused_token_is_unauthenticated(
             assert code == C.UNAUTHENTICATED
         assert api_server.reviews_of(unknown) == 2  # refusals are not cached
         assert [e["reason"] for e in h.events("auth.failed")] == ["tokenreview_refused"] * 2
-        assert h.server.store.issuances() == []
+        assert h.issued() == []
 
 
 async def test_audience_is_part_of_the_cached_answer(
@@ -142,7 +142,7 @@ async def test_api_server_unreachable_fails_closed(d: Path, server_ca: TestCA, k
         code = await code_of(h.native.IssueSVID(native_request(spiffe_csr(API)[1], jwt_token=token)))
         # Nothing issued, and the caller is told to retry rather than that its token is bad.
         assert code == C.UNAVAILABLE
-        assert h.server.store.issuances() == []
+        assert h.issued() == []
         assert [e["reason"] for e in h.events("auth.failed")] == ["tokenreview_unavailable"]
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshca.server.api import NativeApi
 from meshca.testing import TestCA
 
 from .harness import TD, pb, serving
@@ -65,10 +66,10 @@ class _Context:
 
 async def test_a_change_while_a_message_is_being_sent_is_not_missed(d: Path, server_ca: TestCA) -> None:
     """gRPC suspends the handler at each ``yield`` while it sends; a rotation then must still be pushed."""
-    from meshca.server._service import NativeService
-
     async with serving(d, server_ca) as h:
-        watch = NativeService(h.server.core).WatchBundle(pb.WatchBundleRequest(), _Context())
+        native = h.server.apis[0]
+        assert isinstance(native, NativeApi)
+        watch = native.WatchBundle(pb.WatchBundleRequest(), _Context())
         first = await watch.__anext__()  # the handler is now suspended at its yield, as during a send
         (d / "bundle.pem").write_bytes(server_ca.bundle.to_pem() + TestCA(TD).bundle.to_pem())
         await h.wait_for(lambda: h.server.state.sequence > first.sequence, what="the reload")

@@ -1,0 +1,186 @@
+"""The one wrapper around every RPC: request size, deadline, metrics, and errors mapped to status codes.
+
+Wire adapters declare their methods; `Boundary` turns each into a gRPC method
+handler. An error becomes a status through a table from exception class to
+code, looked up along the class hierarchy; a service may override entries
+(Linkerd's FAILED_PRECONDITION for a name mismatch). An exception the table
+does not know is INTERNAL: logged at error level with its traceback, the
+caller gets only a request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError, Message
+
+from meshca.pki._errors import (
+    AuthenticationError,
+    BundleError,
+    CredentialCheckUnavailable,
+    CsrNameMismatch,
+    InvalidCsr,
+    InvalidRequest,
+    InvalidSpiffeId,
+    IssuanceError,
+    IssuerUnavailable,
+    KeyPolicyError,
+    MeshcaError,
+    PermissionDenied,
+    RateLimited,
+    RequestTooLarge,
+    StoreError,
+    TokenUsedUp,
+)
+from meshca.server._config import ServerConfig
+from meshca.server._metrics import Children, Metrics
+
+__all__ = ["STATUS", "Boundary", "StatusTable", "status_for"]
+
+log = structlog.get_logger("meshca.server")
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+Context = grpc.aio.ServicerContext[Any, Any]
+StatusTable = Mapping[type[BaseException], grpc.StatusCode]
+
+C = grpc.StatusCode
+STATUS: StatusTable = {
+    InvalidRequest: C.INVALID_ARGUMENT,
+    InvalidCsr: C.INVALID_ARGUMENT,
+    KeyPolicyError: C.INVALID_ARGUMENT,
+    InvalidSpiffeId: C.INVALID_ARGUMENT,
+    BundleError: C.INVALID_ARGUMENT,
+    AuthenticationError: C.UNAUTHENTICATED,
+    CredentialCheckUnavailable: C.UNAVAILABLE,  # retry, not refuse
+    TokenUsedUp: C.UNAUTHENTICATED,  # the token ran out between the check and the record
+    PermissionDenied: C.PERMISSION_DENIED,
+    CsrNameMismatch: C.PERMISSION_DENIED,
+    IssuanceError: C.FAILED_PRECONDITION,
+    IssuerUnavailable: C.UNAVAILABLE,
+    StoreError: C.UNAVAILABLE,
+    RateLimited: C.RESOURCE_EXHAUSTED,
+    RequestTooLarge: C.RESOURCE_EXHAUSTED,
+}
+
+
+def status_for(exc: BaseException, table: StatusTable = STATUS) -> grpc.StatusCode | None:
+    """The code of the nearest class of ``exc`` in ``table``; None for an exception nobody expected."""
+    for cls in type(exc).__mro__:
+        code = table.get(cls)
+        if code is not None:
+            return code
+    return None
+
+
+class Boundary:
+    """Builds the method handlers of the wire adapters; holds what every request shares."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self._limit = config.max_message_bytes
+        self._timeout = config.request_timeout.total_seconds()
+        self._metrics = metrics
+        self._requests = Children(metrics.requests)
+
+    def deserializer(self, message: type[Req]) -> Callable[[bytes], Req | MeshcaError]:
+        """Parses a request body; a body too large or malformed becomes the error its handler raises.
+
+        gRPC parses before the handler runs and answers UNKNOWN (naming a
+        Python class) when parsing raises, so the failure is handed on instead.
+        """
+        limit = self._limit
+        name = message.DESCRIPTOR.full_name
+
+        def parse(raw: bytes) -> Req | MeshcaError:
+            if len(raw) > limit:
+                return RequestTooLarge(f"request of {len(raw)} bytes is above the limit of {limit}")
+            try:
+                return message.FromString(raw)
+            except DecodeError:
+                return InvalidRequest(f"request body is not a valid {name} message")
+
+        return parse
+
+    def unary(
+        self,
+        service: str,
+        method: str,
+        call: Callable[[Req, Context], Awaitable[Resp]],
+        request: type[Req],
+        response: type[Resp],
+        *,
+        status: StatusTable = STATUS,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        latency = self._metrics.latency.labels(service, method)
+        requests = self._requests
+        timeout = self._timeout
+
+        async def handle(message: Req | MeshcaError, context: Context) -> Resp:
+            start = time.perf_counter()
+            code = C.OK
+            try:
+                if isinstance(message, MeshcaError):
+                    raise message
+                async with asyncio.timeout(timeout):
+                    return await call(message, context)
+            except TimeoutError:
+                code = C.DEADLINE_EXCEEDED
+                log.warning("request.timeout", service=service, method=method)
+                await context.abort(code, "request took too long")
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status here, the unexpected as INTERNAL
+                code = status_for(exc, status) or C.INTERNAL
+                await self._refuse(exc, code, context, service, method)
+            finally:
+                requests(service, method, code.name).inc()
+                latency.observe(time.perf_counter() - start)
+            raise AssertionError("unreachable")  # context.abort always raises
+
+        return grpc.unary_unary_rpc_method_handler(
+            handle,
+            request_deserializer=self.deserializer(request),
+            response_serializer=response.SerializeToString,
+        )
+
+    def stream(
+        self,
+        service: str,
+        method: str,
+        call: Callable[[Req, Context], AsyncIterator[Resp]],
+        request: type[Req],
+        response: type[Resp],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """A server-streaming method: no deadline (a watch lasts), a malformed request still maps cleanly."""
+
+        async def handle(message: Req | MeshcaError, context: Context) -> AsyncIterator[Resp]:
+            if isinstance(message, MeshcaError):
+                code = status_for(message) or C.INTERNAL
+                log.warning("request.refused", service=service, method=method, code=code.name, reason=str(message))
+                await context.abort(code, str(message))
+            assert not isinstance(message, MeshcaError)
+            async for item in call(message, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            handle,
+            request_deserializer=self.deserializer(request),
+            response_serializer=response.SerializeToString,
+        )
+
+    async def _refuse(self, exc: Exception, code: grpc.StatusCode, context: Context, service: str, method: str) -> None:
+        if code == C.INTERNAL:
+            request_id = uuid.uuid4().hex[:16]
+            log.exception("request.failed", service=service, method=method, request_id=request_id)
+            await context.abort(code, f"internal error (request id {request_id})")
+        if isinstance(exc, AuthenticationError | TokenUsedUp):
+            reason = getattr(exc, "reason", None) or "token_used_up"
+            self._metrics.auth_failures.labels(reason).inc()
+            log.warning("auth.failed", service=service, method=method, reason=reason, detail=str(exc))
+        else:
+            log.warning("request.refused", service=service, method=method, code=code.name, reason=str(exc))
+        await context.abort(code, str(exc))
