@@ -77,6 +77,7 @@ class Issuer:
         "_key",
         "_not_after",
         "_not_before",
+        "anchor",
         "bundle",
         "certificate",
         "intermediates",
@@ -101,7 +102,7 @@ class Issuer:
         self._intermediates_der = tuple(c.public_bytes(_DER) for c in chain)
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_identifier(certificate))
         # A leaf must never outlive anything in its chain, the anchor included.
-        anchor = self._anchor_of(chain[-1], bundle)
+        self.anchor = anchor = self._anchor_of(chain[-1], bundle)
         self._not_after = min(c.not_valid_after_utc for c in (*chain, anchor))
         self._not_before = max(c.not_valid_before_utc for c in (*chain, anchor))
 

@@ -168,7 +168,8 @@ class Pipeline:
         ttl = self.lifetime(request.ttl_seconds)
         checked = check_csr(request.csr, spiffe_id, allowed_dns=request.dns_names, policy=self.config.key_policy)
         state = self.state
-        issuer, bundle, anchor = state.issuer, state.bundle, state.anchor
+        issuer, bundle = state.issuer, state.bundle
+        anchor = issuer.anchor
         now = self.clock()
         svid = issuer.sign(checked.public_key, spiffe_id, now=now, ttl=ttl, dns_names=checked.dns_names)
         serial = format(svid.serial, "x")

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
-from cryptography import x509
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import fingerprint
@@ -81,11 +80,6 @@ def validate(issuer: Issuer, now_clock: Clock) -> None:
     verify_chain([probe.leaf, *probe.intermediates], issuer.bundle, at=now)
 
 
-def anchor_of(issuer: Issuer) -> x509.Certificate:
-    """The anchor the issuer chains to, as the Issuer verified it when it was built."""
-    return issuer._anchor_of(issuer.intermediates[-1], issuer.bundle)
-
-
 class IssuerState:
     def __init__(
         self,
@@ -111,7 +105,6 @@ class IssuerState:
         validate(issuer, clock)
         self._sequence = 1
         self.issuer: Issuer = issuer
-        self.anchor = anchor_of(issuer)
         self.bundle: TrustBundle = issuer.bundle
         self._changed = asyncio.Event()
         self._usable = True
@@ -159,7 +152,7 @@ class IssuerState:
             log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(self.issuer.certificate)[:23])
             return False
         old_bundle = self.bundle
-        self.issuer, self.anchor = issuer, anchor_of(issuer)
+        self.issuer = issuer
         self._metrics.reloads.labels("success").inc()
         log.info(
             "issuer.reloaded",
