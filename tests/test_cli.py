@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -914,10 +915,15 @@ def test_format_duration_writes_years() -> None:
 # -- bench/setup.sh installs Debian packages only as root
 
 
-def test_bench_setup_without_root_says_what_to_install(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dirname", "id"):  # real tools; h2load and cfssl are absent from this PATH
+def test_bench_setup_without_root_says_what_to_install() -> None:
+    # A PATH the unprivileged user can read (pytest's tmp_path is private to root).
+    with tempfile.TemporaryDirectory() as name:
+        _run_bench_setup_unprivileged(Path(name))
+
+
+def _run_bench_setup_unprivileged(bin_dir: Path) -> None:
+    bin_dir.chmod(0o755)
+    for tool in ("bash", "dirname", "id"):  # real tools; h2load and cfssl are absent from this PATH
         (bin_dir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     script = Path(__file__).resolve().parent.parent / "bench" / "setup.sh"
     # As root, drop to nobody for real; a non-root runner is already what the test needs.
@@ -927,5 +933,6 @@ def test_bench_setup_without_root_says_what_to_install(tmp_path: Path) -> None:
         capture_output=True, text=True, env={"PATH": str(bin_dir)}, check=False,
     )  # fmt: skip
     assert proc.returncode == 1, proc
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert "missing Debian packages: nghttp2-client golang-cfssl" in proc.stderr
     assert "sudo apt-get install" in proc.stderr

@@ -8,11 +8,10 @@ from meshca.cli._options import (
     CliError,
     add_dir,
     add_duration,
-    add_force,
     add_json,
     add_key_type,
+    add_key_writing,
     add_leaf_ttl,
-    add_passphrase_file,
     add_trust_domain,
     emit,
     passphrase,
@@ -37,8 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "or the anchor's lifetime if that is shorter)",
     )
     add_leaf_ttl(p, "leaf lifetime the issuer must have room for, as `meshca check` checks it")
-    add_force(p)
-    add_passphrase_file(p)
+    add_key_writing(p)
     add_json(p)
     p.set_defaults(func=run)
 

@@ -9,10 +9,9 @@ from pathlib import Path
 from meshca.cli._options import (
     add_dir,
     add_duration,
-    add_force,
     add_json,
     add_key_type,
-    add_passphrase_file,
+    add_key_writing,
     emit,
     passphrase,
     refuse_existing,
@@ -39,8 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_duration(p, "--ttl", LEAF_TTL, "lifetime of the SVID")
     p.add_argument("--dns", action="append", default=[], metavar="NAME", help="a DNS SAN (repeatable)")
     add_key_type(p, "the leaf key")
-    add_force(p)
-    add_passphrase_file(p)
+    add_key_writing(p)
     add_json(p)
     p.set_defaults(func=run)
 

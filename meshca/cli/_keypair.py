@@ -6,7 +6,7 @@ import argparse
 from datetime import timedelta
 from pathlib import Path
 
-from meshca.cli._options import CliError, add_duration, add_force, add_json, add_key_type, add_passphrase_file
+from meshca.cli._options import CliError, add_duration, add_json, add_key_type, add_key_writing
 
 
 def add_outputs(p: argparse.ArgumentParser, what: str, cert_name: str, key_name: str, lifetime: timedelta) -> None:
@@ -18,8 +18,7 @@ def add_outputs(p: argparse.ArgumentParser, what: str, cert_name: str, key_name:
     p.add_argument("--key-out", metavar="FILE", help=f"write the {what} key here (PKCS#8 PEM, 0600); with --cert-out")
     add_key_type(p, f"the {what} key")
     add_duration(p, "--lifetime", lifetime, f"lifetime of the {what}")
-    add_force(p)
-    add_passphrase_file(p)
+    add_key_writing(p)
     add_json(p)
 
 

@@ -18,9 +18,9 @@ __all__ = [
     "CliError",
     "add_dir",
     "add_duration",
-    "add_force",
     "add_json",
     "add_key_type",
+    "add_key_writing",
     "add_leaf_ttl",
     "add_passphrase_file",
     "add_trust_domain",
@@ -85,8 +85,10 @@ def add_json(p: argparse._ActionsContainer) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def add_force(p: argparse._ActionsContainer) -> None:
+def add_key_writing(p: argparse._ActionsContainer) -> None:
+    """For commands that write private keys: --force to replace, --passphrase-file to encrypt."""
     p.add_argument("--force", action="store_true", help="replace existing key files")
+    add_passphrase_file(p)
 
 
 def add_key_type(p: argparse._ActionsContainer, what: str = "new keys") -> None:
