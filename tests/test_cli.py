@@ -789,7 +789,7 @@ def test_usage_errors_are_one_line_in_the_console_script(meshca_cmd: Run) -> Non
 @pytest.mark.parametrize(
     ("flags", "reason"),
     [
-        (["--anchor-lifetime", "1d", "--issuer-lifetime", "365d"], "exceeds the anchor lifetime 1d"),
+        (["--anchor-lifetime", "1d", "--issuer-lifetime", "365d"], "exceeds the anchor lifetime 24h"),
         (["--issuer-lifetime", "12h"], "cut to 12h"),
         (["--anchor-lifetime", "12h"], "cut to 12h"),
         (["--issuer-lifetime", "2d", "--leaf-ttl", "3d"], "cut to 2d"),
@@ -910,6 +910,8 @@ def test_format_duration_round_trips(value: timedelta) -> None:
 def test_format_duration_writes_years() -> None:
     assert format_duration(timedelta(days=3650)) == "10y"
     assert format_duration(timedelta(days=366)) == "366d"
+    assert format_duration(timedelta(hours=24)) == "24h"
+    assert format_duration(timedelta(days=1, hours=6)) == "30h"
 
 
 # -- bench/setup.sh installs Debian packages only as root

@@ -98,7 +98,7 @@ def _served_chain(host: str, port: int, name: str, bundle_pem: bytes) -> list[x5
     ):
         # Public as SSLSocket.get_unverified_chain() from Python 3.13; the object underneath has it since 3.10.
         presented = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
-        return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER)) for c in presented]  # type: ignore[attr-defined]
+        return x509.load_pem_x509_certificates("".join(c.public_bytes() for c in presented).encode())
 
 
 def _health(server: str, name: str, bundle_pem: bytes) -> Finding:

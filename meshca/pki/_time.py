@@ -52,7 +52,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 def format_duration(value: timedelta) -> str:
-    """A short human form that `parse_duration` reads back: ``23h59m``, ``89d``, ``10y``, ``-3d`` for the past."""
+    """A short form `parse_duration` reads: ``23h59m``, ``24h``, ``89d``, ``10y``, ``-3d`` for the past."""
     seconds = int(value.total_seconds())
     sign = "-" if seconds < 0 else ""
     seconds = abs(seconds)
@@ -60,6 +60,8 @@ def format_duration(value: timedelta) -> str:
     if days and not rem and days % 365 == 0:
         return f"{sign}{days // 365}y"
     hours, rem = divmod(rem, 3600)
+    if days == 1:  # 24h and 30h read better than 1d and 1d6h
+        days, hours = 0, hours + 24
     minutes, secs = divmod(rem, 60)
     if days:
         return f"{sign}{days}d{hours}h" if hours and days < 10 else f"{sign}{days}d"
