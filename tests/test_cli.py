@@ -756,6 +756,19 @@ def test_every_option_has_help_and_every_duration_shows_the_format() -> None:
     assert durations >= 10
 
 
+def test_a_shared_option_says_the_same_in_every_command() -> None:
+    helps: dict[str, set[str | None]] = {}
+    users: dict[str, int] = {}
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            for flag in action.option_strings:
+                helps.setdefault(flag, set()).add(action.help)
+                users[flag] = users.get(flag, 0) + 1
+    for flag in ("--passphrase-file", "--json", "--force"):
+        assert users[flag] >= 3, flag
+        assert len(helps[flag]) == 1, (flag, helps[flag])
+
+
 @pytest.mark.parametrize("module", [[], ["-m", "meshca"]], ids=["console-script", "python-m"])
 def test_version(meshca_cmd: Run, module: list[str]) -> None:
     if module:

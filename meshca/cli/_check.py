@@ -12,7 +12,16 @@ import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshca.cli._options import CliError, add_json, add_leaf_ttl, add_passphrase_file, emit, passphrase, read
+from meshca.cli._options import (
+    CliError,
+    add_json,
+    add_leaf_ttl,
+    add_passphrase_file,
+    add_server_name,
+    emit,
+    passphrase,
+    read,
+)
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import load_certificates
 from meshca.pki._check import Finding, check_served_chain, check_trust_dir
@@ -36,9 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--server", metavar="HOST:PORT", help="also check this running service: reachable, TLS identity, health, issuer"
     )
     p.add_argument("--bundle", metavar="FILE", help="PEM bundle to verify the server with (default DIR/bundle.pem)")
-    p.add_argument(
-        "--server-name", metavar="NAME", help="expected DNS name of the server's certificate (default: from --server)"
-    )
+    add_server_name(p)
     add_json(p)
     p.set_defaults(func=run)
 

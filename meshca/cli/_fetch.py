@@ -10,7 +10,7 @@ import sys
 import threading
 from datetime import timedelta
 
-from meshca.cli._options import CliError, add_duration, read, spiffe_id
+from meshca.cli._options import CliError, add_duration, add_server_name, read, spiffe_id
 from meshca.client import SvidSource
 from meshca.client._sink import FileSink
 from meshca.pki._time import Clock
@@ -46,9 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(e.g. 'nginx -s reload')",
     )
     add_duration(p, "--exec-timeout", timedelta(seconds=30), "stop waiting for COMMAND after this long")
-    p.add_argument(
-        "--server-name", metavar="NAME", help="expected DNS name of the server's certificate (default: from --server)"
-    )
+    add_server_name(p)
     add_duration(p, "--timeout", timedelta(seconds=60), "wait this long for the first SVID")
     p.set_defaults(func=run)
 

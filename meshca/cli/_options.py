@@ -23,6 +23,7 @@ __all__ = [
     "add_key_writing",
     "add_leaf_ttl",
     "add_passphrase_file",
+    "add_server_name",
     "add_trust_domain",
     "duration",
     "emit",
@@ -78,6 +79,13 @@ def add_passphrase_file(p: argparse._ActionsContainer) -> None:
         "--passphrase-file",
         metavar="FILE",
         help="file holding the passphrase that decrypts the CA keys meshca reads and encrypts the keys it writes",
+    )
+
+
+def add_server_name(p: argparse._ActionsContainer) -> None:
+    """For commands that dial `meshca serve` at --server."""
+    p.add_argument(
+        "--server-name", metavar="NAME", help="expected DNS name of the server's certificate (default: from --server)"
     )
 
 
