@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -19,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 import meshca
 from meshca import SpiffeId, TrustBundle, TrustDomain
 from meshca.cli import build_parser, main
+from meshca.cli._options import duration
+from meshca.pki._time import format_duration, parse_duration
 from meshca.testing import FrozenClock, TestCA
 
 Run = Callable[..., Result]
@@ -32,20 +39,15 @@ def _mode(path: Path) -> int:
 
 
 def assert_clean_failure(result: Result, code: int | None = None) -> None:
-    """Non-zero, no traceback, and either one ``meshca:`` line or argparse's usage error."""
+    """Non-zero, no traceback, and one ``meshca: error:`` line: usage errors too, no usage dump."""
     assert result.code != 0, result
     if code is not None:
         assert result.code == code, result
     assert "Traceback" not in result.stderr
     assert "Traceback" not in result.stdout
     lines = result.stderr.strip().splitlines()
-    assert lines, "a failure says why on stderr"
-    if lines[0].startswith("usage:"):
-        assert result.code == 2
-        assert lines[-1].startswith("meshca") and ": error: " in lines[-1], result.stderr
-    else:
-        assert len(lines) == 1, result.stderr
-        assert lines[0].startswith("meshca:"), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("meshca: error: "), result.stderr
 
 
 @pytest.fixture
@@ -724,3 +726,228 @@ def test_bad_input_in_the_console_script(
     result = meshca_cmd(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert_clean_failure(result, code)
     assert reason in result.stderr
+
+
+# -- every option has help; durations show their format; the command's version
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found.extend(_parsers(sub))
+    return found
+
+
+def test_every_option_has_help_and_every_duration_shows_the_format() -> None:
+    checked = durations = 0
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            checked += 1
+            name = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} has no help"
+            if action.type is duration:
+                durations += 1
+                assert "90s, 24h, 1h30m, 90d, 10y" in action.help, f"{name}: the duration format is not shown"
+    assert checked > 80
+    assert durations >= 10
+
+
+def test_a_shared_option_says_the_same_in_every_command() -> None:
+    helps: dict[str, set[str | None]] = {}
+    users: dict[str, int] = {}
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            for flag in action.option_strings:
+                helps.setdefault(flag, set()).add(action.help)
+                users[flag] = users.get(flag, 0) + 1
+    for flag in ("--passphrase-file", "--json", "--force"):
+        assert users[flag] >= 3, flag
+        assert len(helps[flag]) == 1, (flag, helps[flag])
+
+
+@pytest.mark.parametrize("module", [[], ["-m", "meshca"]], ids=["console-script", "python-m"])
+def test_version(meshca_cmd: Run, module: list[str]) -> None:
+    if module:
+        proc = subprocess.run([sys.executable, *module, "--version"], capture_output=True, text=True, check=False)
+        result = Result(proc.returncode, proc.stdout, proc.stderr)
+    else:
+        result = meshca_cmd("--version")
+    assert result.code == 0, result
+    assert result.stdout.strip() == f"meshca {meshca.__version__}"
+
+
+def test_python_m_meshca_runs_commands(initialized: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshca", "bundle", "--dir", str(initialized)], capture_output=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (initialized / "bundle.pem").read_bytes()
+
+
+def test_usage_errors_are_one_line_in_the_console_script(meshca_cmd: Run) -> None:
+    result = meshca_cmd("init", "--trust-domain", "example.org")
+    assert_clean_failure(result, 2)
+    assert "usage" not in result.stderr
+    assert "--dir" in result.stderr
+    assert "meshca init --help" in result.stderr
+
+
+# -- init refuses lifetimes check would reject (one rule: pki/_check.py)
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--anchor-lifetime", "1d", "--issuer-lifetime", "365d"], "exceeds the anchor lifetime 24h"),
+        (["--issuer-lifetime", "12h"], "cut to 12h"),
+        (["--anchor-lifetime", "12h"], "cut to 12h"),
+        (["--issuer-lifetime", "2d", "--leaf-ttl", "3d"], "cut to 2d"),
+    ],
+    ids=["issuer-beyond-anchor", "issuer-shorter-than-a-leaf", "anchor-shorter-than-a-leaf", "leaf-ttl"],
+)
+def test_init_refuses_lifetimes_check_rejects(tmp_path: Path, cli: Run, flags: list[str], reason: str) -> None:
+    ca = tmp_path / "ca"
+    result = cli("init", "--trust-domain", "example.org", "--dir", ca, *flags)
+    assert_clean_failure(result, 1)
+    assert reason in result.stderr
+    assert not ca.exists()
+
+
+def test_init_and_check_state_the_same_leaf_rule(tmp_path: Path, cli: Run) -> None:
+    ca = tmp_path / "ca"
+    made = cli("init", "--trust-domain", "example.org", "--dir", ca, "--issuer-lifetime", "2d", clock=FrozenClock(NOW))
+    assert made.code == 0, made
+    refused = cli("init", "--trust-domain", "example.org", "--dir", tmp_path / "b", "--issuer-lifetime", "2d",
+                  "--leaf-ttl", "3d")  # fmt: skip
+    check = cli("check", "--dir", ca, "--leaf-ttl", "3d", clock=FrozenClock(NOW))
+    assert check.code == 1
+    rule = "leaves issued now are cut to 2d by the issuer chain (wanted 3d)"
+    assert rule in refused.stderr
+    assert f"[FAIL] {rule}" in check.stdout
+
+
+def test_init_with_a_short_anchor_gives_the_issuer_the_anchors_lifetime(tmp_path: Path, cli: Run) -> None:
+    ca = tmp_path / "ca"
+    assert cli("init", "--trust-domain", "example.org", "--dir", ca, "--anchor-lifetime", "30d").code == 0
+    anchor = x509.load_pem_x509_certificate((ca / "trust-anchor.crt").read_bytes())
+    issuer = x509.load_pem_x509_certificate((ca / "issuer.crt").read_bytes())
+    assert issuer.not_valid_after_utc == anchor.not_valid_after_utc
+
+
+# -- inspect names attributes and roles
+
+
+def test_inspect_names_serial_number_and_labels_the_trust_anchor(initialized: Path, issued: Path, cli: Run) -> None:
+    anchor = cli("inspect", initialized / "trust-anchor.crt")
+    assert anchor.code == 0, anchor
+    assert anchor.stdout.startswith("Certificate (trust anchor)")
+    assert "serialNumber=" in anchor.stdout
+    assert "2.5.4.5" not in anchor.stdout
+    chain = json.loads(cli("inspect", "--json", issued).stdout)
+    assert [c["role"] for c in chain] == ["leaf", "issuer"]
+    assert "Certificate (issuer)" in cli("inspect", issued).stdout
+    assert json.loads(cli("inspect", "--json", initialized / "trust-anchor.crt").stdout)[0]["role"] == "trust-anchor"
+
+
+# -- offline issuance is logged; the log reads newest first
+
+
+def _issue(ca: Path, tmp_path: Path, cli: Run, name: str, clock: FrozenClock | None = None) -> str:
+    result = cli(
+        "issue", "--dir", ca, "--spiffe-id", f"spiffe://example.org/{name}", "--cert-out", tmp_path / f"{name}.pem",
+        "--key-out", tmp_path / f"{name}.key", "--json", clock=clock,
+    )  # fmt: skip
+    assert result.code == 0, result
+    return str(json.loads(result.stdout)["serial"])
+
+
+def test_offline_issue_is_recorded_in_the_log(initialized: Path, tmp_path: Path, cli: Run) -> None:
+    serial = _issue(initialized, tmp_path, cli, "web")
+    [row] = json.loads(cli("log", "--dir", initialized, "--json").stdout)
+    assert (row["serial"], row["spiffe_id"], row["api"]) == (serial, "spiffe://example.org/web", "offline")
+    leaf = x509.load_pem_x509_certificates((tmp_path / "web.pem").read_bytes())[0]
+    assert row["not_after"] == leaf.not_valid_after_utc.isoformat()
+
+
+def test_log_is_newest_first_and_reverse_is_oldest_first(tmp_path: Path, cli: Run) -> None:
+    clock = FrozenClock(NOW)
+    ca = tmp_path / "ca"
+    assert cli("init", "--trust-domain", "example.org", "--dir", ca, clock=clock).code == 0
+    serials = []
+    for name in ("a", "b", "c"):
+        clock.advance(timedelta(minutes=1))
+        serials.append(_issue(ca, tmp_path, cli, name, clock))
+    rows = json.loads(cli("log", "--dir", ca, "--json").stdout)
+    assert [r["serial"] for r in rows] == serials[::-1]
+    [newest] = json.loads(cli("log", "--dir", ca, "--json", "--limit", "1").stdout)
+    assert newest["serial"] == serials[-1]
+    [oldest] = json.loads(cli("log", "--dir", ca, "--json", "--limit", "1", "--reverse").stdout)
+    assert oldest["serial"] == serials[0]
+    assert_clean_failure(cli("log", "--dir", ca, "--limit", "0"), 2)
+
+
+# -- join tokens never grant meshca's own identities
+
+
+@pytest.mark.parametrize("path", ["/meshca/identity", "/meshca", "/meshca/agent/node-1"])
+def test_token_create_refuses_reserved_ids(initialized: Path, cli: Run, path: str) -> None:
+    result = cli("token", "create", "--dir", initialized, "--spiffe-id", f"spiffe://example.org{path}")
+    assert_clean_failure(result, 1)
+    assert "reserved for meshca's own components" in result.stderr
+    assert result.stdout == ""
+    assert not (initialized / "meshca.db").exists()
+
+
+def test_token_create_accepts_an_id_that_only_starts_like_a_reserved_one(initialized: Path, cli: Run) -> None:
+    result = cli("token", "create", "--dir", initialized, "--spiffe-id", "spiffe://example.org/meshcas/web")
+    assert result.code == 0, result
+    assert result.stdout.startswith("mtok_")
+
+
+# -- durations: what format_duration writes, parse_duration reads
+
+
+@pytest.mark.parametrize(
+    "value",
+    [timedelta(seconds=90), timedelta(hours=24), timedelta(hours=1, minutes=30), timedelta(days=90),
+     timedelta(days=3650), timedelta(days=365)],
+)  # fmt: skip
+def test_format_duration_round_trips(value: timedelta) -> None:
+    assert parse_duration(format_duration(value)) == value
+
+
+def test_format_duration_writes_years() -> None:
+    assert format_duration(timedelta(days=3650)) == "10y"
+    assert format_duration(timedelta(days=366)) == "366d"
+    assert format_duration(timedelta(hours=24)) == "24h"
+    assert format_duration(timedelta(days=1, hours=6)) == "30h"
+
+
+# -- bench/setup.sh installs Debian packages only as root
+
+
+def test_bench_setup_without_root_says_what_to_install() -> None:
+    # A PATH the unprivileged user can read (pytest's tmp_path is private to root).
+    with tempfile.TemporaryDirectory() as name:
+        _run_bench_setup_unprivileged(Path(name))
+
+
+def _run_bench_setup_unprivileged(bin_dir: Path) -> None:
+    bin_dir.chmod(0o755)
+    for tool in ("bash", "dirname", "id"):  # real tools; h2load and cfssl are absent from this PATH
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    script = Path(__file__).resolve().parent.parent / "bench" / "setup.sh"
+    # As root, drop to nobody for real; a non-root runner is already what the test needs.
+    as_user = [shutil.which("setpriv") or "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    proc = subprocess.run(
+        [*(as_user if os.getuid() == 0 else []), "/bin/bash", str(script)],
+        capture_output=True, text=True, env={"PATH": str(bin_dir)}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "missing Debian packages: nghttp2-client golang-cfssl" in proc.stderr
+    assert "sudo apt-get install" in proc.stderr

@@ -117,6 +117,7 @@ def main() -> int:
                     "serve",
                     "--dir",
                     str(ca_dir),
+                    "--create",
                     "--listen",
                     f"127.0.0.1:{ca_port}",
                     "--metrics-listen",

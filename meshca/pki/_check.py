@@ -11,15 +11,23 @@ from typing import Literal
 
 from cryptography import x509
 
-from meshca.pki._certs import fingerprint, load_certificates
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._certs import fingerprint, load_certificates, spiffe_ids_of
 from meshca.pki._errors import KeyPolicyError, MeshcaError
 from meshca.pki._inspect import describe_key
-from meshca.pki._issuer import Issuer
 from meshca.pki._keys import key_type_of
 from meshca.pki._time import format_duration
 from meshca.pki._trustdir import TrustDir
 
-__all__ = ["ANCHOR_WARN", "ISSUER_WARN", "Finding", "check_trust_dir"]
+__all__ = [
+    "ANCHOR_WARN",
+    "ISSUER_WARN",
+    "Finding",
+    "check_served_chain",
+    "check_trust_dir",
+    "leaf_room",
+    "lifetime_findings",
+]
 
 ANCHOR_WARN = timedelta(days=60)
 ISSUER_WARN = timedelta(days=14)
@@ -99,12 +107,12 @@ def check_trust_dir(
     findings.append(Finding("ok", "issuer", f"{what} matches its key and chains to the bundle"))
     findings.append(_algorithm(cert, what))
     findings.append(_validity(cert, what, now, ISSUER_WARN))
-    findings.append(_leaf_room(issuer, now, leaf_ttl))
+    findings.append(leaf_room(issuer.not_after - now, leaf_ttl))
     return findings
 
 
-def _leaf_room(issuer: Issuer, now: datetime, leaf_ttl: timedelta) -> Finding:
-    room = issuer.not_after - now
+def leaf_room(room: timedelta, leaf_ttl: timedelta) -> Finding:
+    """Whether an issuer with ``room`` left can sign a leaf of its full ``leaf_ttl``."""
     if room <= timedelta():
         return Finding("error", "leaf lifetime", "no leaf can be issued: the issuer chain has expired")
     if room < leaf_ttl:
@@ -115,3 +123,50 @@ def _leaf_room(issuer: Issuer, now: datetime, leaf_ttl: timedelta) -> Finding:
             f"(wanted {format_duration(leaf_ttl)})",
         )
     return Finding("ok", "leaf lifetime", f"leaves issued now get their full {format_duration(leaf_ttl)}")
+
+
+def lifetime_findings(*, anchor_lifetime: timedelta, issuer_lifetime: timedelta, leaf_ttl: timedelta) -> list[Finding]:
+    """The lifetime rules for a trust domain about to be made (`meshca init` refuses any error).
+
+    The same rules `check_trust_dir` applies to one that exists: the issuer is
+    not cut by its anchor, and it has room for a full leaf.
+    """
+    findings = []
+    if issuer_lifetime > anchor_lifetime:
+        findings.append(
+            Finding(
+                "error",
+                "issuer lifetime",
+                f"the issuer lifetime {format_duration(issuer_lifetime)} exceeds the anchor lifetime "
+                f"{format_duration(anchor_lifetime)}: an issuer never outlives its anchor",
+            )
+        )
+    findings.append(leaf_room(min(issuer_lifetime, anchor_lifetime), leaf_ttl))
+    return findings
+
+
+def check_served_chain(
+    chain: list[x509.Certificate], bundle: TrustBundle, *, now: datetime, expected: x509.Certificate | None = None
+) -> list[Finding]:
+    """What a running service presents: its own identity, and the issuer it signs with (the certificate after
+    its leaf). ``chain`` has already been verified against ``bundle`` by the TLS handshake; ``expected`` is the
+    issuer on disk, when known.
+    """
+    leaf = chain[0]
+    ids = spiffe_ids_of(leaf)
+    if len(ids) == 1 and ids[0].reserved and ids[0].trust_domain == bundle.trust_domain:
+        findings = [Finding("ok", "server identity", f"server presents {ids[0]}, verified against the bundle")]
+    else:
+        named = ", ".join(map(str, ids)) or "no SPIFFE ID"
+        findings = [Finding("warning", "server identity", f"server presents {named}, not a meshca identity")]
+    if len(chain) < 2:
+        findings.append(Finding("error", "served issuer", "server presents no issuer after its certificate"))
+        return findings
+    issuer = chain[1]
+    what = f"served issuer {_short(issuer)}"
+    findings.append(_validity(issuer, what, now, ISSUER_WARN))
+    if expected is not None and expected != issuer:
+        findings.append(
+            Finding("warning", "served issuer", f"{what} is not the issuer on disk {_short(expected)} (not reloaded?)")
+        )
+    return findings

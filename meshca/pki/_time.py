@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["Clock", "format_duration", "parse_duration", "system_clock"]
+__all__ = ["DURATION_FORMAT", "Clock", "format_duration", "parse_duration", "system_clock"]
 
 Clock = Callable[[], datetime]
 """Returns the current time as an aware UTC datetime."""
@@ -25,6 +25,8 @@ _UNITS = {
     "y": timedelta(days=365),
 }
 MAX_DURATION = timedelta(days=100 * 365)
+DURATION_FORMAT = "forms like 90s, 24h, 1h30m, 90d, 10y"
+"""Shown wherever a duration is asked for: the help of every duration option, and parse errors."""
 _PART = re.compile(r"(\d+)(ms|s|m|h|d|y)")
 
 
@@ -36,7 +38,7 @@ def parse_duration(text: str) -> timedelta:
     while pos < len(text):
         m = _PART.match(text, pos)
         if m is None:
-            raise ValueError(f"invalid duration {text!r}: use forms like 90s, 24h, 1h30m, 90d, 10y")
+            raise ValueError(f"invalid duration {text!r}: use {DURATION_FORMAT}")
         try:
             total += int(m.group(1)) * _UNITS[m.group(2)]
         except OverflowError:
@@ -50,12 +52,16 @@ def parse_duration(text: str) -> timedelta:
 
 
 def format_duration(value: timedelta) -> str:
-    """A short human form: ``23h59m``, ``89d``, ``-3d`` for the past."""
+    """A short form `parse_duration` reads: ``23h59m``, ``24h``, ``89d``, ``10y``, ``-3d`` for the past."""
     seconds = int(value.total_seconds())
     sign = "-" if seconds < 0 else ""
     seconds = abs(seconds)
     days, rem = divmod(seconds, 86400)
+    if days and not rem and days % 365 == 0:
+        return f"{sign}{days // 365}y"
     hours, rem = divmod(rem, 3600)
+    if days == 1:  # 24h and 30h read better than 1d and 1d6h
+        days, hours = 0, hours + 24
     minutes, secs = divmod(rem, 60)
     if days:
         return f"{sign}{days}d{hours}h" if hours and days < 10 else f"{sign}{days}d"

@@ -5,6 +5,7 @@ DIR/trust-anchor.key   its key, 0600
 DIR/issuer.crt         the issuer, then any intermediates up to the anchor
 DIR/issuer.key         its key, 0600
 DIR/bundle.pem         every anchor clients should trust
+DIR/DEVELOPMENT        present when `meshca serve` made this directory as a development CA
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ class TrustDir:
     @property
     def bundle(self) -> Path:
         return self.path / "bundle.pem"
+
+    @property
+    def dev_marker(self) -> Path:
+        return self.path / "DEVELOPMENT"
+
+    def mark_development(self) -> None:
+        """Marks a development CA (anchor key beside the issuer): `meshca serve` says so at every start."""
+        atomic_write(
+            self.dev_marker,
+            b"meshca serve made this development CA; its trust anchor key is in this directory.\n"
+            b"Not for production: run 'meshca init' and keep the anchor key offline.\n",
+        )
 
     def is_initialized(self) -> bool:
         return self.issuer_cert.exists() and self.issuer_key.exists() and self.bundle.exists()

@@ -40,7 +40,7 @@ class TokenReviewConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     dir: Path
-    listen: str = "0.0.0.0:8443"
+    listen: str = "127.0.0.1:8443"  # loopback unless a deployment says otherwise (--listen)
     metrics_listen: str | None = "127.0.0.1:9090"
     leaf_ttl: timedelta = timedelta(hours=24)
     max_leaf_ttl: timedelta = timedelta(days=90)

@@ -203,13 +203,16 @@ class SqliteStore:
         self._queue.put((record, token_hash, future))
         return future
 
-    def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]:
+    def issuances(
+        self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
+    ) -> list[IssuanceRecord]:
+        """The log in issuance order (``newest_first``: reversed); ``limit`` keeps the first records of that order."""
         sql = "SELECT serial, spiffe_id, not_after, principal, api, issued_at FROM issuances"
         params: list[object] = []
         if spiffe_id is not None:
             sql += " WHERE spiffe_id = ?"
             params.append(spiffe_id)
-        sql += " ORDER BY issued_at, rowid"
+        sql += " ORDER BY issued_at DESC, rowid DESC" if newest_first else " ORDER BY issued_at, rowid"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import Result
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
-from meshca.server import hash_token
+from meshca.cli import build_parser
+from meshca.server import ServerConfig, hash_token
 from meshca.testing import TestCA
 
-from .harness import API, WEB, K8sIssuer, cert, code_of, native_request, serial_hex, serving, spiffe_csr
+from .harness import API, WEB, K8sIssuer, add_token, cert, code_of, native_request, serial_hex, serving, spiffe_csr
 from .kubeapi import FakeApiServer, review_token
-from .procs import ServeProcess, run_meshca
+from .procs import ServeProcess, meshca_exe, run_meshca
 
 C = grpc.StatusCode
 
@@ -158,3 +164,156 @@ def test_serve_initializes_an_empty_dir_and_drains_on_sigterm(
         output = "\n".join(server.lines)
         assert "BEGIN" not in output
         assert token not in output
+
+
+# -- serve: where its directory comes from, and what it says about it
+
+
+def _banner(server: ServeProcess) -> str:
+    return "\n".join(line for line in server.lines if not line.startswith("{"))
+
+
+def test_serve_refuses_a_missing_dir_without_create(tmp_path: Path) -> None:
+    typo = tmp_path / "meshca-dta"
+    result = run_meshca("serve", "--dir", typo, "--listen", "127.0.0.1:0", "--metrics-listen", "")
+    assert result.returncode == 1, result
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "does not exist" in result.stderr and "--create" in result.stderr
+    assert not typo.exists()
+
+
+@pytest.mark.slow
+def test_serve_dev_banner_on_every_start(tmp_path: Path) -> None:
+    d = tmp_path / "dev"
+    with ServeProcess(d, "--create", "--workers", "1", "--trust-domain", "example.org") as server:
+        server.wait_started()
+        first = _banner(server)
+        server.terminate()
+    assert meshca.TrustDir.at(d).is_initialized()
+    assert f"{d.resolve()} did not exist: created a DEVELOPMENT trust domain example.org" in first
+    assert "was empty" not in first
+    with ServeProcess(d, "--workers", "1") as server:
+        server.wait_started()
+        again = _banner(server)
+        server.terminate()
+    assert f"serving from {d.resolve()} a DEVELOPMENT trust domain example.org" in again
+    for banner in (first, again):
+        assert f"clients trust {d.resolve() / 'bundle.pem'}" in banner
+        assert "server name localhost" in banner
+        assert f"next: meshca token create --dir {d.resolve()} --spiffe-id spiffe://example.org/" in banner
+        assert "keep dev/ out of version control" in banner
+
+
+def test_serve_defaults_come_from_server_config() -> None:
+    args = build_parser().parse_args(["serve"])
+    defaults = ServerConfig(dir=Path("meshca-data"))
+    assert args.dir is None  # the zero-config default: ./meshca-data, created when absent
+    assert (args.listen, args.metrics_listen) == (defaults.listen, defaults.metrics_listen)
+    assert args.listen.startswith("127.0.0.1:")
+    assert (args.leaf_ttl, args.max_leaf_ttl) == (defaults.leaf_ttl, defaults.max_leaf_ttl)
+    assert args.linkerd_namespace == defaults.linkerd_namespace
+
+
+@pytest.mark.parametrize("anchor_key", [True, False], ids=["anchor-key-online", "anchor-key-offline"])
+def test_serve_warns_about_an_anchor_key_beside_the_issuer(d: Path, anchor_key: bool) -> None:
+    tdir = meshca.TrustDir.at(d)
+    tdir.init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    if not anchor_key:
+        tdir.anchor_key.unlink()
+    with ServeProcess(d, "--workers", "1") as server:
+        server.wait_started()
+        banner = _banner(server)
+        server.terminate()
+    assert ("private key" in banner and str(tdir.anchor_key.resolve()) in banner) is anchor_key
+    assert "DEVELOPMENT" not in banner
+
+
+# -- check --server: the running service, as a client sees it
+
+
+def test_check_server_reports_identity_health_and_issuer(d: Path, meshca_cmd: Callable[..., Result]) -> None:
+    tdir = meshca.TrustDir.at(d)
+    tdir.init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    issuer = meshca.pki._certs.load_certificates(tdir.issuer_cert.read_bytes())[0]
+    with ServeProcess(d, "--workers", "1") as server:
+        port = server.wait_started()
+        remote = meshca_cmd("check", "--server", f"127.0.0.1:{port}", "--bundle", tdir.bundle,
+                            "--server-name", "localhost", "--json")  # fmt: skip
+        both = meshca_cmd("check", "--server", f"localhost:{port}", "--dir", d)
+        wrong_name = meshca_cmd("check", "--server", f"127.0.0.1:{port}", "--bundle", tdir.bundle)
+        other = d.parent / "other.pem"
+        other.write_bytes(TestCA("example.org").bundle.to_pem())
+        untrusted = meshca_cmd("check", "--server", f"localhost:{port}", "--bundle", other)
+    assert remote.code == 0, remote
+    findings = {f["check"]: f for f in json.loads(remote.stdout)}
+    assert findings["server reachable"]["level"] == "ok"
+    assert findings["server identity"]["message"].startswith("server presents spiffe://example.org/meshca/identity")
+    served = findings[f"served issuer {meshca.pki._certs.fingerprint(issuer)[:11]} validity"]
+    assert served["level"] == "ok" and "valid for" in served["message"]
+    assert findings["server health"] == {
+        "check": "server health", "level": "ok", "message": "grpc.health.v1 reports SERVING"
+    }  # fmt: skip
+    assert both.code == 0, both
+    assert "[WARN]" not in both.stdout and "[FAIL]" not in both.stdout
+    assert "server presents spiffe://example.org/meshca/identity" in both.stdout
+    for failed in (wrong_name, untrusted):
+        assert failed.code == 1, failed
+        assert "[FAIL] cannot reach" in failed.stdout
+        assert "Traceback" not in failed.stderr
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout
+
+
+def test_check_server_that_is_not_there(tmp_path: Path, meshca_cmd: Callable[..., Result]) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(TestCA("example.org").bundle.to_pem())
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    result = meshca_cmd("check", "--server", f"127.0.0.1:{port}", "--bundle", bundle)
+    assert result.code == 1, result
+    assert f"[FAIL] cannot reach 127.0.0.1:{port}" in result.stdout
+    nothing = meshca_cmd("check")
+    assert nothing.code == 2 and nothing.stderr.startswith("meshca: error: give --dir, --server")
+
+
+# -- fetch: the credential off argv, --exec through sh
+
+
+def _fetch_args(d: Path, port: int, out: Path, *extra: str) -> list[str]:
+    return ["fetch", "--server", f"localhost:{port}", "--bundle", str(d / "bundle.pem"),
+            "--spiffe-id", str(WEB), "--out-dir", str(out), "--timeout", "20s", *extra]  # fmt: skip
+
+
+def _add_token(d: Path) -> str:
+    store = meshca.server.SqliteStore(meshca.server.store_path(meshca.TrustDir.at(d)))
+    try:
+        return add_token(store, WEB)
+    finally:
+        store.close()
+
+
+def test_fetch_takes_the_token_from_the_environment_and_runs_exec_in_sh(d: Path, tmp_path: Path) -> None:
+    meshca.TrustDir.at(d).init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    marker = tmp_path / "reloaded"
+    with ServeProcess(d, "--workers", "1") as server:
+        port = server.wait_started()
+        token = _add_token(d)
+        env = {**os.environ, "MESHCA_JOIN_TOKEN": token}
+        exec_command = f"echo $(echo shell) | tr a-z A-Z >> {marker}"
+        proc = subprocess.run(
+            [meshca_exe(), *_fetch_args(d, port, tmp_path / "out", "--exec", exec_command)],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert marker.read_text() == "SHELL\n", "--exec runs through sh: $(...), pipes and >> work"
+        assert token not in proc.stderr
+        env.pop("MESHCA_JOIN_TOKEN")
+        missing = subprocess.run(
+            [meshca_exe(), *_fetch_args(d, port, tmp_path / "out2")],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        "meshca: error: give --token-file, --jwt-file or --token, or set MESHCA_JOIN_TOKEN"
+    )
+    assert not (tmp_path / "out2").exists()

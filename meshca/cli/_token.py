@@ -1,0 +1,55 @@
+"""`meshca token ...`: join tokens, each bound to one SPIFFE ID."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, timedelta
+
+from meshca.cli._options import CliError, add_dir, add_duration, add_json, emit, spiffe_id
+from meshca.pki._time import Clock
+from meshca.pki._trustdir import TrustDir
+from meshca.server import JoinToken, SqliteStore, hash_token, new_token, store_path
+
+TOKEN_TTL = timedelta(hours=1)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    actions = sub.add_parser("token", help="join tokens").add_subparsers(
+        dest="subcommand", required=True, metavar="ACTION"
+    )
+    p = actions.add_parser("create", help="create a join token bound to one SPIFFE ID; prints it once")
+    add_dir(p, "trust domain directory whose meshca.db stores the token (hashed)")
+    p.add_argument(
+        "--spiffe-id", type=spiffe_id, required=True, metavar="ID", help="the one SPIFFE ID the token grants"
+    )
+    add_duration(p, "--ttl", TOKEN_TTL, "how long the token is valid")
+    p.add_argument("--uses", type=int, default=1, help="how many issuances it pays for (default 1)")
+    add_json(p)
+    p.set_defaults(func=create)
+
+
+def create(args: argparse.Namespace, clock: Clock) -> int:
+    sid = args.spiffe_id
+    if sid.reserved:
+        raise CliError(f"{sid} is reserved for meshca's own components (spiffe://TD/meshca/...): no token grants it")
+    tdir = TrustDir.at(args.dir)
+    bundle = tdir.load_bundle()
+    if sid.trust_domain != bundle.trust_domain:
+        raise CliError(f"{sid} is not in trust domain {bundle.trust_domain} of {tdir.path}")
+    if not sid.path:
+        raise CliError("a join token must name a SPIFFE ID with a path")
+    if args.uses < 1:
+        raise CliError("--uses must be at least 1", 2)
+    token = new_token()
+    expires = clock().astimezone(UTC) + args.ttl
+    store = SqliteStore(store_path(tdir))
+    try:
+        store.add_token(JoinToken(hash_token(token), sid, expires, args.uses))
+    finally:
+        store.close()
+    emit(
+        args,
+        {"token": token, "spiffe_id": str(sid), "expires_at": expires.isoformat(), "uses": args.uses},
+        token,
+    )
+    return 0
