@@ -91,7 +91,11 @@ async def test_log_lists_and_filters(d: Path, server_ca: TestCA) -> None:
             response = await h.native.IssueSVID(native_request(spiffe_csr(sid)[1], join_token=h.token(sid)))
             issued[serial_hex(cert(response.leaf))] = (sid, cert(response.leaf))
 
-        rows = json.loads(await meshca_cli("log", "--dir", d, "--json"))
+        everything = json.loads(await meshca_cli("log", "--dir", d, "--json"))
+        own = [r for r in everything if r["api"] == "self"]
+        assert len(own) == 1 and own[0]["principal"] == "meshca"  # the service's own TLS SVID is logged too
+        assert own[0]["spiffe_id"] == f"spiffe://{server_ca.trust_domain.name}/meshca/identity"
+        rows = [r for r in everything if r["api"] != "self"]
         assert {r["serial"] for r in rows} == set(issued)
         for row in rows:
             assert set(row) >= {"serial", "spiffe_id", "not_after", "principal", "api", "issued_at"}
