@@ -19,6 +19,22 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# The PostgreSQL store tests need a server: as root, install Debian's postgresql
+# if its programs are missing and start a throwaway cluster (stopped at exit).
+# Without one they skip locally and fail in CI.
+if [ -z "${MESHCA_TEST_POSTGRES_URL:-}" ] && [ "$(id -u)" = 0 ]; then
+  if ! bash scripts/pg-cluster.sh bin >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq postgresql >/dev/null
+  fi
+  pg_dir=$(mktemp -d /tmp/meshca-pg-XXXXXX)
+  trap 'bash scripts/pg-cluster.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+  pg_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  MESHCA_TEST_POSTGRES_URL=$(bash scripts/pg-cluster.sh start "$pg_dir" "$pg_port")
+  export MESHCA_TEST_POSTGRES_URL
+fi
+
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 python3 -m ruff check meshca tests scripts
 python3 -m ruff format --check meshca tests scripts
