@@ -143,6 +143,7 @@ _SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(s.strip() for s in _SCH
 SQLITE_SCHEMA_VERSION = len(_SQLITE_MIGRATIONS)
 
 _Item = tuple[IssuanceRecord, str | None, concurrent.futures.Future[None]]
+Batch = Sequence[tuple[IssuanceRecord, str | None]]  # records to commit in one transaction, with token hashes
 _MAX_BATCH = 512
 T = TypeVar("T")
 
@@ -169,21 +170,39 @@ def next_batch(source: queue.SimpleQueue[T | None], limit: int = _MAX_BATCH) -> 
     return batch
 
 
-def group_commit_loop(
-    source: queue.SimpleQueue[_Item | None],
-    commit: Callable[[Sequence[tuple[IssuanceRecord, str | None]]], list[StoreError | None]],
-) -> None:
-    """A store's writer thread: commits each `next_batch` in one transaction and settles its futures."""
-    while (batch := next_batch(source)) is not None:
-        try:
-            outcomes = commit([(record, token_hash) for record, token_hash, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
-            outcomes = [StoreError(f"cannot record issuance: {exc}")] * len(batch)
-        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-            if outcome is None:
-                future.set_result(None)
-            else:
-                future.set_exception(outcome)
+class GroupCommitter:
+    """A store's writer thread: commits whatever is queued, up to `_MAX_BATCH` records, in one transaction.
+
+    ``commit`` takes a batch and returns one outcome per record (None: committed).
+    """
+
+    def __init__(self, commit: Callable[[Batch], list[StoreError | None]]) -> None:
+        self._commit = commit
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="meshca-store-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, record: IssuanceRecord, token_hash: str | None) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((record, token_hash, future))
+        return future
+
+    def _loop(self) -> None:
+        while (batch := next_batch(self._queue)) is not None:
+            try:
+                outcomes = self._commit([(record, token_hash) for record, token_hash, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
+                outcomes = [StoreError(f"cannot record issuance: {exc}")] * len(batch)
+            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                if outcome is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(outcome)
+
+    def close(self) -> None:
+        """Commits what is queued, then stops."""
+        self._queue.put(None)
+        self._thread.join()
 
 
 def duplicate_serial(record: IssuanceRecord) -> StoreError:
@@ -202,13 +221,13 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._read_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._direct: sqlite3.Connection | None = None
         self._direct_lock = threading.Lock()
-        self._writer: threading.Thread | None = None
+        self._writer: GroupCommitter | None = None
         if writer:
-            self._writer = threading.Thread(target=self._write_loop, name="meshca-store-writer", daemon=True)
-            self._writer.start()
+            conn = self._connect()
+            self._writer_conn = conn
+            self._writer = GroupCommitter(lambda items: self._apply(conn, items))
 
     @classmethod
     def reader(cls, path: str | Path) -> SqliteStore:
@@ -286,9 +305,7 @@ class SqliteStore:
         """
         if self._writer is None:
             raise StoreError("this store was opened for reading only")
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put((record, token_hash, future))
-        return future
+        return self._writer.record(record, token_hash)
 
     def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]:
         sql = "SELECT serial, spiffe_id, not_after, principal, api, issued_at FROM issuances"
@@ -307,11 +324,6 @@ class SqliteStore:
                 self._metrics.error("issuances", exc)
                 raise StoreError(f"cannot read the issuance log: {exc}") from exc
         return [IssuanceRecord(r[0], r[1], _dt(r[2]), r[3], r[4], _dt(r[5])) for r in rows]
-
-    def _write_loop(self) -> None:
-        conn = self._connect()
-        group_commit_loop(self._queue, lambda items: self._apply(conn, items))
-        conn.close()
 
     def commit_now(self, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
         """Commits ``items`` in one transaction on the calling thread; one outcome per item.
@@ -379,8 +391,8 @@ class SqliteStore:
     def close(self) -> None:
         """Commits what is queued, then stops the writer."""
         if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
+            self._writer.close()
+            self._writer_conn.close()
         with self._read_lock:
             self._read.close()
         with self._direct_lock:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
-import queue
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, LiteralString
@@ -33,12 +31,11 @@ from meshca.pki._errors import StoreError
 from meshca.pki._spiffe import SpiffeId
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import (
+    GroupCommitter,
     IssuanceRecord,
     JoinToken,
     TokenUsedUp,
-    _Item,
     duplicate_serial,
-    group_commit_loop,
     schema_too_new,
 )
 
@@ -149,13 +146,7 @@ class PostgresStore:
             name="meshca-store",
         )
         self._pool.open(wait=False)
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        if writer:
-            self._writer = threading.Thread(
-                target=group_commit_loop, args=(self._queue, self.commit_now), name="meshca-store-writer", daemon=True
-            )
-            self._writer.start()
+        self._writer = GroupCommitter(self.commit_now) if writer else None
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.target!r})"
@@ -244,9 +235,7 @@ class PostgresStore:
         """
         if self._writer is None:
             raise StoreError("this store was opened for reading only")
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put((record, token_hash, future))
-        return future
+        return self._writer.record(record, token_hash)
 
     def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]:
         rows = self._query(
@@ -306,8 +295,7 @@ class PostgresStore:
     def close(self) -> None:
         """Commits what is queued, then stops the writer and closes the pool."""
         if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
+            self._writer.close()
         self._pool.close()
 
 
