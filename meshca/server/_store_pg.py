@@ -144,6 +144,7 @@ class PostgresStore:
             timeout=timeout,
             check=ConnectionPool.check_connection,  # a connection broken by a restart is replaced, not used
             name="meshca-store",
+            reconnect_timeout=max(30.0, timeout),  # then a new attempt at the next request: backoff stays short
         )
         self._pool.open(wait=False)
         self._writer = GroupCommitter(self.commit_now) if writer else None
