@@ -184,6 +184,18 @@ def test_token_with_n_uses_pays_for_exactly_n_issuances_across_replicas(backend:
     assert left is not None and left.uses_left == 0
 
 
+def test_every_acknowledged_record_is_in_the_shared_log_once(backend: Backend) -> None:
+    replicas = [backend.open(), backend.open()]
+    records = [rec() for _ in range(200)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = list(pool.map(lambda i: replicas[i % 2].record(records[i]), range(len(records))))
+    assert [outcome(f) for f in futures] == ["ok"] * len(records)
+    again = replicas[1].record(records[0])  # logged through the other replica: refused here too
+    assert outcome(again) == "error"
+    logged = [r.serial for r in replicas[1].issuances()]
+    assert sorted(logged) == sorted(r.serial for r in records)
+
+
 def test_expired_token_pays_for_nothing(store: Store) -> None:
     t = token(uses=5, expires_at=NOW)
     store.add_token(t)
