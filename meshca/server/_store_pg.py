@@ -126,10 +126,14 @@ class PostgresStore:
             params = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
             raise StoreError(f"invalid PostgreSQL URL: {self._scrub(exc)}") from None
-        # libpq takes whole seconds and treats 1 as 2; a URL's own connect_timeout wins.
-        kwargs: dict[str, Any] = {"autocommit": True}
-        if "connect_timeout" not in params:
-            kwargs["connect_timeout"] = max(2, math.ceil(timeout))
+        # Bounds on waiting for a database that is gone: connecting (libpq takes whole
+        # seconds, 2 at least), and a query whose packets go unacknowledged (a partition,
+        # not a slow answer). Values in the URL win.
+        defaults = {
+            "connect_timeout": max(2, math.ceil(timeout)),
+            "tcp_user_timeout": math.ceil(max(10, 2 * timeout) * 1000),
+        }
+        kwargs: dict[str, Any] = {"autocommit": True} | {k: v for k, v in defaults.items() if k not in params}
         try:
             with psycopg.connect(url, **kwargs) as conn:
                 self._migrate(conn)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from meshca import StoreError
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import open_store
-from meshca.server._store_pg import PostgresStore
+from meshca.server._store_pg import PG_SCHEMA_VERSION, PostgresStore
 
 from . import pg
 from .test_store_contract import rec
@@ -110,6 +114,24 @@ def test_outage_fails_fast_and_the_same_store_recovers(pg_cluster: pg.Cluster) -
         assert [r.serial for r in store.issuances()] == [before.serial, after.serial]  # the lost one is not logged
     finally:
         store.close()
+
+
+def test_migrations_racing_on_open_connections_take_turns(pg_database: str) -> None:
+    """The tightest race of replicas starting together: connected already, all migrating at once."""
+    conns = [psycopg.connect(pg_database, autocommit=True) for _ in range(8)]
+    barrier = threading.Barrier(len(conns))
+
+    def migrate(conn: psycopg.Connection[Any]) -> None:
+        barrier.wait()
+        PostgresStore._migrate(conn)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(conns)) as pool:
+            list(pool.map(migrate, conns))
+        assert conns[0].execute("SELECT version FROM meshca_schema").fetchall() == [(PG_SCHEMA_VERSION,)]
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_ci_never_skips_postgresql() -> None:
