@@ -121,7 +121,6 @@ class PostgresStore:
         self.target = describe(url)
         self._secrets = _secrets(url)
         self._metrics = metrics or StoreMetrics()
-        self._timeout = timeout
         try:
             params = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
