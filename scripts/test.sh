@@ -4,19 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-for tool in openssl:openssl certtool:gnutls-bin; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
+bash scripts/debian-packages.sh openssl:openssl certtool:gnutls-bin
+
+# The PostgreSQL store tests need a server: as root, install Debian's postgresql
+# if its programs are missing and start a throwaway cluster (stopped at exit).
+# Without one they skip locally and fail in CI.
+if [ -z "${MESHCA_TEST_POSTGRES_URL:-}" ] && [ "$(id -u)" = 0 ]; then
+  if ! bash scripts/pg-cluster.sh bin >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "missing Debian packages: ${need[*]} (run: sudo apt-get install -y ${need[*]})" >&2
-    exit 1
+    apt-get install -y -qq postgresql >/dev/null
   fi
+  pg_dir=$(mktemp -d /tmp/meshca-pg-XXXXXX)
+  trap 'bash scripts/pg-cluster.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+  pg_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  MESHCA_TEST_POSTGRES_URL=$(bash scripts/pg-cluster.sh start "$pg_dir" "$pg_port")
+  export MESHCA_TEST_POSTGRES_URL
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -2,7 +2,8 @@
 
 from meshca.server._app import IdentityServer, store_path
 from meshca.server._config import K8sJwtConfig, ServerConfig, TokenReviewConfig
-from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, Store, hash_token, new_token
+from meshca.server._metrics import StoreMetrics
+from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, Store, hash_token, new_token, open_store
 from meshca.server._workers import run_supervisor
 from meshca.server.api import linkerd_identity_to_spiffe_id
 from meshca.server.credentials import Principal, service_account_id
@@ -16,10 +17,12 @@ __all__ = [
     "ServerConfig",
     "SqliteStore",
     "Store",
+    "StoreMetrics",
     "TokenReviewConfig",
     "hash_token",
     "linkerd_identity_to_spiffe_id",
     "new_token",
+    "open_store",
     "run_supervisor",
     "service_account_id",
     "store_path",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Children", "Metrics", "MetricsServer"]
+__all__ = ["Children", "Metrics", "MetricsServer", "StoreMetrics"]
 
 
 class Metrics:
@@ -115,3 +117,61 @@ class MetricsServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+class StoreMetrics:
+    """What a state store reports: latency by operation, errors by kind, records per transaction, pool use.
+
+    Passed to the store by whoever owns the registry; a store given none keeps
+    a private registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry or CollectorRegistry()
+        self.latency = Histogram(
+            "meshca_store_duration_seconds",
+            "State store latency by operation (commit is one group-commit transaction)",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.errors = Counter(
+            "meshca_store_errors",
+            "State store failures by operation and kind (unavailable, constraint, database)",
+            ["op", "kind"],
+            registry=r,
+        )
+        self.batch = Histogram(
+            "meshca_store_batch_records",
+            "Issuance records committed per transaction (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.pool = Gauge(
+            "meshca_store_pool_connections",
+            "Store connection pool: open connections, idle ones, and requests waiting for one",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+    @contextlib.contextmanager
+    def timed(self, op: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.latency.labels(op).observe(time.perf_counter() - start)
+
+    def error(self, op: str, exc: BaseException) -> None:
+        self.errors.labels(op, error_kind(exc)).inc()
+
+
+def error_kind(exc: BaseException) -> str:
+    """A store error's kind from its DB-API class (sqlite3 and psycopg share the names)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "OperationalError" in names:  # cannot connect, connection lost, locked, pool timeout
+        return "unavailable"
+    if "IntegrityError" in names:
+        return "constraint"
+    return "database"

@@ -9,6 +9,10 @@ from the log, and a burst of requests costs one fsync instead of one each.
 A join token's use is consumed in the same transaction as the issuance it
 pays for: if another replica used the last use first, the issuance is not
 recorded and its certificate is never returned.
+
+`open_store` picks the store from ``--store URL``: SQLite here, PostgreSQL in
+`_store_pg`. Both record their schema version and migrate at open (see
+docs/architecture.md, Store contract).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import queue
 import secrets
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,15 +32,16 @@ from typing import Protocol, TypeVar
 
 from meshca.pki._errors import StoreError, TokenUsedUp
 from meshca.pki._spiffe import SpiffeId
+from meshca.server._metrics import StoreMetrics
 
 __all__ = [
     "IssuanceRecord",
     "JoinToken",
     "SqliteStore",
     "Store",
-    "TokenUsedUp",
     "hash_token",
     "new_token",
+    "open_store",
 ]
 
 TOKEN_PREFIX = "mtok_"  # noqa: S105 - a prefix that marks join tokens, not a secret
@@ -76,7 +81,9 @@ class Store(Protocol):
     def add_token(self, token: JoinToken) -> None: ...
     def get_token(self, token_hash: str) -> JoinToken | None: ...
     def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]: ...
-    def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]: ...
+    def issuances(
+        self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
+    ) -> list[IssuanceRecord]: ...
     def close(self) -> None: ...
 
 
@@ -88,6 +95,32 @@ def _dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
+def schema_too_new(found: int, known: int) -> StoreError:
+    return StoreError(f"store schema version {found} is newer than this meshca (knows {known}): upgrade meshca")
+
+
+def open_store(url: str | None, directory: Path, *, writer: bool = True, metrics: StoreMetrics | None = None) -> Store:
+    """The store ``--store URL`` (or ``MESHCA_STORE``) names; None: SQLite at ``DIR/meshca.db``.
+
+    ``postgresql://`` and ``postgres://`` URLs are libpq's (the password may
+    also come from PGPASSWORD or a passfile); ``sqlite:///ABSOLUTE/PATH`` names
+    a SQLite file. The URL is never echoed in an error: it may hold a password.
+    """
+    if not url:
+        return SqliteStore(Path(directory) / "meshca.db", writer=writer, metrics=metrics)
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("postgresql", "postgres"):
+        from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
+
+        return PostgresStore(url, writer=writer, metrics=metrics)
+    if sep and scheme.lower() == "sqlite" and rest.startswith("/"):
+        return SqliteStore(rest, writer=writer, metrics=metrics)
+    raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
+
+
+# SQLite keeps its schema version in PRAGMA user_version (0: a store from before
+# versions were recorded, whose tables _SCHEMA creates if missing).
+# _SQLITE_MIGRATIONS[n] takes a store from version n to n + 1.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS join_tokens (
     token_hash TEXT PRIMARY KEY,
@@ -105,8 +138,11 @@ CREATE TABLE IF NOT EXISTS issuances (
 );
 CREATE INDEX IF NOT EXISTS issuances_by_id ON issuances (spiffe_id, issued_at);
 """
+_SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(s.strip() for s in _SCHEMA.split(";") if s.strip()),)
+SQLITE_SCHEMA_VERSION = len(_SQLITE_MIGRATIONS)
 
 _Item = tuple[IssuanceRecord, str | None, concurrent.futures.Future[None]]
+Batch = Sequence[tuple[IssuanceRecord, str | None]]  # records to commit in one transaction, with token hashes
 _MAX_BATCH = 512
 T = TypeVar("T")
 
@@ -133,30 +169,97 @@ def next_batch(source: queue.SimpleQueue[T | None], limit: int = _MAX_BATCH) -> 
     return batch
 
 
+class GroupCommitter:
+    """A store's writer thread: commits whatever is queued, up to `_MAX_BATCH` records, in one transaction.
+
+    ``commit`` takes a batch and returns one outcome per record (None: committed).
+    """
+
+    def __init__(self, commit: Callable[[Batch], list[StoreError | None]]) -> None:
+        self._commit = commit
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="meshca-store-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, record: IssuanceRecord, token_hash: str | None) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((record, token_hash, future))
+        return future
+
+    def _loop(self) -> None:
+        while (batch := next_batch(self._queue)) is not None:
+            try:
+                outcomes = self._commit([(record, token_hash) for record, token_hash, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
+                outcomes = [StoreError(f"cannot record issuance: {exc}")] * len(batch)
+            for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                if outcome is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(outcome)
+
+    def close(self) -> None:
+        """Commits what is queued, then stops."""
+        self._queue.put(None)
+        self._thread.join()
+
+
+def duplicate_serial(record: IssuanceRecord) -> StoreError:
+    return StoreError(f"serial {record.serial} is already in the issuance log")
+
+
 class SqliteStore:
     """SQLite in WAL mode, synchronous=FULL; safe to share between processes on one machine."""
 
-    def __init__(self, path: str | Path, *, writer: bool = True) -> None:
+    def __init__(self, path: str | Path, *, writer: bool = True, metrics: StoreMetrics | None = None) -> None:
         self.path = Path(path)
+        self._metrics = metrics or StoreMetrics()
         try:
             self._read = self._connect()
-            with self._read:
-                self._read.executescript(_SCHEMA)
+            self._migrate(self._read)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._read_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._direct: sqlite3.Connection | None = None
         self._direct_lock = threading.Lock()
-        self._writer: threading.Thread | None = None
+        self._writer: GroupCommitter | None = None
         if writer:
-            self._writer = threading.Thread(target=self._write_loop, name="meshca-store-writer", daemon=True)
-            self._writer.start()
+            conn = self._connect()
+            self._writer_conn = conn
+            self._writer = GroupCommitter(lambda items: self._apply(conn, items))
 
     @classmethod
     def reader(cls, path: str | Path) -> SqliteStore:
         """A store for reads only (token lookups, the log); `record` is not available."""
         return cls(path, writer=False)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Brings the schema to this meshca's version, under SQLite's write lock (other processes wait)."""
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > SQLITE_SCHEMA_VERSION:
+                raise schema_too_new(found, SQLITE_SCHEMA_VERSION)
+            for step in _SQLITE_MIGRATIONS[found:]:
+                for statement in step:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+    def check(self) -> None:
+        """Raises `StoreError` unless the store answers a query now (for readiness)."""
+        with self._read_lock, self._metrics.timed("check"):
+            try:
+                self._read.execute("SELECT 1").fetchone()
+            except sqlite3.Error as exc:
+                self._metrics.error("check", exc)
+                raise StoreError(f"store {self.path} does not answer: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -168,22 +271,24 @@ class SqliteStore:
     # -- tokens
 
     def add_token(self, token: JoinToken) -> None:
-        with self._read_lock:
+        with self._read_lock, self._metrics.timed("add_token"):
             try:
                 self._read.execute(
                     "INSERT INTO join_tokens VALUES (?, ?, ?, ?)",
                     (token.token_hash, str(token.spiffe_id), _ts(token.expires_at), token.uses_left),
                 )
             except sqlite3.Error as exc:
+                self._metrics.error("add_token", exc)
                 raise StoreError(f"cannot store join token: {exc}") from exc
 
     def get_token(self, token_hash: str) -> JoinToken | None:
-        with self._read_lock:
+        with self._read_lock, self._metrics.timed("get_token"):
             try:
                 row = self._read.execute(
                     "SELECT spiffe_id, expires_at, uses_left FROM join_tokens WHERE token_hash = ?", (token_hash,)
                 ).fetchone()
             except sqlite3.Error as exc:
+                self._metrics.error("get_token", exc)
                 raise StoreError(f"cannot read join token: {exc}") from exc
         if row is None:
             return None
@@ -199,9 +304,7 @@ class SqliteStore:
         """
         if self._writer is None:
             raise StoreError("this store was opened for reading only")
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put((record, token_hash, future))
-        return future
+        return self._writer.record(record, token_hash)
 
     def issuances(
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
@@ -216,32 +319,13 @@ class SqliteStore:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        with self._read_lock:
+        with self._read_lock, self._metrics.timed("issuances"):
             try:
                 rows = self._read.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
+                self._metrics.error("issuances", exc)
                 raise StoreError(f"cannot read the issuance log: {exc}") from exc
         return [IssuanceRecord(r[0], r[1], _dt(r[2]), r[3], r[4], _dt(r[5])) for r in rows]
-
-    def _write_loop(self) -> None:
-        conn = self._connect()
-        while (batch := next_batch(self._queue)) is not None:
-            try:
-                self._commit(conn, batch)
-            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
-                error = StoreError(f"cannot record issuance: {exc}")
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-        conn.close()
-
-    def _commit(self, conn: sqlite3.Connection, batch: Sequence[_Item]) -> None:
-        outcomes = self._apply(conn, [(record, token_hash) for record, token_hash, _ in batch])
-        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-            if outcome is None:
-                future.set_result(None)
-            else:
-                future.set_exception(outcome)
 
     def commit_now(self, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
         """Commits ``items`` in one transaction on the calling thread; one outcome per item.
@@ -254,8 +338,16 @@ class SqliteStore:
                 self._direct = self._connect()
             return self._apply(self._direct, items)
 
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
+    def _apply(
+        self, conn: sqlite3.Connection, items: Sequence[tuple[IssuanceRecord, str | None]]
+    ) -> list[StoreError | None]:
+        self._metrics.batch.observe(len(items))
+        with self._metrics.timed("commit"):
+            return self._apply_timed(conn, items)
+
+    def _apply_timed(
+        self, conn: sqlite3.Connection, items: Sequence[tuple[IssuanceRecord, str | None]]
+    ) -> list[StoreError | None]:
         outcomes: list[StoreError | None] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -269,8 +361,8 @@ class SqliteStore:
                     if used == 0:
                         outcomes.append(TokenUsedUp("join token has no use left"))
                         continue
-                conn.execute(
-                    "INSERT INTO issuances VALUES (?, ?, ?, ?, ?, ?)",
+                inserted = conn.execute(
+                    "INSERT INTO issuances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
                     (
                         record.serial,
                         record.spiffe_id,
@@ -279,21 +371,30 @@ class SqliteStore:
                         record.api,
                         _ts(record.issued_at),
                     ),
-                )
+                ).rowcount
+                if inserted == 0:  # refused alone, and the token use it took is given back
+                    if token_hash is not None:
+                        conn.execute(
+                            "UPDATE join_tokens SET uses_left = uses_left + 1 WHERE token_hash = ?", (token_hash,)
+                        )
+                    self._metrics.errors.labels("commit", "constraint").inc()
+                    outcomes.append(duplicate_serial(record))
+                    continue
                 outcomes.append(None)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            self._metrics.error("commit", exc)
             return [StoreError(f"cannot record issuance: {exc}")] * len(items)
         return outcomes
 
     def close(self) -> None:
         """Commits what is queued, then stops the writer."""
         if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
+            self._writer.close()
+            self._writer_conn.close()
         with self._read_lock:
             self._read.close()
         with self._direct_lock:

@@ -40,11 +40,11 @@ from typing import Any
 
 import structlog
 
-from meshca.pki._errors import StoreError
+from meshca.pki._errors import StoreError, TokenUsedUp
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server._config import ServerConfig
-from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, TokenUsedUp, next_batch
+from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, next_batch
 
 __all__ = ["PipeStore", "run_supervisor"]
 
@@ -101,8 +101,10 @@ class PipeStore:
     def get_token(self, token_hash: str) -> JoinToken | None:
         return self._reader.get_token(token_hash)
 
-    def issuances(self, spiffe_id: str | None = None, limit: int | None = None) -> list[IssuanceRecord]:
-        return self._reader.issuances(spiffe_id, limit)
+    def issuances(
+        self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
+    ) -> list[IssuanceRecord]:
+        return self._reader.issuances(spiffe_id, limit, newest_first=newest_first)
 
     def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()

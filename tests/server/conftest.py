@@ -16,6 +16,7 @@ import pytest
 
 from meshca.testing import TestCA
 
+from . import pg
 from .harness import TD, K8sIssuer
 from .kubeapi import FakeApiServer
 
@@ -62,3 +63,25 @@ def api_server(server_ca: TestCA, tmp_path: Path) -> Iterator[FakeApiServer]:
     fake = FakeApiServer(server_ca, tmp_path)
     yield fake
     fake.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server (MESHCA_TEST_POSTGRES_URL); a role that may create databases."""
+    return pg.server_url()
+
+
+@pytest.fixture
+def pg_database(postgres_url: str) -> Iterator[str]:
+    """A fresh, empty database on the test server, dropped afterwards; its URL."""
+    url = pg.create_database(postgres_url)
+    yield url
+    pg.drop_database(postgres_url, url)
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[pg.Cluster]:
+    """A PostgreSQL server of this test's own, which the test may stop and start."""
+    cluster = pg.Cluster()
+    yield cluster
+    cluster.remove()

@@ -1,0 +1,333 @@
+"""The state store on PostgreSQL, shared by replicas (see docs/architecture.md, Store contract).
+
+Same contract as `SqliteStore`: a writer thread commits many records per
+transaction (group commit); a join token's use is a conditional UPDATE in the
+issuance's own transaction, so a token with N uses pays for exactly N
+certificates however replicas race; the serial is the primary key, so two
+replicas can never log one serial twice.
+
+Connections come from a psycopg pool that reconnects by itself: while the
+database is away every operation fails with `StoreError` within the pool
+timeout, and the same store works again once it is back. The password in the
+URL (or from PGPASSWORD, or a passfile, as libpq allows) never appears in an
+error message or a repr.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, LiteralString
+
+import psycopg
+import psycopg.conninfo
+from psycopg_pool import ConnectionPool
+
+from meshca.pki._errors import StoreError, TokenUsedUp
+from meshca.pki._spiffe import SpiffeId
+from meshca.server._metrics import StoreMetrics
+from meshca.server._store import (
+    GroupCommitter,
+    IssuanceRecord,
+    JoinToken,
+    duplicate_serial,
+    schema_too_new,
+)
+
+__all__ = ["PG_SCHEMA_VERSION", "PostgresStore"]
+
+# _MIGRATIONS[n] takes a database from schema version n to n + 1; the version is in meshca_schema.
+_MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
+    (
+        """CREATE TABLE join_tokens (
+            token_hash text PRIMARY KEY,
+            spiffe_id text NOT NULL,
+            expires_at timestamptz NOT NULL,
+            uses_left integer NOT NULL CHECK (uses_left >= 0)
+        )""",
+        """CREATE TABLE issuances (
+            serial text PRIMARY KEY,
+            spiffe_id text NOT NULL,
+            not_after timestamptz NOT NULL,
+            principal text NOT NULL,
+            api text NOT NULL,
+            issued_at timestamptz NOT NULL,
+            seq bigint GENERATED ALWAYS AS IDENTITY
+        )""",
+        "CREATE INDEX issuances_by_id ON issuances (spiffe_id, issued_at)",
+    ),
+)
+PG_SCHEMA_VERSION = len(_MIGRATIONS)
+_MIGRATION_LOCK = 0x6D657368_63610001  # pg_advisory_xact_lock key: "meshca" and 1
+
+_TAKE_USE: LiteralString = (
+    "UPDATE join_tokens SET uses_left = uses_left - 1"
+    " WHERE token_hash = %s AND uses_left > 0 AND expires_at > %s RETURNING uses_left"
+)
+_INSERT: LiteralString = (
+    "INSERT INTO issuances (serial, spiffe_id, not_after, principal, api, issued_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (serial) DO NOTHING RETURNING serial"
+)
+_GIVE_BACK: LiteralString = "UPDATE join_tokens SET uses_left = uses_left + 1 WHERE token_hash = %s"
+
+
+def _secrets(url: str) -> list[str]:
+    """What must never be echoed: the URL itself and its password, as parsed and as written.
+
+    Found by hand as well, since libpq quotes the whole URL when it cannot parse it.
+    """
+    found = [url]
+    with contextlib.suppress(psycopg.Error):
+        found.append(str(psycopg.conninfo.conninfo_to_dict(url).get("password") or ""))
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if at:
+        found.append(userinfo.partition(":")[2])
+    return sorted((f for f in found if f), key=len, reverse=True)
+
+
+def describe(url: str) -> str:
+    """``user@host:port/dbname`` for messages: the URL without its password."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://(unparsable URL)"
+    user = f"{params['user']}@" if params.get("user") else ""
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{params.get('host', '')}{port}/{params.get('dbname', '')}"
+
+
+_LOG_QUERY = (
+    "SELECT serial, spiffe_id, not_after, principal, api, issued_at FROM issuances"
+    " WHERE %(sid)s::text IS NULL OR spiffe_id = %(sid)s::text ORDER BY {} LIMIT %(limit)s"
+)
+_OLDEST_FIRST = _LOG_QUERY.format("issued_at, seq")
+_NEWEST_FIRST = _LOG_QUERY.format("issued_at DESC, seq DESC")
+
+
+class PostgresStore:
+    """PostgreSQL through a psycopg connection pool; several replicas may share one database.
+
+    ``timeout`` bounds how long an operation waits for a connection (and a
+    connection attempt) before it fails with `StoreError`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        writer: bool = True,
+        metrics: StoreMetrics | None = None,
+        timeout: float = 5.0,
+        pool_size: int = 4,
+    ) -> None:
+        self.target = describe(url)
+        self._secrets = _secrets(url)
+        self._metrics = metrics or StoreMetrics()
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StoreError(f"invalid PostgreSQL URL: {self._scrub(exc)}") from None
+        # Bounds on waiting for a database that is gone: connecting (libpq takes whole
+        # seconds, 2 at least), and a query whose packets go unacknowledged (a partition,
+        # not a slow answer). Values in the URL win.
+        defaults = {
+            "connect_timeout": max(2, math.ceil(timeout)),
+            "tcp_user_timeout": math.ceil(max(10, 2 * timeout) * 1000),
+        }
+        kwargs: dict[str, Any] = {"autocommit": True} | {k: v for k, v in defaults.items() if k not in params}
+        try:
+            with psycopg.connect(url, **kwargs) as conn:
+                self._migrate(conn)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open store {self.target}: {self._scrub(exc)}") from None
+        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            url,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=timeout,
+            check=ConnectionPool.check_connection,  # a connection broken by a restart is replaced, not used
+            name="meshca-store",
+            reconnect_timeout=max(30.0, timeout),  # then a new attempt at the next request: backoff stays short
+        )
+        self._pool.open(wait=False)
+        self._writer = GroupCommitter(self.commit_now) if writer else None
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.target!r})"
+
+    def _scrub(self, exc: BaseException) -> str:
+        """The first line of a database error, with the URL and password cut out should libpq echo them."""
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return message
+
+    @staticmethod
+    def _migrate(conn: psycopg.Connection[Any]) -> None:
+        """Brings the schema to this meshca's version; replicas starting together take turns on the lock."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            found = 0
+            if _one(conn, "SELECT to_regclass('meshca_schema') IS NOT NULL"):
+                found = _one(conn, "SELECT coalesce(max(version), 0) FROM meshca_schema")
+            else:
+                conn.execute("CREATE TABLE meshca_schema (version integer NOT NULL)")
+            if found > PG_SCHEMA_VERSION:
+                raise schema_too_new(found, PG_SCHEMA_VERSION)
+            if found == PG_SCHEMA_VERSION:
+                return
+            for step in _MIGRATIONS[found:]:
+                for statement in step:
+                    conn.execute(statement)
+            conn.execute("DELETE FROM meshca_schema")
+            conn.execute("INSERT INTO meshca_schema (version) VALUES (%s)", (PG_SCHEMA_VERSION,))
+
+    def _query(
+        self, op: str, what: str, sql: LiteralString, params: Sequence[object] | Mapping[str, object] = ()
+    ) -> list[tuple[Any, ...]]:
+        """One statement on a pooled connection (autocommit); `StoreError` for any failure."""
+        with self._metrics.timed(op):
+            try:
+                with self._pool.connection() as conn:
+                    cur = conn.execute(sql, params)
+                    return cur.fetchall() if cur.description is not None else []
+            except psycopg.Error as exc:
+                self._metrics.error(op, exc)
+                raise StoreError(f"cannot {what} in {self.target}: {self._scrub(exc)}") from exc
+            finally:
+                self._pool_gauges()
+
+    def _pool_gauges(self) -> None:
+        stats = self._pool.get_stats()
+        self._metrics.pool.labels("open").set(stats.get("pool_size", 0))
+        self._metrics.pool.labels("idle").set(stats.get("pool_available", 0))
+        self._metrics.pool.labels("waiting").set(stats.get("requests_waiting", 0))
+
+    def check(self) -> None:
+        """Raises `StoreError` unless the database answers now (one round trip; for readiness)."""
+        self._query("check", "reach the store", "SELECT 1")
+
+    # -- tokens
+
+    def add_token(self, token: JoinToken) -> None:
+        self._query(
+            "add_token",
+            "store join token",
+            "INSERT INTO join_tokens VALUES (%s, %s, %s, %s)",
+            (token.token_hash, str(token.spiffe_id), token.expires_at, token.uses_left),
+        )
+
+    def get_token(self, token_hash: str) -> JoinToken | None:
+        rows = self._query(
+            "get_token",
+            "read join token",
+            "SELECT spiffe_id, expires_at, uses_left FROM join_tokens WHERE token_hash = %s",
+            (token_hash,),
+        )
+        if not rows:
+            return None
+        sid, expires_at, uses_left = rows[0]
+        return JoinToken(token_hash, SpiffeId.parse(sid), _utc(expires_at), uses_left)
+
+    # -- issuance log
+
+    def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
+        """Queues ``record`` (and one use of the token) for the next group commit.
+
+        The future resolves once the record is committed, or fails with
+        `TokenUsedUp` or `StoreError`.
+        """
+        if self._writer is None:
+            raise StoreError("this store was opened for reading only")
+        return self._writer.record(record, token_hash)
+
+    def issuances(
+        self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
+    ) -> list[IssuanceRecord]:
+        rows = self._query(
+            "issuances",
+            "read the issuance log",
+            _NEWEST_FIRST if newest_first else _OLDEST_FIRST,
+            {"sid": spiffe_id, "limit": limit},
+        )
+        return [IssuanceRecord(r[0], r[1], _utc(r[2]), r[3], r[4], _utc(r[5])) for r in rows]
+
+    def commit_now(self, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
+        """Commits ``items`` in one transaction on the calling thread; one outcome per item."""
+        self._metrics.batch.observe(len(items))
+        with self._metrics.timed("commit"):
+            try:
+                with self._pool.connection() as conn:
+                    return self._apply(conn, items)
+            except psycopg.Error as exc:
+                self._metrics.error("commit", exc)
+                return [StoreError(f"cannot record issuance in {self.target}: {self._scrub(exc)}")] * len(items)
+            finally:
+                self._pool_gauges()
+
+    def _apply(
+        self, conn: psycopg.Connection[Any], items: Sequence[tuple[IssuanceRecord, str | None]]
+    ) -> list[StoreError | None]:
+        outcomes: list[StoreError | None] = [None] * len(items)
+        with conn.transaction(), conn.cursor() as cur:
+            # Token uses first, in token order: every replica locks token rows in the
+            # same order, so two batches never deadlock. One pipelined round trip.
+            uses = sorted(
+                (i for i, (_, token) in enumerate(items) if token is not None), key=lambda i: items[i][1] or ""
+            )
+            for i, used in zip(
+                uses, _each(cur, _TAKE_USE, [(items[i][1], items[i][0].issued_at) for i in uses]), strict=True
+            ):
+                if not used:
+                    outcomes[i] = TokenUsedUp("join token has no use left")
+            paid = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            rows = [
+                (r.serial, r.spiffe_id, r.not_after, r.principal, r.api, r.issued_at)
+                for r, _ in (items[i] for i in paid)
+            ]
+            refunds = []
+            for i, inserted in zip(paid, _each(cur, _INSERT, rows), strict=True):
+                if not inserted:  # refused alone; the token use it took is given back
+                    record, token = items[i]
+                    outcomes[i] = duplicate_serial(record)
+                    self._metrics.errors.labels("commit", "constraint").inc()
+                    if token is not None:
+                        refunds.append((token,))
+            if refunds:
+                cur.executemany(_GIVE_BACK, refunds)
+        return outcomes
+
+    def close(self) -> None:
+        """Commits what is queued, then stops the writer and closes the pool."""
+        if self._writer is not None:
+            self._writer.close()
+        self._pool.close()
+
+
+def _one(conn: psycopg.Connection[Any], sql: LiteralString) -> Any:
+    row = conn.execute(sql).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _each(cur: psycopg.Cursor[Any], sql: LiteralString, params: list[tuple[Any, ...]]) -> list[bool]:
+    """Runs ``sql`` once per parameter tuple in one pipeline; whether each returned a row."""
+    if not params:
+        return []
+    cur.executemany(sql, params, returning=True)
+    found = []
+    while True:
+        found.append(cur.fetchone() is not None)
+        if not cur.nextset():
+            return found
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
