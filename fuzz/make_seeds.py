@@ -50,13 +50,51 @@ def main() -> None:
         chain = tuple(c.public_bytes(Encoding.DER) for c in svid.chain)
         made = sign_svid_proof(chain, svid.key, new_csr, targets.AT)
         seeds["proof"].append(targets.SEP.join((*made.chain, new_csr, made.signature)))
+    _api_seeds(seeds)
     for name, inputs in seeds.items():
         folder = targets.HERE / "corpus" / name
         folder.mkdir(parents=True)
         for i, data in enumerate(inputs):
             (folder / f"seed-{i:02d}").write_bytes(data)
-            if name in ("csr", "bundle_pem", "bundle_json", "proof"):
+            if name not in ("spiffe_id", "linkerd_name"):
                 targets.TARGETS[name](data)  # a valid seed: fuzzing starts from the deep end
+
+
+def _api_seeds(seeds: dict[str, list[bytes]]) -> None:
+    """Requests that succeed against the fuzz service (fuzz/service.py)."""
+    from service import JOIN_TOKEN, service_account_jwt
+
+    from meshca._proto import istio_ca_pb2, linkerd_identity_pb2, meshca_identity_pb2
+
+    clock = targets._service().clock
+    web = "web.default.serviceaccount.identity.linkerd.example.org"
+    seeds["native"] = [
+        meshca_identity_pb2.IssueSVIDRequest(
+            csr=build_csr(generate_key(), targets.GRANTED), credential={"join_token": JOIN_TOKEN}
+        ).SerializeToString(),
+        meshca_identity_pb2.IssueSVIDRequest(
+            csr=build_csr(generate_key(), targets.GRANTED),
+            spiffe_id=str(targets.GRANTED),
+            ttl={"seconds": 3600},
+            credential={"jwt": service_account_jwt("default", "web", "meshca", clock)},
+        ).SerializeToString(),
+    ]
+    seeds["linkerd"] = [
+        linkerd_identity_pb2.CertifyRequest(
+            identity=web,
+            token=service_account_jwt("default", "web", "identity.l5d.io", clock).encode(),
+            certificate_signing_request=build_csr(generate_key(), dns_names=(web,)),
+        ).SerializeToString()
+    ]
+    pem = x509.load_der_x509_csr(build_csr(generate_key(), targets.GRANTED)).public_bytes(Encoding.PEM)
+    seeds["istio"] = [
+        istio_ca_pb2.IstioCertificateRequest(csr=pem.decode(), validity_duration=3600).SerializeToString()
+        + targets.SEP
+        + b"Bearer "
+        + service_account_jwt("default", "web", "istio-ca", clock).encode()
+    ]
+    seeds["k8s_jwt"] = [service_account_jwt("default", "web", "istio-ca", clock).encode()]
+    seeds["linkerd_name"] = [web.encode(), b"a.b.serviceaccount.identity.linkerd.example.org", b"x"]
 
 
 if __name__ == "__main__":

@@ -16,8 +16,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
+from service import Aborted, FuzzService  # fuzz/service.py
+
 from meshca import InvalidSpiffeId, MeshcaError, SpiffeId, TrustBundle, TrustDomain, check_csr
 from meshca.pki._proof import SvidProof, verify_svid_proof
+from meshca.server import linkerd_identity_to_spiffe_id
+from meshca.server.credentials import K8sJwtCredential
+from meshca.testing import FrozenClock
 
 HERE = Path(__file__).resolve().parent
 SEP = b"\n--meshca-fuzz--\n"
@@ -68,6 +74,51 @@ def proof(data: bytes) -> None:
     verify_svid_proof(SvidProof(tuple(chain), signature, AT), csr_der, _BUNDLE[0], now=AT)
 
 
+_SERVICE: list[FuzzService] = []  # built once per process, on first use: it is slow to make
+
+
+def _service() -> FuzzService:
+    if not _SERVICE:
+        _SERVICE.append(FuzzService(FrozenClock(AT)))
+    return _SERVICE[0]
+
+
+def _api(method: str, body: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    try:
+        _service().call(method, body, metadata)
+    except Aborted as refused:
+        assert refused.code != grpc.StatusCode.INTERNAL, f"INTERNAL for a request: {refused}"
+
+
+def native(data: bytes) -> None:
+    """A serialized ``meshca.identity.v1.IssueSVIDRequest``."""
+    _api("/meshca.identity.v1.Identity/IssueSVID", data)
+
+
+def linkerd(data: bytes) -> None:
+    """A serialized ``io.linkerd.proxy.identity.CertifyRequest``."""
+    _api("/io.linkerd.proxy.identity.Identity/Certify", data)
+
+
+def istio(data: bytes) -> None:
+    """``IstioCertificateRequest bytes SEP authorization header value``."""
+    body, _, authorization = data.partition(SEP)
+    metadata = (("authorization", authorization.decode("utf-8", errors="replace")),) if authorization else ()
+    _api("/istio.v1.auth.IstioCertificateService/CreateCertificate", body, metadata)
+
+
+def k8s_jwt(data: bytes) -> None:
+    """A service-account JWT, as the Linkerd and Istio APIs and the native ``jwt`` field carry it."""
+    service = _service()
+    credential = K8sJwtCredential(service.server.config.k8s_jwt, TRUST_DOMAIN, service.clock)
+    credential.verify(data.decode("utf-8", errors="replace"), ("identity.l5d.io", "istio-ca", "meshca"))
+
+
+def linkerd_name(data: bytes) -> None:
+    """The identity a Linkerd proxy names in its request."""
+    linkerd_identity_to_spiffe_id(data.decode("utf-8", errors="replace"), "linkerd", TRUST_DOMAIN)
+
+
 class _Skip(Exception):
     """An input the target's framing cannot carry: not a finding."""
 
@@ -78,6 +129,11 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "bundle_pem": bundle_pem,
     "bundle_json": bundle_json,
     "proof": proof,
+    "native": native,
+    "linkerd": linkerd,
+    "istio": istio,
+    "k8s_jwt": k8s_jwt,
+    "linkerd_name": linkerd_name,
 }
 
 
