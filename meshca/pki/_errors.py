@@ -13,6 +13,7 @@ MeshcaError
  +-- StoreError       the state store failed
  +-- AuthenticationError  no credential, or a credential that does not verify
  +-- PermissionDenied     a valid credential that does not grant this identity
+ +-- RequestRefused   the identity service refused a client's request; retrying will not help
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "MeshcaError",
     "PermissionDenied",
     "RateLimited",
+    "RequestRefused",
     "StoreError",
     "VerificationError",
 ]
@@ -101,3 +103,16 @@ class InvalidRequest(MeshcaError, ValueError):
 
 class RateLimited(MeshcaError):
     """One principal exceeded its request rate."""
+
+
+class RequestRefused(MeshcaError):
+    """The identity service refused a client's request for a reason that retrying will not change.
+
+    ``code`` is the gRPC status name (``UNAUTHENTICATED``, ``PERMISSION_DENIED``, ...) and
+    ``details`` the server's own message.
+    """
+
+    def __init__(self, message: str, code: str, details: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import ssl
 import threading
@@ -43,6 +44,20 @@ SERVER_ID = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/identity")
 SERVER_NAME = "localhost"  # the DNS name in the identity server's certificate; sources dial 127.0.0.1
 
 REFRESHES = "meshca_client_svid_refreshes_total"
+
+
+class Pinned(random.Random):
+    """A random source stuck at one point of every range: ``at`` 0.0 is the low end, 1.0 the high end."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(0)
+        self.at = at
+
+    def random(self) -> float:
+        return self.at
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.at
 
 
 def free_port() -> int:

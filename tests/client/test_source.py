@@ -11,6 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from meshca.client import SvidSource
+from meshca.client._state import Event, FetchFailed
 
 from .conftest import Trust
 from .support import WEB, ServerThread, add_token, free_port, refreshes, serial, wait_until, within_validity
@@ -88,13 +89,12 @@ def test_server_down_at_renewal_keeps_the_old_svid_and_recovers_before_it_expire
     server.stop()
     # When each failure is recorded, taken on the renewal thread itself (exact, whatever the load).
     failed_at: list[float] = []
-    record = source._state.failed
 
-    def failed(exc: BaseException) -> timedelta:
-        failed_at.append(time.monotonic())
-        return record(exc)
+    def record(event: Event) -> None:
+        if isinstance(event, FetchFailed):
+            failed_at.append(time.monotonic())
 
-    source._state.failed = failed  # type: ignore[method-assign]
+    source._core.hooks.append(record)
     with capture_logs() as logs:
         # Renewal is due at about 5 s (4 to 6 with jitter); stay down until 2.5 s before expiry.
         while datetime.now(UTC) < old.not_after - timedelta(seconds=2.5):
