@@ -294,13 +294,19 @@ def refused(context: ssl.SSLContext, port: int, payload: bytes = b"ping") -> boo
 
 # -- a fake identity service
 
+REFUSALS = {
+    "unauthenticated": (grpc.StatusCode.UNAUTHENTICATED, "unknown join token"),
+    "denied": (grpc.StatusCode.PERMISSION_DENIED, f"credential grants {OTHER}, not {WEB}"),
+}
+
 
 @dataclass
 class FakeIdentity:
     """A native-API identity service that answers as ``mode`` says, for tests of what the client accepts.
 
     Modes: ``good`` (a leaf for the requested ID and key from ``ca``), ``good-dns``
-    (the same with DNS SAN localhost), ``wrong-id``, ``wrong-ca``, ``wrong-key``.
+    (the same with DNS SAN localhost), ``wrong-id``, ``wrong-ca``, ``wrong-key``,
+    and the refusals in `REFUSALS` (``unauthenticated``, ``denied``).
     It serves TLS with a certificate from ``ca`` naming localhost.
     """
 
@@ -317,6 +323,9 @@ class FakeIdentity:
 
         class Servicer(pb_grpc.IdentityServicer):
             def IssueSVID(self, request: pb.IssueSVIDRequest, context: Any) -> pb.IssueSVIDResponse:
+                if outer.mode in REFUSALS:
+                    outer.requests.append(outer.mode)
+                    context.abort(*REFUSALS[outer.mode])
                 return outer.issue(request)
 
             def WatchBundle(self, request: pb.WatchBundleRequest, context: Any) -> Iterator[pb.Bundle]:

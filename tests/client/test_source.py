@@ -27,7 +27,9 @@ def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
     source = sources(f"localhost:{server.port}", trust.dir / "bundle.pem", str(WEB), join_token=token, server_name=None)
     with pytest.raises(RuntimeError, match="wait_ready"):
         _ = source.svid
-    first = source.wait_ready(10)
+    broken = source.subscribe(lambda s: 1 / 0)  # a broken listener does not stop the others
+    with capture_logs() as logs:
+        first = source.wait_ready(10)
     assert first.svid is not None and first.svid.spiffe_id == WEB
     assert source.svid is first.svid
     assert source.bundle.anchors == (trust.ca.anchor,)
@@ -35,9 +37,20 @@ def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
     assert first.svid.not_after - datetime.now(UTC) <= timedelta(seconds=4)
     seen: list[int] = []
     unsubscribe = source.subscribe(lambda s: seen.append(serial(s.svid)) if s.svid else None)
-    wait_until(lambda: len(seen) >= 2, 8, "two renewals")
+    with capture_logs() as later_logs:
+        wait_until(lambda: len(seen) >= 2, 8, "two renewals")
     unsubscribe()
+    broken()
     assert len(set(seen)) == len(seen) and serial(first.svid) not in seen
+    # The first SVID is logged as issued, the next ones as renewed (the server's own lines carry a principal).
+    client_lines = [e for e in logs + later_logs if e["event"].startswith("svid.") and "principal" not in e]
+    assert [e["event"] for e in client_lines[:3]] == ["svid.issued", "svid.renewed", "svid.renewed"]
+    assert client_lines[0]["serial"] == format(serial(first.svid), "x")
+    assert any(e["event"] == "source.listener_failed" for e in logs + later_logs)
+    unsubscribed_at = len(seen)
+    renewed = source.svid
+    wait_until(lambda: source.svid is not renewed, 8, "a renewal after unsubscribing")
+    assert len(seen) == unsubscribed_at
     assert refreshes(source, "success") >= 3
     assert refreshes(source, "failure") == 0
 
@@ -62,7 +75,7 @@ def test_server_down_at_start_then_up(
     token = add_token(trust.dir, WEB)
     source = sources(f"127.0.0.1:{port}", trust.ca.bundle, WEB, join_token=token)
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match=str(WEB)):
+    with pytest.raises(TimeoutError, match=f"no SVID for {WEB} within 1.5 s; the last attempt failed: UNAVAILABLE: "):
         source.wait_ready(1.5)
     assert time.monotonic() - started >= 1.5
     assert not source.snapshot.ready
