@@ -6,6 +6,7 @@ delay is exact (a pinned random source) and nothing sleeps.
 
 from __future__ import annotations
 
+import ast
 import random
 import threading
 import time
@@ -496,3 +497,18 @@ def test_published_events_carry_the_previous_snapshot(ca: TestCA, clock: FrozenC
     initial = machine.snapshot
     first_svid(machine, ca, clock)
     assert events == [Published(machine.snapshot, initial)]
+
+
+@pytest.mark.parametrize("module", ["_state.py", "_core.py"])
+def test_the_core_does_no_io_and_knows_no_metrics_or_logging(module: str) -> None:
+    """TLS, sockets, gRPC, metrics, logs and sleeping belong to the drivers and hooks."""
+    source = (Path(meshca.client.__file__).parent / module).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    forbidden = {"ssl", "socket", "grpc", "asyncio", "time", "structlog", "prometheus_client", "logging"}
+    assert imported & forbidden == set()
+    assert "meshca" in imported  # the walk sees imports at all

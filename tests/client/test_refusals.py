@@ -69,22 +69,33 @@ def test_a_bad_first_response_never_makes_the_source_ready(
     assert reasons and all(r.startswith(REASONS[mode]) for r in reasons), reasons
 
 
-@pytest.mark.parametrize("mode", sorted(REASONS))
-def test_a_bad_renewal_never_replaces_the_current_svid(
+@pytest.mark.parametrize("mode", sorted(REASONS) + sorted(REFUSALS))
+def test_a_bad_or_refused_renewal_never_replaces_the_current_svid_and_is_retried(
     mode: str, fake: FakeIdentity, sources: Callable[..., SvidSource]
 ) -> None:
     source = sources(fake.address, fake.ca.bundle, WEB, join_token="t", renewal=FAST)
     first = source.wait_ready(5)
     assert first.svid is not None
-    fake.mode = mode
-    wait_until(lambda: refreshes(source, "failure") >= 3, 4, "three refused renewals")
-    assert source.snapshot is first
-    assert within_validity(first.svid)
-    fake.mode = "good"
-    wait_until(lambda: source.snapshot.svid is not first.svid, 3, "a good renewal")
+    with capture_logs() as logs:
+        fake.mode = mode
+        wait_until(lambda: refreshes(source, "failure") >= 3, 4, "three failed renewals")
+        assert source.snapshot is first
+        assert within_validity(first.svid)
+        fake.mode = "good"
+        wait_until(lambda: source.snapshot.svid is not first.svid, 3, "a good renewal")
     assert source.svid.spiffe_id == WEB
     assert source.svid.leaf.public_key() == source.svid.key.public_key()
     assert refreshes(source, "success") == 2
+    # A refusal after the first SVID is logged with the server's reason, and retried all the same.
+    if mode in REFUSALS:
+        code, details = REFUSALS[mode]
+        reason, permanent = f"{code.name}: {details}", True
+    else:
+        reason, permanent = REASONS[mode], False
+    failed = [e for e in logs if e["event"] == "svid.fetch_failed"]
+    assert len(failed) >= 3
+    assert all(e["reason"].startswith(reason) and e["permanent"] is permanent for e in failed), failed
+    assert [e for e in logs if e["event"] == "svid.refused"] == []
 
 
 def test_an_identity_service_the_bundle_does_not_trust_is_refused(sources: Callable[..., SvidSource]) -> None:
@@ -152,24 +163,3 @@ def test_a_server_certificate_for_another_name_fails_at_once_and_names_the_fix(
     # The handshake failed before the request left: the one-use token still works, with the name.
     fixed = sources(server.address, trust.ca.bundle, WEB, join_token=token, server_name="localhost")
     assert fixed.wait_ready(10).ready
-
-
-@pytest.mark.parametrize("mode", sorted(REFUSALS))
-def test_a_refused_renewal_keeps_the_svid_and_is_retried(
-    mode: str, fake: FakeIdentity, sources: Callable[..., SvidSource]
-) -> None:
-    source = sources(fake.address, fake.ca.bundle, WEB, join_token="t", renewal=FAST)
-    first = source.wait_ready(5)
-    assert first.svid is not None
-    with capture_logs() as logs:
-        fake.mode = mode
-        wait_until(lambda: refreshes(source, "failure") >= 3, 4, "three refused renewals")
-        assert source.snapshot is first
-        assert within_validity(first.svid)
-        fake.mode = "good"
-        wait_until(lambda: source.snapshot.svid is not first.svid, 3, "a good renewal")
-    code, details = REFUSALS[mode]
-    failed = [e for e in logs if e["event"] == "svid.fetch_failed"]
-    assert len(failed) >= 3
-    assert all(e["reason"] == f"{code.name}: {details}" and e["permanent"] for e in failed), failed
-    assert [e for e in logs if e["event"] == "svid.refused"] == []
