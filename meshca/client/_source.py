@@ -236,7 +236,8 @@ class SvidSource(_SourceBase):
                     self._watch_call = None
                     return self._failure(exc)
             case Publish(snapshot):
-                self._settled.set()
+                if snapshot.ready:  # not for a bundle that changed before the first SVID
+                    self._settled.set()
                 with self._lock:
                     listeners = list(self._listeners)
                 for listener in listeners:
@@ -379,7 +380,8 @@ class AsyncSvidSource(_SourceBase):
                     self._watch_call = None
                     return await self._failed(exc)
             case Publish(snapshot):
-                self._settled.set()
+                if snapshot.ready:
+                    self._settled.set()
                 for queue in list(self._queues):
                     queue.put_nowait(snapshot)
             case GiveUp():

@@ -6,15 +6,28 @@ import itertools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from meshca.client import SvidSource
 from meshca.client._state import Event, FetchFailed
+from meshca.testing import TestCA
 
 from .conftest import Trust
-from .support import WEB, ServerThread, add_token, free_port, refreshes, serial, wait_until, within_validity
+from .support import (
+    TD,
+    WEB,
+    ServerThread,
+    add_token,
+    free_port,
+    refreshes,
+    serial,
+    wait_until,
+    within_validity,
+    write_bundle,
+)
 
 
 def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
@@ -164,3 +177,17 @@ def test_close_stops_the_threads_promptly(
     time.sleep(1.2)  # longer than any retry delay so far: nothing runs any more
     assert (refreshes(source, "success"), refreshes(source, "failure")) == (successes, failures)
     source.close()  # closing twice is harmless
+
+
+def test_a_bundle_change_before_the_first_svid_does_not_make_the_source_ready(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource], tmp_path: Path
+) -> None:
+    write_bundle(trust.dir, trust.ca.anchor, TestCA(TD).anchor)  # the server publishes two anchors
+    server = servers(trust.dir)
+    server.start()
+    jwt = tmp_path / "token"  # not there yet: every attempt fails, and is retried
+    source = sources(server.address, trust.ca.bundle, WEB, jwt_file=jwt)
+    wait_until(lambda: len(source.bundle.anchors) == 2, 5, "the second anchor from the watch stream")
+    with pytest.raises(TimeoutError, match=f"the last attempt failed: cannot read {jwt}"):
+        source.wait_ready(0.5)
+    assert not source.snapshot.ready
