@@ -102,7 +102,8 @@ def log_event(event: Event) -> None:
             permanent = event.failure.refusal is not None
             log.warning("svid.fetch_failed", **fields, permanent=permanent, retry_in=event.retry_in.total_seconds())
     elif isinstance(event, WatchFailed):
-        log.info(
+        # Debug: the stream also ends on every reconnect, and a server that is down shows in svid.fetch_failed.
+        log.debug(
             "bundle.watch_failed",
             reason=event.failure.reason,
             attempt=event.attempt,

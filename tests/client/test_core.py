@@ -17,12 +17,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 import meshca
 from meshca._proto import meshca_identity_pb2 as pb
 from meshca.client import Snapshot, X509Svid
 from meshca.client._core import Credentials, bundle_from_message, make_request, svid_from_response
-from meshca.client._hooks import ClientMetrics, TlsContexts
+from meshca.client._hooks import ClientMetrics, TlsContexts, log_event
 from meshca.client._state import (
     BundleIgnored,
     Event,
@@ -512,3 +513,30 @@ def test_the_core_does_no_io_and_knows_no_metrics_or_logging(module: str) -> Non
     forbidden = {"ssl", "socket", "grpc", "asyncio", "time", "structlog", "prometheus_client", "logging"}
     assert imported & forbidden == set()
     assert "meshca" in imported  # the walk sees imports at all
+
+
+def test_log_lines_name_what_happened_and_never_the_key(ca: TestCA, rogue_ca: TestCA, clock: FrozenClock) -> None:
+    machine, _ = make_machine(ca, clock)
+    machine.hooks.append(log_event)
+    with capture_logs() as logs:
+        renewal = first_svid(machine, ca, clock)
+        renewal.send(None)  # the renewal sleep
+        assert isinstance(renewal.send(None), Fetch)
+        renewal.send(BUSY)
+        watch = machine.watch()
+        next(watch)
+        watch.send(bundle_message(ca, rogue_ca))
+        watch.send(None)
+        watch.send(bundle_message(rogue_ca, td="other.test"))
+    svid = machine.snapshot.svid
+    assert svid is not None
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("svid.issued", "info"),
+        ("svid.fetch_failed", "warning"),
+        ("bundle.updated", "info"),
+        ("bundle.ignored", "warning"),
+    ]
+    assert logs[0]["serial"] == format(svid.leaf.serial_number, "x")
+    assert logs[1]["reason"] == BUSY.reason and logs[1]["permanent"] is False
+    assert logs[2]["anchors"] == 2
+    assert "PRIVATE KEY" not in repr(logs) and "tok" not in repr(logs)
