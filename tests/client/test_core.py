@@ -420,7 +420,7 @@ def test_metrics_count_fetches_and_show_the_expiry(ca: TestCA, clock: FrozenCloc
     assert (count("success"), count("failure")) == (1, 1)
 
 
-def test_two_sources_share_a_registry_through_one_metrics_object(ca: TestCA, clock: FrozenClock) -> None:
+def test_metrics_register_once_on_the_registry_given(ca: TestCA, clock: FrozenClock) -> None:
     registry = CollectorRegistry()
     metrics = ClientMetrics(registry)
     assert metrics.registry is registry

@@ -9,14 +9,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from meshca.client import SvidSource
+from meshca.client import ClientMetrics, SvidSource
 from meshca.client._state import Event, FetchFailed
 from meshca.testing import TestCA
 
 from .conftest import Trust
 from .support import (
+    API,
+    REFRESHES,
     TD,
     WEB,
     ServerThread,
@@ -191,3 +194,26 @@ def test_a_bundle_change_before_the_first_svid_does_not_make_the_source_ready(
     with pytest.raises(TimeoutError, match=f"the last attempt failed: cannot read {jwt}"):
         source.wait_ready(0.5)
     assert not source.snapshot.ready
+
+
+def test_sources_export_to_one_registry_through_one_metrics_object(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    server = servers(trust.dir)
+    server.start()
+    registry = CollectorRegistry()
+    metrics = ClientMetrics(registry)
+    made = [
+        sources(server.address, trust.ca.bundle, sid, join_token=add_token(trust.dir, sid), metrics=metrics)
+        for sid in (WEB, API)
+    ]
+    for source in made:
+        source.wait_ready(10)
+        assert source.metrics_registry is registry
+        assert refreshes(source, "success") == 1
+    # Without metrics=, each source counts in a registry of its own.
+    alone = sources(server.address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB))
+    alone.wait_ready(10)
+    assert alone.metrics_registry is not registry
+    assert refreshes(alone, "success") == 1
+    assert registry.get_sample_value(REFRESHES, {"spiffe_id": str(WEB), "result": "success"}) == 1
