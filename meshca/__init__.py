@@ -20,6 +20,7 @@ from meshca.pki._errors import (
     MeshcaError,
     PermissionDenied,
     RateLimited,
+    RequestRefused,
     StoreError,
     VerificationError,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "RateLimited",
+    "RequestRefused",
     "SpiffeId",
     "StoreError",
     "TrustBundle",

@@ -40,10 +40,10 @@ def test_dashboard_queries_only_metrics_meshca_exports() -> None:
     server.reloads.labels("success").inc()
     server.anchor_expiry.labels("ab").set(1)
     exported = generate_latest(server.registry).decode()
-    from meshca.client._state import _metrics_for
+    from meshca.client import ClientMetrics
 
     client_registry = CollectorRegistry()
-    client = _metrics_for(client_registry)
+    client = ClientMetrics(client_registry)
     client.expiry.labels("spiffe://td/x").set(1)
     client.refreshes.labels("spiffe://td/x", "success").inc()
     exported += generate_latest(client_registry).decode()

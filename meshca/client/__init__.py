@@ -2,6 +2,7 @@
 
 from meshca.client._core import Snapshot, X509Svid
 from meshca.client._grpc import AsyncSpiffeAuthzInterceptor, SpiffeAuthzInterceptor
+from meshca.client._hooks import ClientMetrics
 from meshca.client._source import AsyncSvidSource, SvidSource
 from meshca.client._tls import SpiffeSSLContext
 from meshca.pki._rotation import RenewalPolicy
@@ -9,6 +10,7 @@ from meshca.pki._rotation import RenewalPolicy
 __all__ = [
     "AsyncSpiffeAuthzInterceptor",
     "AsyncSvidSource",
+    "ClientMetrics",
     "RenewalPolicy",
     "Snapshot",
     "SpiffeAuthzInterceptor",

@@ -1,12 +1,12 @@
-"""What the sync and async SVID sources share: snapshots, requests, response checks, credentials.
+"""The values of the client, and the pure functions on them: snapshots, requests, response checks, credentials.
 
-No I/O here except reading a JWT file, which the caller asks for explicitly.
+No I/O here except reading a JWT file (`Credentials.jwt_file`, read again for every request).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -18,13 +18,21 @@ from meshca._proto import meshca_identity_pb2 as pb
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
 from meshca.pki._csr import build_csr
-from meshca.pki._errors import MeshcaError, VerificationError
+from meshca.pki._errors import VerificationError
 from meshca.pki._keys import PrivateKey, private_key_pem
 from meshca.pki._proof import sign_svid_proof
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 from meshca.pki._verify import authorize_id, verify_chain
 
-__all__ = ["Credentials", "Snapshot", "X509Svid", "bundle_from_message", "make_request", "svid_from_response"]
+__all__ = [
+    "Credentials",
+    "Snapshot",
+    "X509Svid",
+    "bundle_from_message",
+    "load_bundle",
+    "make_request",
+    "svid_from_response",
+]
 
 _DER = serialization.Encoding.DER
 
@@ -142,18 +150,3 @@ def load_bundle(source: TrustBundle | str | Path | bytes) -> TrustBundle:
     if isinstance(source, bytes):
         return TrustBundle.from_pem(source)
     return TrustBundle.from_pem(Path(source).read_bytes())
-
-
-def timestamp_to_datetime(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """A short reason for logs and metrics, without secrets."""
-    if isinstance(exc, MeshcaError):
-        return f"{type(exc).__name__}: {exc}"
-    code = getattr(exc, "code", None)
-    if callable(code):
-        details = getattr(exc, "details", lambda: "")()
-        return f"{code().name}: {details}"
-    return type(exc).__name__

@@ -1,8 +1,10 @@
 """`SvidSource` (threads) and `AsyncSvidSource` (asyncio): an identity that keeps itself fresh.
 
-Both are thin loops over `SourceState`: fetch an SVID (join token or JWT at
-first, then proof of the current SVID), sleep until the renewal moment,
-back off on failure, and follow the bundle watch stream.
+Both are short drivers of the same `SourceMachine` flows (``_state.py``):
+each runs the renewal flow and the bundle-watch flow, doing the step each
+yields (sleep, reconnect, fetch, read the stream, publish, give up) and
+sending back the result. Every decision is the machine's; see
+docs/architecture.md, Client.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import structlog
@@ -24,12 +26,27 @@ from prometheus_client import CollectorRegistry
 from meshca._proto import meshca_identity_pb2 as pb
 from meshca._proto import meshca_identity_pb2_grpc as pb_grpc
 from meshca.client._core import Credentials, Snapshot, X509Svid, load_bundle
+from meshca.client._failures import classify
 from meshca.client._grpc import channel_credentials, server_credentials
-from meshca.client._state import SourceConfig, SourceState
+from meshca.client._hooks import ClientMetrics, TlsContexts, log_event
+from meshca.client._state import (
+    Failure,
+    Fetch,
+    Flow,
+    GiveUp,
+    NextBundle,
+    Publish,
+    Reconnect,
+    Reply,
+    Sleep,
+    SourceConfig,
+    SourceMachine,
+    Step,
+)
 from meshca.client._tls import SpiffeSSLContext, make_context
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._keys import KeyType
-from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, retry_delay
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._verify import Authorizer
@@ -38,23 +55,11 @@ __all__ = ["AsyncSvidSource", "SvidSource"]
 
 log = structlog.get_logger("meshca.client")
 
-
-def _unreachable(exc: BaseException) -> bool:
-    """True for a call that failed with UNAVAILABLE: the next attempt should use a new channel.
-
-    A channel that failed to connect waits out gRPC's own reconnect backoff
-    (growing to two minutes) and fails every call until then, however close
-    the SVID is to expiry; a new channel connects when the renewal policy
-    says to retry.
-    """
-    code = getattr(exc, "code", None)
-    return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+_WATCH = pb.WatchBundleRequest()
 
 
 class _SourceBase:
-    """What both twins offer on top of the current snapshot."""
-
-    _state: SourceState
+    """What both drivers offer on top of the machine."""
 
     def __init__(
         self,
@@ -69,42 +74,54 @@ class _SourceBase:
         renewal: RenewalPolicy = DEFAULT_POLICY,
         server_name: str | None = None,
         clock: Clock = system_clock,
-        registry: CollectorRegistry | None = None,
+        metrics: ClientMetrics | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``server_name``: the DNS name to expect in the server's certificate when it is not the host
+        in ``server`` (dialling an IP address, say). ``metrics``: where to count; a new registry of
+        this source's own by default. ``rng``: the random source of the renewal jitter and backoff.
+        """
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
         credentials = Credentials(join_token, Path(jwt_file) if jwt_file is not None else None)
         config = SourceConfig(server, sid, credentials, key_type, ttl, renewal, server_name)
-        self._state = SourceState(config, load_bundle(bundle), clock, registry, rng)
+        self._metrics = metrics if metrics is not None else ClientMetrics()
+        self._contexts = TlsContexts()
+        self._core = SourceMachine(
+            config,
+            load_bundle(bundle),
+            clock=clock,
+            rng=rng if rng is not None else random.Random(),  # noqa: S311 - jitter, not secrets
+            hooks=[self._contexts, self._metrics, log_event],
+        )
         self._clock = clock
         self._setup()
 
     def _setup(self) -> None:
-        """Twin-specific state; runs at the end of ``__init__``."""
+        """Driver-specific state; runs at the end of ``__init__``."""
 
     @property
     def snapshot(self) -> Snapshot:
         """The current SVID and bundle, as one immutable value."""
-        return self._state.snapshot
+        return self._core.snapshot
 
     @property
     def svid(self) -> X509Svid:
-        svid = self._state.snapshot.svid
+        svid = self._core.snapshot.svid
         if svid is None:
             raise RuntimeError("no SVID yet; wait_ready() first")
         return svid
 
     @property
     def bundle(self) -> TrustBundle:
-        return self._state.snapshot.bundle
+        return self._core.snapshot.bundle
 
     @property
     def spiffe_id(self) -> SpiffeId:
-        return self._state.config.spiffe_id
+        return self._core.config.spiffe_id
 
     @property
     def metrics_registry(self) -> CollectorRegistry:
-        return self._state.registry
+        return self._metrics.registry
 
     def server_ssl_context(self, authorizer: Authorizer) -> SpiffeSSLContext:
         """A server context: presents the SVID, requires a client SVID the authorizer accepts."""
@@ -115,22 +132,35 @@ class _SourceBase:
         return self._ssl_context("client", authorizer)
 
     def _ssl_context(self, side: Literal["server", "client"], authorizer: Authorizer) -> SpiffeSSLContext:
-        state = self._state
-        return state.track(make_context(side, lambda: state.snapshot, authorizer, self._clock))
+        core = self._core
+        return self._contexts.track(make_context(side, lambda: core.snapshot, authorizer, self._clock))
 
     def grpc_server_credentials(self) -> grpc.ServerCredentials:
-        state = self._state
-        return server_credentials(lambda: state.snapshot)
+        core = self._core
+        return server_credentials(lambda: core.snapshot)
 
     def grpc_channel_credentials(self) -> grpc.ChannelCredentials:
-        return channel_credentials(self._state.snapshot)
+        return channel_credentials(self._core.snapshot)
 
-    def _channel_options(self) -> list[tuple[str, str]]:
-        name = self._state.config.server_name
-        return [("grpc.ssl_target_name_override", name)] if name else []
+    # -- for the drivers
+
+    def _channel_args(self, bundle: TrustBundle) -> tuple[str, grpc.ChannelCredentials, list[tuple[str, str]]]:
+        config = self._core.config
+        options = [("grpc.ssl_target_name_override", config.server_name)] if config.server_name else []
+        return config.server, grpc.ssl_channel_credentials(bundle.to_pem()), options
 
     def _call_timeout(self) -> float:
-        return self._state.config.call_timeout.total_seconds()
+        return self._core.config.call_timeout.total_seconds()
+
+    def _failure(self, exc: BaseException) -> Failure:
+        return classify(exc, self._core.config, self._core.snapshot.bundle)
+
+    def _outcome(self) -> Snapshot:
+        """After the wait: the snapshot, or the refusal that ended the renewal flow."""
+        refusal = self._core.refusal
+        if refusal is not None:
+            raise refusal.with_traceback(None)
+        return self._core.snapshot
 
 
 class SvidSource(_SourceBase):
@@ -143,89 +173,113 @@ class SvidSource(_SourceBase):
 
     def _setup(self) -> None:
         self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._channel_lock = threading.Lock()
+        self._settled = threading.Event()  # an SVID arrived, or the server refused for good
+        self._lock = threading.Lock()  # the channel, the watch call, the listeners
+        self._listeners: list[Callable[[Snapshot], None]] = []
         self._channel: grpc.Channel | None = None
-        self._channel_bundle: TrustBundle | None = None
-        self._watch_call: grpc.Future | None = None  # type: ignore[type-arg]
+        self._watch_call: Any = None  # gRPC's rendezvous: an iterator of messages and a future to cancel
+        self._open(self._core.snapshot.bundle)
         self._threads = [
-            threading.Thread(target=self._renew_loop, name="meshca-svid-renewal", daemon=True),
-            threading.Thread(target=self._watch_loop, name="meshca-bundle-watch", daemon=True),
+            threading.Thread(target=self._drive, args=(self._core.renewal(),), name="meshca-svid-renewal", daemon=True),
+            threading.Thread(target=self._drive, args=(self._core.watch(),), name="meshca-bundle-watch", daemon=True),
         ]
         for t in self._threads:
             t.start()
 
     def subscribe(self, callback: Callable[[Snapshot], None]) -> Callable[[], None]:
         """Calls ``callback(snapshot)`` (on a source thread) after every change; returns an unsubscribe function."""
-        return self._state.subscribe(callback)
+        with self._lock:
+            self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._listeners:
+                    self._listeners.remove(callback)
+
+        return unsubscribe
 
     def wait_ready(self, timeout: float | None = None) -> Snapshot:
-        """Blocks until the first SVID arrives; `TimeoutError` after ``timeout`` seconds."""
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"no SVID for {self.spiffe_id} within {timeout} s")
-        return self.snapshot
+        """Blocks until the first SVID arrives.
 
-    def _stub(self, *, fresh: bool = False) -> pb_grpc.IdentityStub:
-        with self._channel_lock:
-            bundle = self._state.snapshot.bundle
-            # Once closed, never open a channel again (close() would not see it); calls on the
-            # closed one fail and the loops end.
-            stale = fresh or self._channel is None or self._channel_bundle is not bundle
-            if stale and not self._stop.is_set():
-                if self._channel is not None:
-                    self._channel.close()
-                creds = grpc.ssl_channel_credentials(bundle.to_pem())
-                self._channel = grpc.secure_channel(self._state.config.server, creds, self._channel_options())
-                self._channel_bundle = bundle
+        Raises `TimeoutError` (with the last failure's reason) after ``timeout``
+        seconds, or at once the server's refusal (`meshca.RequestRefused`, or
+        `meshca.VerificationError` for a certificate that does not name the server).
+        """
+        if not self._settled.wait(timeout):
+            raise self._core.timeout_error(timeout)
+        return self._outcome()
+
+    def _drive(self, flow: Flow) -> None:
+        reply: Reply = None
+        while not self._stop.is_set():
+            try:
+                step = flow.send(reply)
+            except StopIteration:
+                return
+            reply = self._run(step)
+
+    def _run(self, step: Step) -> Reply:
+        match step:
+            case Sleep(delay):
+                self._stop.wait(delay.total_seconds())
+            case Reconnect(bundle):
+                self._open(bundle)
+            case Fetch(request):
+                try:
+                    return self._stub().IssueSVID(request, timeout=self._call_timeout())  # type: ignore[no-any-return]
+                except Exception as exc:  # noqa: BLE001 - classified, retried or reported
+                    return self._failure(exc)
+            case NextBundle():
+                try:
+                    return self._next_bundle()
+                except Exception as exc:  # noqa: BLE001 - classified; the stream is opened again
+                    self._watch_call = None
+                    return self._failure(exc)
+            case Publish(snapshot):
+                if snapshot.ready:  # not for a bundle that changed before the first SVID
+                    self._settled.set()
+                with self._lock:
+                    listeners = list(self._listeners)
+                for listener in listeners:
+                    try:
+                        listener(snapshot)
+                    except Exception:
+                        log.exception("source.listener_failed")
+            case GiveUp():
+                self._settled.set()
+        return None
+
+    def _open(self, bundle: TrustBundle) -> None:
+        with self._lock:
+            # Once closed, never open a channel again (close() would not see it).
+            if self._stop.is_set():
+                return
+            if self._channel is not None:
+                self._channel.close()  # ends the watch stream on it too
+            self._channel = grpc.secure_channel(*self._channel_args(bundle))
+            self._watch_call = None
+
+    def _stub(self) -> pb_grpc.IdentityStub:
+        with self._lock:
             return pb_grpc.IdentityStub(self._channel)
 
-    def _renew_loop(self) -> None:
-        state = self._state
-        reconnect = False
-        while not self._stop.is_set():
-            delay = state.next_delay()
-            if delay > timedelta() and self._stop.wait(delay.total_seconds()):
-                return
-            try:
-                key, request = state.new_request()
-                stub, reconnect = self._stub(fresh=reconnect), False
-                response = stub.IssueSVID(request, timeout=self._call_timeout())
-                state.accept(key, response)
-                self._ready.set()
-            except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff, and logged
-                if self._stop.is_set():
-                    return
-                reconnect = _unreachable(exc)
-                self._stop.wait(state.failed(exc).total_seconds())
-
-    def _watch_loop(self) -> None:
-        attempt = 0
-        policy = self._state.config.renewal
-        rng = random.Random()  # noqa: S311
-        while not self._stop.is_set():
-            try:
-                call = self._stub().WatchBundle(pb.WatchBundleRequest())
-                self._watch_call = call
-                if self._stop.is_set():
-                    call.cancel()
-                    return
-                for message in call:
-                    attempt = 0
-                    self._state.bundle_update(message)
-            except grpc.RpcError:
-                pass
-            except Exception:
-                log.exception("bundle.watch_failed")
-            attempt += 1
-            if self._stop.wait(retry_delay(attempt, self._clock(), None, policy, rng).total_seconds()):
-                return
+    def _next_bundle(self) -> pb.Bundle:
+        with self._lock:
+            if self._watch_call is None and not self._stop.is_set():
+                self._watch_call = pb_grpc.IdentityStub(self._channel).WatchBundle(_WATCH)
+            call = self._watch_call
+        if call is None:
+            raise EOFError("the source is closing")
+        message: pb.Bundle | None = next(call, None)
+        if message is None:
+            raise EOFError("the bundle stream ended")
+        return message
 
     def close(self) -> None:
         self._stop.set()
-        call = self._watch_call
-        if call is not None:
-            call.cancel()
-        with self._channel_lock:
+        with self._lock:
+            if self._watch_call is not None:
+                self._watch_call.cancel()
             if self._channel is not None:
                 self._channel.close()
         for t in self._threads:
@@ -244,8 +298,7 @@ def _closing() -> bool:
     """True when this task itself is being cancelled (the source is closing).
 
     grpc.aio also raises `asyncio.CancelledError` in a call whose channel was
-    closed, which `_stub()` does when the bundle changes; that ends one call,
-    not the loop running it.
+    closed, which a `Reconnect` does; that ends one call, not the flow.
     """
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
@@ -262,37 +315,31 @@ class AsyncSvidSource(_SourceBase):
 
     def _setup(self) -> None:
         self._tasks: list[asyncio.Task[None]] = []
-        self._ready: asyncio.Event | None = None
+        self._settled: asyncio.Event | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._channel_bundle: TrustBundle | None = None
+        self._watch_call: AsyncIterator[pb.Bundle] | None = None
         self._queues: set[asyncio.Queue[Snapshot | None]] = set()  # None: the source closed
 
     async def start(self) -> None:
-        if self._ready is not None:
+        if self._settled is not None:
             raise RuntimeError("this source is already started")
-        self._ready = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def fan_out(snapshot: Snapshot) -> None:
-            for queue in list(self._queues):
-                queue.put_nowait(snapshot)
-
-        # State changes happen on this loop, so listeners run here too.
-        def on_change(snapshot: Snapshot) -> None:
-            loop.call_soon_threadsafe(fan_out, snapshot)
-
-        self._state.subscribe(on_change)
-        self._tasks = [asyncio.create_task(self._renew_loop()), asyncio.create_task(self._watch_loop())]
+        self._settled = asyncio.Event()
+        await self._open(self._core.snapshot.bundle)
+        self._tasks = [
+            asyncio.create_task(self._drive(self._core.renewal())),
+            asyncio.create_task(self._drive(self._core.watch())),
+        ]
 
     async def wait_ready(self, timeout: float | None = None) -> Snapshot:
-        if self._ready is None:
+        """Waits for the first SVID; raises as `SvidSource.wait_ready` does."""
+        if self._settled is None:
             raise RuntimeError("start() the source first (or use 'async with')")
         try:
             async with asyncio.timeout(timeout):
-                await self._ready.wait()
+                await self._settled.wait()
         except TimeoutError:
-            raise TimeoutError(f"no SVID for {self.spiffe_id} within {timeout} s") from None
-        return self.snapshot
+            raise self._core.timeout_error(timeout) from None
+        return self._outcome()
 
     async def updates(self) -> AsyncIterator[Snapshot]:
         """Yields every new snapshot (SVID renewed or bundle changed) until the source closes."""
@@ -304,60 +351,64 @@ class AsyncSvidSource(_SourceBase):
         finally:
             self._queues.discard(queue)
 
-    async def _stub(self, *, fresh: bool = False) -> pb_grpc.IdentityStub:
-        bundle = self._state.snapshot.bundle
-        if fresh or self._channel is None or self._channel_bundle is not bundle:
-            # Swap first, close after: the other loop, resuming during the close, finds the new channel.
-            old = self._channel
-            creds = grpc.ssl_channel_credentials(bundle.to_pem())
-            self._channel = grpc.aio.secure_channel(self._state.config.server, creds, self._channel_options())
-            self._channel_bundle = bundle
-            if old is not None:
-                await old.close(None)
-        assert self._channel is not None
-        return pb_grpc.IdentityStub(self._channel)
-
-    async def _renew_loop(self) -> None:
-        state = self._state
-        assert self._ready is not None
-        reconnect = False
+    async def _drive(self, flow: Flow) -> None:
+        reply: Reply = None
         while True:
-            delay = state.next_delay()
-            if delay > timedelta():
+            try:
+                step = flow.send(reply)
+            except StopIteration:
+                return
+            reply = await self._run(step)
+
+    async def _run(self, step: Step) -> Reply:
+        assert self._settled is not None and self._channel is not None
+        match step:
+            case Sleep(delay):
                 await asyncio.sleep(delay.total_seconds())
-            try:
-                key, request = state.new_request()
-                stub, reconnect = await self._stub(fresh=reconnect), False
-                response = await stub.IssueSVID(request, timeout=self._call_timeout())
-                state.accept(key, response)
-                self._ready.set()
-            except asyncio.CancelledError as exc:
-                if _closing():
-                    raise
-                await asyncio.sleep(state.failed(exc).total_seconds())
-            except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff, and logged
-                reconnect = _unreachable(exc)
-                await asyncio.sleep(state.failed(exc).total_seconds())
+            case Reconnect(bundle):
+                await self._open(bundle)
+            case Fetch(request):
+                try:
+                    stub = pb_grpc.IdentityStub(self._channel)
+                    return await stub.IssueSVID(request, timeout=self._call_timeout())  # type: ignore[no-any-return]
+                except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - classified, retried or reported
+                    return await self._failed(exc)
+            case NextBundle():
+                try:
+                    return await self._next_bundle()
+                except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - classified; opened again
+                    self._watch_call = None
+                    return await self._failed(exc)
+            case Publish(snapshot):
+                if snapshot.ready:
+                    self._settled.set()
+                for queue in list(self._queues):
+                    queue.put_nowait(snapshot)
+            case GiveUp():
+                self._settled.set()
+        return None
 
-    async def _watch_loop(self) -> None:
-        attempt = 0
-        policy = self._state.config.renewal
-        rng = random.Random()  # noqa: S311
-        while True:
-            try:
-                stub = await self._stub()
-                async for message in stub.WatchBundle(pb.WatchBundleRequest()):
-                    attempt = 0
-                    self._state.bundle_update(message)
-            except asyncio.CancelledError:
-                if _closing():
-                    raise
-            except grpc.RpcError:
-                pass
-            except Exception:
-                log.exception("bundle.watch_failed")
-            attempt += 1
-            await asyncio.sleep(retry_delay(attempt, self._clock(), None, policy, rng).total_seconds())
+    async def _failed(self, exc: BaseException) -> Failure:
+        if isinstance(exc, asyncio.CancelledError) and _closing():
+            raise exc
+        # Off the loop: classifying a name mismatch connects to the server once more.
+        return await asyncio.to_thread(self._failure, exc)
+
+    async def _open(self, bundle: TrustBundle) -> None:
+        # Swap first, close after: the other flow, resuming during the close, finds the new channel.
+        old = self._channel
+        self._channel = grpc.aio.secure_channel(*self._channel_args(bundle))
+        self._watch_call = None
+        if old is not None:
+            await old.close(None)
+
+    async def _next_bundle(self) -> pb.Bundle:
+        if self._watch_call is None:
+            self._watch_call = aiter(pb_grpc.IdentityStub(self._channel).WatchBundle(_WATCH))
+        message: pb.Bundle | None = await anext(self._watch_call, None)
+        if message is None:
+            raise EOFError("the bundle stream ended")
+        return message
 
     async def aclose(self) -> None:
         for task in self._tasks:

@@ -1,41 +1,56 @@
-"""The pure heart of an SVID source, shared by the threaded and asyncio twins.
+"""The I/O-free heart of an SVID source: two flows of steps that the threaded and asyncio drivers run.
 
-It holds the current snapshot and decides what to do next; the twins only
-move bytes over gRPC and sleep for the times it returns.
+`SourceMachine.renewal()` and `SourceMachine.watch()` are generators. Each
+yields the next `Step` and is sent its result: a `Fetch` gets the
+`IssueSVIDResponse` or a `Failure`, a `NextBundle` the next `Bundle` message
+or a `Failure`, every other step ``None``. The drivers only move bytes over
+gRPC, sleep, and wake whoever waits (as httpx drives one auth flow from its
+sync and async clients). Every clock read and random draw comes from the
+injected ``clock`` and ``rng``, so a test runs whole renewal, backoff and
+reconnect sequences on a frozen clock without sleeping.
+
+What the machine decides, it reports as `Event`s to its hooks: TLS contexts,
+metrics and logs live there (see ``_hooks.py``), not here. See
+docs/architecture.md, Client.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from weakref import WeakKeyDictionary, WeakSet
-
-import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshca._proto import meshca_identity_pb2 as pb
-from meshca.client._core import (
-    Credentials,
-    Snapshot,
-    X509Svid,
-    bundle_from_message,
-    describe_failure,
-    make_request,
-    svid_from_response,
-)
-from meshca.client._tls import SpiffeSSLContext, refresh
+from meshca.client._core import Credentials, Snapshot, bundle_from_message, make_request, svid_from_response
 from meshca.pki._bundle import TrustBundle
-from meshca.pki._keys import KeyType, PrivateKey, generate_key
+from meshca.pki._errors import MeshcaError
+from meshca.pki._keys import KeyType, generate_key
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock
 
-__all__ = ["SourceConfig", "SourceState"]
-
-log = structlog.get_logger("meshca.client")
+__all__ = [
+    "BundleIgnored",
+    "Event",
+    "Failure",
+    "Fetch",
+    "FetchFailed",
+    "Flow",
+    "GiveUp",
+    "Hook",
+    "NextBundle",
+    "Publish",
+    "Published",
+    "Reconnect",
+    "Reply",
+    "Sleep",
+    "SourceConfig",
+    "SourceMachine",
+    "Step",
+    "WatchFailed",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,41 +65,111 @@ class SourceConfig:
     call_timeout: timedelta = timedelta(seconds=10)
 
 
-class _Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.expiry = Gauge(
-            "meshca_client_svid_expiry_timestamp_seconds",
-            "NotAfter of the current SVID",
-            ["spiffe_id"],
-            registry=registry,
-        )
-        self.refreshes = Counter(
-            "meshca_client_svid_refreshes", "SVID fetches by result", ["spiffe_id", "result"], registry=registry
-        )
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed call, as the machine needs it: why (for people), and what the next try should do."""
+
+    reason: str
+    refusal: MeshcaError | None = None  # set when retrying cannot help; raised by wait_ready before the first SVID
+    reconnect: bool = False  # the next call should go over a new channel
 
 
-_metrics_by_registry: WeakKeyDictionary[CollectorRegistry, _Metrics] = WeakKeyDictionary()
-_metrics_lock = threading.Lock()
+# -- steps: what a driver does next
 
 
-def _metrics_for(registry: CollectorRegistry) -> _Metrics:
-    with _metrics_lock:
-        found = _metrics_by_registry.get(registry)
-        if found is None:
-            found = _metrics_by_registry[registry] = _Metrics(registry)
-        return found
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    delay: timedelta
 
 
-class SourceState:
-    """Snapshot, listeners, renewal schedule. Thread-safe: the snapshot is swapped under a lock."""
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Close the channel and open a new one that trusts ``bundle``. Calls in flight on the old one fail."""
+
+    bundle: TrustBundle
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Send IssueSVID; reply with the response or a `Failure`."""
+
+    request: pb.IssueSVIDRequest
+
+
+@dataclass(frozen=True, slots=True)
+class NextBundle:
+    """Read the next message of the WatchBundle stream, opening one if none is open; reply with it or a `Failure`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """``snapshot`` is now current (the hooks have run): wake whoever waits for it."""
+
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """No SVID is coming: the server refused for good before the first one. The flow ends after this."""
+
+    error: MeshcaError
+
+
+Step = Sleep | Reconnect | Fetch | NextBundle | Publish | GiveUp
+Reply = pb.IssueSVIDResponse | pb.Bundle | Failure | None
+Flow = Generator[Step, Reply, None]
+
+
+# -- events: what the hooks hear
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Sent under the publication lock, before the snapshot becomes current: hooks see snapshots in order."""
+
+    snapshot: Snapshot
+    previous: Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    spiffe_id: SpiffeId
+    failure: Failure
+    attempt: int
+    retry_in: timedelta | None  # None: given up
+
+
+@dataclass(frozen=True, slots=True)
+class WatchFailed:
+    failure: Failure
+    attempt: int
+    retry_in: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class BundleIgnored:
+    reason: str
+
+
+Event = Published | FetchFailed | WatchFailed | BundleIgnored
+Hook = Callable[[Event], None]
+
+
+class SourceMachine:
+    """The current snapshot, and the renewal and bundle-watch flows that change it.
+
+    Thread-safe: the threaded driver runs the two flows on two threads, and
+    each changes half of the snapshot under one lock.
+    """
 
     def __init__(
         self,
         config: SourceConfig,
         bundle: TrustBundle,
+        *,
         clock: Clock,
-        registry: CollectorRegistry | None,
-        rng: random.Random | None,
+        rng: random.Random,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         if bundle.trust_domain != config.spiffe_id.trust_domain:
             raise ValueError(
@@ -92,128 +177,139 @@ class SourceState:
             )
         self.config = config
         self.clock = clock
-        self.registry = registry or CollectorRegistry()
-        self._metrics = _metrics_for(self.registry)
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self.hooks = list(hooks)
+        self._rng = rng
         self._lock = threading.Lock()
         self._snapshot = Snapshot(None, bundle)
-        self._listeners: list[Callable[[Snapshot], None]] = []
-        self._contexts: WeakSet[SpiffeSSLContext] = WeakSet()
-        self._failures = 0
-        self._renew_at: datetime | None = None
-        self._pending_key: PrivateKey | None = None
-
-    # -- reading
+        # Drivers open their first channel on the initial bundle; a changed bundle, or a failure
+        # that asks for it, makes the next call go over a new one.
+        self._channel_bundle = bundle
+        self._reconnect = False
+        self.refusal: MeshcaError | None = None
+        self.last_failure: Failure | None = None
 
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
-    def subscribe(self, listener: Callable[[Snapshot], None]) -> Callable[[], None]:
-        with self._lock:
-            self._listeners.append(listener)
+    def timeout_error(self, timeout: float | None) -> TimeoutError:
+        """What ``wait_ready`` raises when no SVID came in time: with the last failure's reason."""
+        message = f"no SVID for {self.config.spiffe_id} within {timeout} s"
+        if self.last_failure is not None:
+            message += f"; the last attempt failed: {self.last_failure.reason}"
+        return TimeoutError(message)
 
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
+    # -- the flows
 
-        return unsubscribe
+    def renewal(self) -> Flow:
+        """Fetch at once, then at the renewal moment; back off on failure; give up only on a first refusal."""
+        policy = self.config.renewal
+        attempt = 0
+        renew_at: datetime | None = None
+        while True:
+            if renew_at is not None and (wait := renew_at - self.clock()) > timedelta():
+                yield Sleep(wait)
+            if (reconnect := self._reconnect_step()) is not None:
+                yield reconnect
+            outcome = yield from self._fetch()
+            if isinstance(outcome, Snapshot):
+                attempt = 0
+                assert outcome.svid is not None
+                renew_at = renewal_time(self.clock(), outcome.svid.not_after, policy, self._rng)
+                yield Publish(outcome)
+                continue
+            attempt += 1
+            self.last_failure = outcome
+            svid = self._snapshot.svid
+            if outcome.refusal is not None and svid is None:
+                self.refusal = outcome.refusal
+                self._emit(FetchFailed(self.config.spiffe_id, outcome, attempt, None))
+                yield GiveUp(outcome.refusal)
+                return
+            # After the first SVID every failure is retried: the current SVID stays in use, and an
+            # operator may fix the credential or the server in the meantime.
+            delay = retry_delay(attempt, self.clock(), svid.not_after if svid else None, policy, self._rng)
+            self._emit(FetchFailed(self.config.spiffe_id, outcome, attempt, delay))
+            yield Sleep(delay)
 
-    def track(self, ctx: SpiffeSSLContext) -> SpiffeSSLContext:
-        """Keeps ``ctx`` loaded with the current SVID and anchors from now on."""
-        with self._lock:
-            self._contexts.add(ctx)
-            # Catch up with a change published while the context was being built.
-            refresh(ctx, self._snapshot)
-        return ctx
+    def watch(self) -> Flow:
+        """Follow the bundle stream; apply changed anchors; back off and reopen when it fails or ends."""
+        attempt = 0
+        while True:
+            reply = yield NextBundle()
+            if isinstance(reply, pb.Bundle):
+                attempt = 0
+                snapshot = self._bundle_update(reply)
+                if snapshot is not None:
+                    yield Publish(snapshot)
+                continue
+            assert isinstance(reply, Failure)
+            if reply.reconnect:
+                self._reconnect = True
+            attempt += 1
+            delay = retry_delay(attempt, self.clock(), None, self.config.renewal, self._rng)
+            self._emit(WatchFailed(reply, attempt, delay))
+            yield Sleep(delay)
+            if (reconnect := self._reconnect_step()) is not None:
+                yield reconnect
 
-    # -- deciding
+    # -- the parts
 
-    def new_request(self) -> tuple[PrivateKey, pb.IssueSVIDRequest]:
+    def _fetch(self) -> Generator[Step, Reply, Snapshot | Failure]:
         key = generate_key(self.config.key_type)
-        request = make_request(
-            key,
-            self.config.spiffe_id,
-            self.config.credentials,
-            self._snapshot.svid,
-            now=self.clock(),
-            ttl=self.config.ttl,
-        )
-        return key, request
+        config = self.config
+        try:
+            request = make_request(
+                key, config.spiffe_id, config.credentials, self._snapshot.svid, now=self.clock(), ttl=config.ttl
+            )
+        except OSError as exc:  # the JWT file is missing or unreadable: it may appear
+            return Failure(f"cannot read {exc.filename}: {exc.strerror}")
+        reply = yield Fetch(request)
+        if isinstance(reply, Failure):
+            if reply.reconnect:
+                self._reconnect = True
+            return reply
+        assert isinstance(reply, pb.IssueSVIDResponse)
+        try:
+            svid = svid_from_response(reply, key, config.spiffe_id, self._snapshot.bundle, now=self.clock())
+        except MeshcaError as exc:
+            return Failure(f"{type(exc).__name__}: {exc}")
+        return self._commit(lambda current: Snapshot(svid, current.bundle))
 
-    def accept(self, key: PrivateKey, response: pb.IssueSVIDResponse) -> X509Svid:
-        """Swaps in the SVID from ``response`` if it verifies; raises (keeping the old one) otherwise."""
-        now = self.clock()
-        svid = svid_from_response(response, key, self.config.spiffe_id, self._snapshot.bundle, now=now)
-        self._failures = 0
-        self._renew_at = renewal_time(now, svid.not_after, self.config.renewal, self._rng)
-        self._metrics.refreshes.labels(str(self.config.spiffe_id), "success").inc()
-        self._metrics.expiry.labels(str(self.config.spiffe_id)).set(svid.not_after.timestamp())
-        log.info(
-            "svid.renewed",
-            spiffe_id=str(svid.spiffe_id),
-            not_after=svid.not_after.isoformat(),
-            serial=format(svid.leaf.serial_number, "x"),
-        )
-        self._publish(lambda current: Snapshot(svid, current.bundle))
-        return svid
+    def _bundle_update(self, message: pb.Bundle) -> Snapshot | None:
+        """The new snapshot if the message changes the anchors; None if it changes nothing or is refused."""
+        try:
+            bundle = bundle_from_message(message)
+        except (ValueError, MeshcaError) as exc:
+            self._emit(BundleIgnored(f"unreadable bundle: {exc}"))
+            return None
+        if bundle.trust_domain != self._snapshot.bundle.trust_domain:
+            self._emit(BundleIgnored(f"bundle for another trust domain: {bundle.trust_domain}"))
+            return None
+        if set(bundle.anchors) == set(self._snapshot.bundle.anchors):
+            return None
+        return self._commit(lambda latest: Snapshot(latest.svid, bundle))
 
-    def failed(self, exc: BaseException) -> timedelta:
-        """Records a failed fetch and returns how long to wait before the next try."""
-        self._failures += 1
-        self._metrics.refreshes.labels(str(self.config.spiffe_id), "failure").inc()
-        svid = self._snapshot.svid
-        delay = retry_delay(
-            self._failures, self.clock(), svid.not_after if svid else None, self.config.renewal, self._rng
-        )
-        log.warning(
-            "svid.fetch_failed",
-            spiffe_id=str(self.config.spiffe_id),
-            reason=describe_failure(exc),
-            attempt=self._failures,
-            retry_in=delay.total_seconds(),
-        )
-        return delay
-
-    def next_delay(self) -> timedelta:
-        """Time until the next fetch: zero with no SVID, else until the renewal moment."""
-        if self._snapshot.svid is None or self._renew_at is None:
-            return timedelta()
-        return max(timedelta(), self._renew_at - self.clock())
-
-    def bundle_update(self, message: pb.Bundle) -> bool:
-        """Applies a bundle from the watch stream; True if the anchors changed."""
-        bundle = bundle_from_message(message)
-        current = self._snapshot
-        if bundle.trust_domain != current.bundle.trust_domain:
-            log.warning("bundle.wrong_trust_domain", got=str(bundle.trust_domain))
-            return False
-        if set(bundle.anchors) == set(current.bundle.anchors):
-            return False
-        log.info(
-            "bundle.updated",
-            trust_domain=str(bundle.trust_domain),
-            anchors=len(bundle.anchors),
-            sequence=bundle.sequence,
-        )
-        self._publish(lambda latest: Snapshot(latest.svid, bundle))
-        return True
-
-    def _publish(self, change: Callable[[Snapshot], Snapshot]) -> None:
-        # The renewal and watch threads each change half of the snapshot: build the new one from the
-        # latest under the lock, so neither undoes the other's change.
+    def _reconnect_step(self) -> Reconnect | None:
         with self._lock:
-            snapshot = change(self._snapshot)
-            listeners = list(self._listeners)
-            # Under the lock too: refreshes run in publication order, so a context never goes back
-            # to an older SVID when a refresh for an earlier snapshot runs late. Contexts first,
-            # then the snapshot: whoever sees the new snapshot finds every context already on it.
-            for ctx in list(self._contexts):
-                refresh(ctx, snapshot)
+            bundle = self._snapshot.bundle
+            if not self._reconnect and bundle is self._channel_bundle:
+                return None
+            self._reconnect, self._channel_bundle = False, bundle
+            return Reconnect(bundle)
+
+    def _commit(self, change: Callable[[Snapshot], Snapshot]) -> Snapshot:
+        # The two flows each change half of the snapshot: build the new one from the latest under
+        # the lock, so neither undoes the other's change. The hooks run under it too, so they see
+        # snapshots in publication order (a TLS context never goes back to an older SVID), and
+        # before the snapshot becomes current (whoever sees it finds every context already on it).
+        with self._lock:
+            previous = self._snapshot
+            snapshot = change(previous)
+            self._emit(Published(snapshot, previous))
             self._snapshot = snapshot
-        for listener in listeners:
-            try:
-                listener(snapshot)
-            except Exception:
-                log.exception("source.listener_failed")
+        return snapshot
+
+    def _emit(self, event: Event) -> None:
+        for hook in self.hooks:
+            hook(event)

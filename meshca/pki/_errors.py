@@ -19,6 +19,7 @@ MeshcaError
  |    +-- IdentityMismatch  the request names another identity than the credential grants
  +-- RateLimited          one principal exceeded its request rate
  +-- RequestTooLarge      a request above the configured size
+ +-- RequestRefused   the identity service refused a client's request; retrying will not help
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "MeshcaError",
     "PermissionDenied",
     "RateLimited",
+    "RequestRefused",
     "RequestTooLarge",
     "StoreError",
     "TokenUsedUp",
@@ -127,3 +129,16 @@ class RateLimited(MeshcaError):
 
 class RequestTooLarge(MeshcaError):
     """A request above the configured size (gRPC's own limit is higher, so this one is logged)."""
+
+
+class RequestRefused(MeshcaError):
+    """The identity service refused a client's request for a reason that retrying will not change.
+
+    ``code`` is the gRPC status name (``UNAUTHENTICATED``, ``PERMISSION_DENIED``, ...) and
+    ``details`` the server's own message.
+    """
+
+    def __init__(self, message: str, code: str, details: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import ssl
 import threading
@@ -43,6 +44,20 @@ SERVER_ID = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/identity")
 SERVER_NAME = "localhost"  # the DNS name in the identity server's certificate; sources dial 127.0.0.1
 
 REFRESHES = "meshca_client_svid_refreshes_total"
+
+
+class Pinned(random.Random):
+    """A random source stuck at one point of every range: ``at`` 0.0 is the low end, 1.0 the high end."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(0)
+        self.at = at
+
+    def random(self) -> float:
+        return self.at
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.at
 
 
 def free_port() -> int:
@@ -279,13 +294,19 @@ def refused(context: ssl.SSLContext, port: int, payload: bytes = b"ping") -> boo
 
 # -- a fake identity service
 
+REFUSALS = {
+    "unauthenticated": (grpc.StatusCode.UNAUTHENTICATED, "unknown join token"),
+    "denied": (grpc.StatusCode.PERMISSION_DENIED, f"credential grants {OTHER}, not {WEB}"),
+}
+
 
 @dataclass
 class FakeIdentity:
     """A native-API identity service that answers as ``mode`` says, for tests of what the client accepts.
 
     Modes: ``good`` (a leaf for the requested ID and key from ``ca``), ``good-dns``
-    (the same with DNS SAN localhost), ``wrong-id``, ``wrong-ca``, ``wrong-key``.
+    (the same with DNS SAN localhost), ``wrong-id``, ``wrong-ca``, ``wrong-key``,
+    and the refusals in `REFUSALS` (``unauthenticated``, ``denied``).
     It serves TLS with a certificate from ``ca`` naming localhost.
     """
 
@@ -302,6 +323,9 @@ class FakeIdentity:
 
         class Servicer(pb_grpc.IdentityServicer):
             def IssueSVID(self, request: pb.IssueSVIDRequest, context: Any) -> pb.IssueSVIDResponse:
+                if outer.mode in REFUSALS:
+                    outer.requests.append(outer.mode)
+                    context.abort(*REFUSALS[outer.mode])
                 return outer.issue(request)
 
             def WatchBundle(self, request: pb.WatchBundleRequest, context: Any) -> Iterator[pb.Bundle]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
 
+import meshca
 from meshca.client import AsyncSvidSource, Snapshot
 from meshca.server import K8sJwtConfig
 from meshca.testing import TestCA
@@ -147,7 +149,27 @@ def test_jwt_file_is_read_again_for_every_attempt(trust: Trust, tmp_path: Path) 
                 assert refreshes(source, "success") == 1
         reasons = {e.get("reason") for e in logs if e["event"] == "auth.failed"}
         assert reasons == {"jwt_expired"}
-        issued = [e for e in logs if e["event"] == "svid.issued"]
+        issued = [e for e in logs if e["event"] == "svid.issued" and "principal" in e]  # the server's line
         assert issued and issued[0]["principal"] == "k8s:default:web"
 
     run(main())
+
+
+def test_async_source_raises_a_refusal_at_once(trust: Trust) -> None:
+    async def main() -> None:
+        async with serving(trust.dir) as server:
+            address = f"127.0.0.1:{server.port}"
+            token = add_token(trust.dir, WEB)
+            bad = AsyncSvidSource(address, trust.ca.bundle, WEB, join_token="mtok_nope", server_name=SERVER_NAME)
+            async with bad:
+                with pytest.raises(meshca.RequestRefused, match="UNAUTHENTICATED: unknown join token"):
+                    await bad.wait_ready(30)
+            # No server_name: the name check fails, and says which name the certificate carries.
+            unnamed = AsyncSvidSource(address, trust.ca.bundle, WEB, join_token=token)
+            async with unnamed:
+                mismatch = re.escape("does not name 127.0.0.1 (it names localhost)")
+                with pytest.raises(meshca.VerificationError, match=mismatch):
+                    await unnamed.wait_ready(30)
+                assert refreshes(unnamed, "failure") == 1
+
+    run(main(), timeout=20)

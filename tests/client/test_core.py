@@ -1,7 +1,12 @@
-"""The pure parts of the client: requests, response checks, and the source state machine (frozen clock)."""
+"""The pure parts of the client: requests, response checks, and the source machine's flows (frozen clock).
+
+The flows are driven here by hand, step by step, as the drivers do: every
+delay is exact (a pinned random source) and nothing sleeps.
+"""
 
 from __future__ import annotations
 
+import ast
 import random
 import threading
 import time
@@ -12,19 +17,38 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 import meshca
 from meshca._proto import meshca_identity_pb2 as pb
 from meshca.client import Snapshot, X509Svid
 from meshca.client._core import Credentials, bundle_from_message, make_request, svid_from_response
-from meshca.client._state import SourceConfig, SourceState
+from meshca.client._hooks import ClientMetrics, TlsContexts, log_event
+from meshca.client._state import (
+    BundleIgnored,
+    Event,
+    Failure,
+    Fetch,
+    FetchFailed,
+    Flow,
+    GiveUp,
+    NextBundle,
+    Publish,
+    Published,
+    Reconnect,
+    Sleep,
+    SourceConfig,
+    SourceMachine,
+    WatchFailed,
+)
 from meshca.pki._proof import SvidProof, verify_svid_proof
 from meshca.pki._rotation import RenewalPolicy
 from meshca.testing import FrozenClock, TestCA
 
-from .support import OTHER, REFRESHES, WEB
+from .support import OTHER, REFRESHES, WEB, Pinned
 
 S = timedelta(seconds=1)
+MS = timedelta(milliseconds=1)
 
 
 def response(
@@ -161,142 +185,358 @@ def test_bundle_from_message(ca: TestCA, rogue_ca: TestCA) -> None:
     assert bundle.sequence == 7
 
 
-# -- the source state machine
+# -- the source machine
+
+POLICY = RenewalPolicy(fraction=0.5, jitter=0.1)  # backoff: 0.5 s doubling to 30 s, never under 100 ms
+DOWN = Failure("UNAVAILABLE: failed to connect to all addresses", reconnect=True)
+BUSY = Failure("RESOURCE_EXHAUSTED: rate limited")
+UNKNOWN_TOKEN = Failure(
+    "UNAUTHENTICATED: unknown join token",
+    meshca.RequestRefused("no SVID: refused", "UNAUTHENTICATED", "unknown join token"),
+)
 
 
-POLICY = RenewalPolicy(fraction=0.5, jitter=0.1)
+def make_machine(
+    ca: TestCA,
+    clock: FrozenClock,
+    *,
+    rng: random.Random | None = None,
+    credentials: Credentials | None = None,
+) -> tuple[SourceMachine, list[Event]]:
+    """A machine whose random draws sit mid-range (renewal at exactly half the life), and its events."""
+    config = SourceConfig("localhost:1", WEB, credentials or Credentials("tok"), renewal=POLICY)
+    events: list[Event] = []
+    machine = SourceMachine(config, ca.bundle, clock=clock, rng=rng or Pinned(0.5), hooks=[events.append])
+    return machine, events
 
 
-def make_state(ca: TestCA, clock: FrozenClock) -> SourceState:
-    config = SourceConfig("localhost:1", WEB, Credentials("tok"), renewal=POLICY)
-    return SourceState(config, ca.bundle, clock, CollectorRegistry(), random.Random(1))
+def answer(ca: TestCA, step: object, clock: FrozenClock, ttl: timedelta = 10 * S) -> pb.IssueSVIDResponse:
+    """What a good identity service answers to ``step`` (a `Fetch`)."""
+    assert isinstance(step, Fetch), step
+    key = x509.load_der_x509_csr(step.request.csr).public_key()
+    issued = ca.issuer.sign(key, WEB, now=clock(), ttl=ttl)  # type: ignore[arg-type]
+    return pb.IssueSVIDResponse(spiffe_id=str(WEB), leaf=issued.leaf_der(), intermediates=issued.intermediates_der)
 
 
-def fetch(state: SourceState, ca: TestCA, ttl: timedelta = 10 * S) -> X509Svid:
-    key, _ = state.new_request()
-    return state.accept(key, response(ca, key, WEB, state.clock(), ttl))
+def credential(step: object) -> str | None:
+    assert isinstance(step, Fetch), step
+    return step.request.credential.WhichOneof("kind")
 
 
-def count(state: SourceState, result: str) -> float:
-    return state.registry.get_sample_value(REFRESHES, {"spiffe_id": str(WEB), "result": result}) or 0.0
+def bundle_message(*cas: TestCA, td: str = "example.org") -> pb.Bundle:
+    der = [c.anchor.public_bytes(Encoding.DER) for c in cas]
+    return pb.Bundle(trust_domain=td, anchors=der, sequence=2)
 
 
-def test_state_refuses_a_bundle_of_another_trust_domain(foreign_ca: TestCA, clock: FrozenClock) -> None:
+def first_svid(machine: SourceMachine, ca: TestCA, clock: FrozenClock) -> Flow:
+    """A renewal flow that has just published its first SVID."""
+    flow = machine.renewal()
+    assert isinstance(flow.send(answer(ca, next(flow), clock)), Publish)
+    return flow
+
+
+def test_machine_refuses_a_bundle_of_another_trust_domain(foreign_ca: TestCA, clock: FrozenClock) -> None:
     with pytest.raises(ValueError, match=r"other\.test"):
-        make_state(foreign_ca, clock)
+        make_machine(foreign_ca, clock)
 
 
-def test_state_fetches_at_once_then_at_the_renewal_moment(ca: TestCA, clock: FrozenClock) -> None:
-    state = make_state(ca, clock)
-    assert state.next_delay() == timedelta()
-    assert not state.snapshot.ready
-    svid = fetch(state, ca)
-    assert state.snapshot.svid is svid
-    assert 4 * S <= state.next_delay() <= 6 * S
-    clock.advance(3 * S)
-    assert 1 * S <= state.next_delay() <= 3 * S
+def test_renewal_backs_off_reconnects_after_unavailable_then_renews_at_half_life(
+    ca: TestCA, clock: FrozenClock
+) -> None:
+    machine, events = make_machine(ca, clock)
+    flow = machine.renewal()
+    step = next(flow)
+    assert credential(step) == "join_token"  # at once, with the join token
+    assert flow.send(DOWN) == Sleep(250 * MS)  # attempt 1: half of the 0.5 s ceiling
+    assert flow.send(None) == Reconnect(ca.bundle)  # UNAVAILABLE: the next call goes over a new channel
+    step = flow.send(None)
+    assert credential(step) == "join_token"
+    assert flow.send(BUSY) == Sleep(500 * MS)  # attempt 2: half of 1 s; same channel
+    step = flow.send(None)
+    assert isinstance(step, Fetch)
+    assert not machine.snapshot.ready
+    published = flow.send(answer(ca, step, clock))
+    assert isinstance(published, Publish)
+    assert published.snapshot is machine.snapshot
+    svid = published.snapshot.svid
+    assert svid is not None and svid.not_after == clock() + 10 * S
+    assert flow.send(None) == Sleep(5 * S)  # half of the 10 s life
     clock.advance(5 * S)
-    assert state.next_delay() == timedelta()
-    # The renewal uses the current SVID as credential.
-    _, request = state.new_request()
-    assert request.credential.WhichOneof("kind") == "svid"
-    assert count(state, "success") == 1
-    expiry = state.registry.get_sample_value("meshca_client_svid_expiry_timestamp_seconds", {"spiffe_id": str(WEB)})
-    assert expiry == svid.not_after.timestamp()
+    step = flow.send(None)
+    assert credential(step) == "svid"  # renewals prove the current SVID
+    # 5 s left: retries at most 0.5 s apart (a tenth of it); the attempt count starts again.
+    assert flow.send(BUSY) == Sleep(250 * MS)
+    step = flow.send(None)
+    assert isinstance(step, Fetch)
+    clock.advance(3 * S)  # 2 s left: the cap is 0.2 s
+    assert flow.send(BUSY) == Sleep(100 * MS)
+    renewed = flow.send(answer(ca, flow.send(None), clock))
+    assert isinstance(renewed, Publish)
+    assert renewed.snapshot.svid is not None and renewed.snapshot.svid is not svid
+    assert flow.send(None) == Sleep(5 * S)
+    assert [(type(e).__name__, getattr(e, "attempt", None), getattr(e, "retry_in", None)) for e in events] == [
+        ("FetchFailed", 1, 250 * MS),
+        ("FetchFailed", 2, 500 * MS),
+        ("Published", None, None),
+        ("FetchFailed", 1, 250 * MS),
+        ("FetchFailed", 2, 100 * MS),
+        ("Published", None, None),
+    ]
+    assert [e.failure for e in events if isinstance(e, FetchFailed)] == [DOWN, BUSY, BUSY, BUSY]
 
 
-def test_state_keeps_the_old_svid_when_a_response_is_bad(ca: TestCA, rogue_ca: TestCA, clock: FrozenClock) -> None:
-    state = make_state(ca, clock)
-    svid = fetch(state, ca)
+def test_a_refusal_before_the_first_svid_gives_up_at_once(ca: TestCA, clock: FrozenClock) -> None:
+    machine, events = make_machine(ca, clock)
+    flow = machine.renewal()
+    next(flow)
+    assert str(machine.timeout_error(3)) == f"no SVID for {WEB} within 3 s"
+    assert flow.send(BUSY) == Sleep(250 * MS)  # transient: retried
+    next(flow)
+    assert flow.send(UNKNOWN_TOKEN) == GiveUp(UNKNOWN_TOKEN.refusal)  # type: ignore[arg-type]
+    with pytest.raises(StopIteration):
+        flow.send(None)
+    assert machine.refusal is UNKNOWN_TOKEN.refusal
+    assert not machine.snapshot.ready
+    assert events == [FetchFailed(WEB, BUSY, 1, 250 * MS), FetchFailed(WEB, UNKNOWN_TOKEN, 2, None)]
+    assert str(machine.timeout_error(3)) == (
+        f"no SVID for {WEB} within 3 s; the last attempt failed: UNAUTHENTICATED: unknown join token"
+    )
+
+
+def test_a_refusal_after_the_first_svid_is_retried_and_the_svid_kept(ca: TestCA, clock: FrozenClock) -> None:
+    machine, events = make_machine(ca, clock)
+    flow = first_svid(machine, ca, clock)
+    svid = machine.snapshot.svid
+    flow.send(None)  # the renewal sleep
     clock.advance(5 * S)
-    key, _ = state.new_request()
-    with pytest.raises(meshca.VerificationError):
-        state.accept(key, response(rogue_ca, key, WEB, clock()))
-    assert state.snapshot.svid is svid
-    delays = [state.failed(RuntimeError("boom")) for _ in range(6)]
-    assert count(state, "failure") == 6
+    delays = []
+    for _ in range(4):
+        assert credential(flow.send(None)) == "svid"
+        step = flow.send(UNKNOWN_TOKEN)
+        assert isinstance(step, Sleep)
+        delays.append(step.delay)
+    assert delays == [250 * MS] * 4  # 5 s left: a ceiling of 0.5 s, at half
+    assert machine.snapshot.svid is svid
+    assert machine.refusal is None
+    assert [e.retry_in for e in events if isinstance(e, FetchFailed)] == delays
+
+
+def test_a_bad_response_is_a_failure_and_keeps_the_old_svid(ca: TestCA, rogue_ca: TestCA, clock: FrozenClock) -> None:
+    machine, events = make_machine(ca, clock, rng=random.Random(1))
+    flow = first_svid(machine, ca, clock)
+    svid = machine.snapshot.svid
+    flow.send(None)
+    clock.advance(5 * S)
+    delays = []
+    for _ in range(6):
+        step = flow.send(answer(rogue_ca, flow.send(None), clock))
+        assert isinstance(step, Sleep)
+        delays.append(step.delay)
+    assert machine.snapshot.svid is svid
     # Five seconds left: retries come at most half a second apart, never under 100 ms.
-    assert all(timedelta(milliseconds=100) <= d <= timedelta(milliseconds=500) for d in delays)
-    assert state.snapshot.svid is svid
-    fetch(state, ca)
-    assert state.snapshot.svid is not svid
-    assert count(state, "success") == 2
+    assert all(100 * MS <= d <= 500 * MS for d in delays)
+    failed = [e for e in events if isinstance(e, FetchFailed)]
+    assert [e.attempt for e in failed] == [1, 2, 3, 4, 5, 6]
+    assert all(e.failure.reason.startswith("VerificationError: chain does not lead to an anchor") for e in failed)
+    assert isinstance(flow.send(answer(ca, flow.send(None), clock)), Publish)
+    assert machine.snapshot.svid is not svid
 
 
-def test_state_applies_a_bundle_only_when_the_anchors_change(
+def test_an_unreadable_jwt_file_is_retried(ca: TestCA, clock: FrozenClock, tmp_path: Path) -> None:
+    machine, events = make_machine(ca, clock, credentials=Credentials(jwt_file=tmp_path / "missing"))
+    flow = machine.renewal()
+    assert next(flow) == Sleep(250 * MS)  # no call made: nothing to send
+    (tmp_path / "missing").write_text("a.b.c")
+    assert credential(flow.send(None)) == "jwt"
+    assert [e.failure.reason for e in events if isinstance(e, FetchFailed)] == [
+        f"cannot read {tmp_path / 'missing'}: No such file or directory"
+    ]
+
+
+def test_watch_applies_changed_anchors_backs_off_and_reconnects_once(
     ca: TestCA, rogue_ca: TestCA, foreign_ca: TestCA, clock: FrozenClock
 ) -> None:
-    state = make_state(ca, clock)
-    seen: list[Snapshot] = []
-    state.subscribe(lambda s: 1 / 0)  # a broken listener does not stop the others
-    unsubscribe = state.subscribe(seen.append)
-    svid = fetch(state, ca)
-    assert seen == [state.snapshot]
+    machine, events = make_machine(ca, clock)
+    watch = machine.watch()
+    assert next(watch) == NextBundle()
+    assert watch.send(bundle_message(ca)) == NextBundle()  # the same anchors: nothing to publish
+    assert watch.send(bundle_message(foreign_ca, td="other.test")) == NextBundle()  # refused
+    assert events == [BundleIgnored("bundle for another trust domain: other.test")]
+    published = watch.send(bundle_message(ca, rogue_ca))
+    assert isinstance(published, Publish)
+    assert set(published.snapshot.bundle.anchors) == {ca.anchor, rogue_ca.anchor}
+    assert published.snapshot is machine.snapshot
+    assert watch.send(None) == NextBundle()
+    # The renewal flow's next call goes over a channel that trusts the new bundle: one reconnect.
+    renewal = machine.renewal()
+    assert next(renewal) == Reconnect(published.snapshot.bundle)
+    assert isinstance(renewal.send(None), Fetch)
+    # The stream on the old channel ends; the watch backs off and reopens on the new channel.
+    assert watch.send(Failure("CANCELLED: Channel closed!")) == Sleep(250 * MS)
+    assert watch.send(None) == NextBundle()
+    assert watch.send(DOWN) == Sleep(500 * MS)  # attempt 2
+    assert watch.send(None) == Reconnect(published.snapshot.bundle)  # asked for by UNAVAILABLE
+    assert watch.send(None) == NextBundle()
+    assert watch.send(bundle_message(ca, rogue_ca)) == NextBundle()  # a message resets the backoff
+    assert watch.send(BUSY) == Sleep(250 * MS)
+    assert [(e.attempt, e.retry_in) for e in events if isinstance(e, WatchFailed)] == [
+        (1, 250 * MS),
+        (2, 500 * MS),
+        (1, 250 * MS),
+    ]
 
-    def message(*cas: TestCA, td: str = "example.org") -> pb.Bundle:
-        der = [c.anchor.public_bytes(Encoding.DER) for c in cas]
-        return pb.Bundle(trust_domain=td, anchors=der, sequence=2)
 
-    assert not state.bundle_update(message(ca))
-    assert not state.bundle_update(message(foreign_ca, td="other.test"))
-    assert state.bundle_update(message(ca, rogue_ca))
-    assert set(state.snapshot.bundle.anchors) == {ca.anchor, rogue_ca.anchor}
-    assert state.snapshot.svid is svid
-    assert len(seen) == 2
-    unsubscribe()
-    assert state.bundle_update(message(rogue_ca))
-    assert len(seen) == 2
+def test_an_unreadable_bundle_message_is_ignored(ca: TestCA, clock: FrozenClock) -> None:
+    machine, events = make_machine(ca, clock)
+    watch = machine.watch()
+    next(watch)
+    garbled = pb.Bundle(trust_domain="example.org", anchors=[b"\x30\x03junk"], sequence=3)
+    assert watch.send(garbled) == NextBundle()
+    assert machine.snapshot.bundle is ca.bundle
+    assert len(events) == 1 and isinstance(events[0], BundleIgnored)
+    assert events[0].reason.startswith("unreadable bundle")
+
+
+def test_metrics_count_fetches_and_show_the_expiry(ca: TestCA, clock: FrozenClock) -> None:
+    machine, _ = make_machine(ca, clock)
+    metrics = ClientMetrics()
+    machine.hooks.append(metrics)
+    flow = machine.renewal()
+    next(flow)
+    flow.send(BUSY)
+    flow.send(answer(ca, flow.send(None), clock))
+    svid = machine.snapshot.svid
+    assert svid is not None
+
+    def count(result: str) -> float:
+        return metrics.registry.get_sample_value(REFRESHES, {"spiffe_id": str(WEB), "result": result}) or 0.0
+
+    assert (count("success"), count("failure")) == (1, 1)
+    expiry = metrics.registry.get_sample_value("meshca_client_svid_expiry_timestamp_seconds", {"spiffe_id": str(WEB)})
+    assert expiry == svid.not_after.timestamp()
+    watch = machine.watch()
+    next(watch)
+    watch.send(pb.Bundle(trust_domain="example.org", anchors=[], sequence=2))  # a bundle change is no fetch
+    assert (count("success"), count("failure")) == (1, 1)
+
+
+def test_metrics_register_once_on_the_registry_given(ca: TestCA, clock: FrozenClock) -> None:
+    registry = CollectorRegistry()
+    metrics = ClientMetrics(registry)
+    assert metrics.registry is registry
+    with pytest.raises(ValueError, match="Duplicated"):
+        ClientMetrics(registry)  # registering twice is prometheus' error: share the object instead
+    assert ClientMetrics().registry is not ClientMetrics().registry
 
 
 def test_concurrent_renewal_and_bundle_update_lose_neither(ca: TestCA, rogue_ca: TestCA, clock: FrozenClock) -> None:
     """The renewal thread and the watch thread both swap the snapshot; each keeps the other's half."""
-    state = make_state(ca, clock)
-    fetch(state, ca)
-    key, _ = state.new_request()
-    renewal = response(ca, key, WEB, clock())
-    anchors = [c.anchor.public_bytes(Encoding.DER) for c in (ca, rogue_ca)]
-    message = pb.Bundle(trust_domain="example.org", anchors=anchors, sequence=2)
+    machine, _ = make_machine(ca, clock)
+    renewal = first_svid(machine, ca, clock)
+    renewal.send(None)
+    step = renewal.send(None)
+    reply = answer(ca, step, clock)
+    watch = machine.watch()
+    next(watch)
     # Hold the snapshot lock so both updates are in flight at once, then let them go.
-    with state._lock:
+    with machine._lock:
         threads = [
-            threading.Thread(target=state.accept, args=(key, renewal)),
-            threading.Thread(target=state.bundle_update, args=(message,)),
+            threading.Thread(target=renewal.send, args=(reply,)),
+            threading.Thread(target=watch.send, args=(bundle_message(ca, rogue_ca),)),
         ]
         for t in threads:
             t.start()
             time.sleep(0.2)
     for t in threads:
         t.join(5)
-    assert state.snapshot.svid is not None
-    assert state.snapshot.svid.leaf.public_key() == key.public_key()
-    assert set(state.snapshot.bundle.anchors) == {ca.anchor, rogue_ca.anchor}
+    svid = machine.snapshot.svid
+    assert svid is not None
+    assert svid.leaf.public_key() == x509.load_der_x509_csr(step.request.csr).public_key()  # type: ignore[union-attr]
+    assert set(machine.snapshot.bundle.anchors) == {ca.anchor, rogue_ca.anchor}
 
 
 def test_live_contexts_end_with_the_newest_svid_when_updates_race(
     ca: TestCA, rogue_ca: TestCA, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A context refreshed for an older snapshot after a newer one must not go back to the older SVID."""
-    import meshca.client._state as state_module
+    import meshca.client._hooks as hooks_module
     from meshca.client._tls import make_context
     from meshca.client._tls import refresh as real_refresh
 
-    state = make_state(ca, clock)
-    old = fetch(state, ca)
-    ctx = state.track(make_context("server", lambda: state.snapshot, meshca.authorize_any(), clock))
+    machine, _ = make_machine(ca, clock)
+    contexts = TlsContexts()
+    machine.hooks.append(contexts)
+    renewal = first_svid(machine, ca, clock)
+    old = machine.snapshot.svid
+    ctx = contexts.track(make_context("server", lambda: machine.snapshot, meshca.authorize_any(), clock))
+    assert ctx.meshca_svid is old
 
     def slow_refresh(context: object, snapshot: Snapshot) -> None:
         if snapshot.svid is old:
             time.sleep(0.3)  # the bundle update's refresh is overtaken by the renewal's
         real_refresh(context, snapshot)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(state_module, "refresh", slow_refresh)
-    anchors = [c.anchor.public_bytes(Encoding.DER) for c in (ca, rogue_ca)]
-    watch = threading.Thread(
-        target=state.bundle_update, args=(pb.Bundle(trust_domain="example.org", anchors=anchors, sequence=2),)
-    )
-    watch.start()
+    monkeypatch.setattr(hooks_module, "refresh", slow_refresh)
+    renewal.send(None)
+    reply = answer(ca, renewal.send(None), clock)
+    watch = machine.watch()
+    next(watch)
+    updater = threading.Thread(target=watch.send, args=(bundle_message(ca, rogue_ca),))
+    updater.start()
     time.sleep(0.1)
-    new = fetch(state, ca)
-    watch.join(5)
-    assert state.snapshot.svid is new
+    published = renewal.send(reply)
+    updater.join(5)
+    assert isinstance(published, Publish)
+    new = published.snapshot.svid
+    assert new is not old
+    assert machine.snapshot.svid is new
     assert ctx.meshca_svid is new
+
+
+def test_published_events_carry_the_previous_snapshot(ca: TestCA, clock: FrozenClock) -> None:
+    machine, events = make_machine(ca, clock)
+    initial = machine.snapshot
+    first_svid(machine, ca, clock)
+    assert events == [Published(machine.snapshot, initial)]
+
+
+@pytest.mark.parametrize("module", ["_state.py", "_core.py"])
+def test_the_core_does_no_io_and_knows_no_metrics_or_logging(module: str) -> None:
+    """TLS, sockets, gRPC, metrics, logs and sleeping belong to the drivers and hooks."""
+    source = (Path(meshca.client.__file__).parent / module).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    forbidden = {"ssl", "socket", "grpc", "asyncio", "time", "structlog", "prometheus_client", "logging"}
+    assert imported & forbidden == set()
+    assert "meshca" in imported  # the walk sees imports at all
+
+
+def test_log_lines_name_what_happened_and_never_the_key(ca: TestCA, rogue_ca: TestCA, clock: FrozenClock) -> None:
+    machine, _ = make_machine(ca, clock)
+    machine.hooks.append(log_event)
+    with capture_logs() as logs:
+        renewal = first_svid(machine, ca, clock)
+        renewal.send(None)  # the renewal sleep
+        assert isinstance(renewal.send(None), Fetch)
+        renewal.send(BUSY)
+        watch = machine.watch()
+        next(watch)
+        watch.send(bundle_message(ca, rogue_ca))
+        watch.send(None)
+        watch.send(bundle_message(rogue_ca, td="other.test"))
+    svid = machine.snapshot.svid
+    assert svid is not None
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("svid.issued", "info"),
+        ("svid.fetch_failed", "warning"),
+        ("bundle.updated", "info"),
+        ("bundle.ignored", "warning"),
+    ]
+    assert logs[0]["serial"] == format(svid.leaf.serial_number, "x")
+    assert logs[1]["reason"] == BUSY.reason and logs[1]["permanent"] is False
+    assert logs[2]["anchors"] == 2
+    assert "PRIVATE KEY" not in repr(logs) and "tok" not in repr(logs)

@@ -10,22 +10,10 @@ import pytest
 
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 
+from .support import Pinned
+
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 S = timedelta(seconds=1)
-
-
-class Pinned(random.Random):
-    """A random source stuck at one end of every range: ``at`` is 0.0 (low end) or 1.0 (high end)."""
-
-    def __init__(self, at: float) -> None:
-        super().__init__(0)
-        self.at = at
-
-    def random(self) -> float:
-        return self.at
-
-    def uniform(self, a: float, b: float) -> float:
-        return a + (b - a) * self.at
 
 
 # -- renewal_time

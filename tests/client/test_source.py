@@ -6,14 +6,31 @@ import itertools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from meshca.client import SvidSource
+from meshca.client import ClientMetrics, SvidSource
+from meshca.client._state import Event, FetchFailed
+from meshca.testing import TestCA
 
 from .conftest import Trust
-from .support import WEB, ServerThread, add_token, free_port, refreshes, serial, wait_until, within_validity
+from .support import (
+    API,
+    REFRESHES,
+    TD,
+    WEB,
+    ServerThread,
+    add_token,
+    free_port,
+    refreshes,
+    serial,
+    wait_until,
+    within_validity,
+    write_bundle,
+)
 
 
 def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
@@ -26,7 +43,9 @@ def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
     source = sources(f"localhost:{server.port}", trust.dir / "bundle.pem", str(WEB), join_token=token, server_name=None)
     with pytest.raises(RuntimeError, match="wait_ready"):
         _ = source.svid
-    first = source.wait_ready(10)
+    broken = source.subscribe(lambda s: 1 / 0)  # a broken listener does not stop the others
+    with capture_logs() as logs:
+        first = source.wait_ready(10)
     assert first.svid is not None and first.svid.spiffe_id == WEB
     assert source.svid is first.svid
     assert source.bundle.anchors == (trust.ca.anchor,)
@@ -34,9 +53,20 @@ def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
     assert first.svid.not_after - datetime.now(UTC) <= timedelta(seconds=4)
     seen: list[int] = []
     unsubscribe = source.subscribe(lambda s: seen.append(serial(s.svid)) if s.svid else None)
-    wait_until(lambda: len(seen) >= 2, 8, "two renewals")
+    with capture_logs() as later_logs:
+        wait_until(lambda: len(seen) >= 2, 8, "two renewals")
     unsubscribe()
+    broken()
     assert len(set(seen)) == len(seen) and serial(first.svid) not in seen
+    # The first SVID is logged as issued, the next ones as renewed (the server's own lines carry a principal).
+    client_lines = [e for e in logs + later_logs if e["event"].startswith("svid.") and "principal" not in e]
+    assert [e["event"] for e in client_lines[:3]] == ["svid.issued", "svid.renewed", "svid.renewed"]
+    assert client_lines[0]["serial"] == format(serial(first.svid), "x")
+    assert any(e["event"] == "source.listener_failed" for e in logs + later_logs)
+    unsubscribed_at = len(seen)
+    renewed = source.svid
+    wait_until(lambda: source.svid is not renewed, 8, "a renewal after unsubscribing")
+    assert len(seen) == unsubscribed_at
     assert refreshes(source, "success") >= 3
     assert refreshes(source, "failure") == 0
 
@@ -61,7 +91,7 @@ def test_server_down_at_start_then_up(
     token = add_token(trust.dir, WEB)
     source = sources(f"127.0.0.1:{port}", trust.ca.bundle, WEB, join_token=token)
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match=str(WEB)):
+    with pytest.raises(TimeoutError, match=f"no SVID for {WEB} within 1.5 s; the last attempt failed: UNAVAILABLE: "):
         source.wait_ready(1.5)
     assert time.monotonic() - started >= 1.5
     assert not source.snapshot.ready
@@ -88,13 +118,12 @@ def test_server_down_at_renewal_keeps_the_old_svid_and_recovers_before_it_expire
     server.stop()
     # When each failure is recorded, taken on the renewal thread itself (exact, whatever the load).
     failed_at: list[float] = []
-    record = source._state.failed
 
-    def failed(exc: BaseException) -> timedelta:
-        failed_at.append(time.monotonic())
-        return record(exc)
+    def record(event: Event) -> None:
+        if isinstance(event, FetchFailed):
+            failed_at.append(time.monotonic())
 
-    source._state.failed = failed  # type: ignore[method-assign]
+    source._core.hooks.append(record)
     with capture_logs() as logs:
         # Renewal is due at about 5 s (4 to 6 with jitter); stay down until 2.5 s before expiry.
         while datetime.now(UTC) < old.not_after - timedelta(seconds=2.5):
@@ -151,3 +180,40 @@ def test_close_stops_the_threads_promptly(
     time.sleep(1.2)  # longer than any retry delay so far: nothing runs any more
     assert (refreshes(source, "success"), refreshes(source, "failure")) == (successes, failures)
     source.close()  # closing twice is harmless
+
+
+def test_a_bundle_change_before_the_first_svid_does_not_make_the_source_ready(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource], tmp_path: Path
+) -> None:
+    write_bundle(trust.dir, trust.ca.anchor, TestCA(TD).anchor)  # the server publishes two anchors
+    server = servers(trust.dir)
+    server.start()
+    jwt = tmp_path / "token"  # not there yet: every attempt fails, and is retried
+    source = sources(server.address, trust.ca.bundle, WEB, jwt_file=jwt)
+    wait_until(lambda: len(source.bundle.anchors) == 2, 5, "the second anchor from the watch stream")
+    with pytest.raises(TimeoutError, match=f"the last attempt failed: cannot read {jwt}"):
+        source.wait_ready(0.5)
+    assert not source.snapshot.ready
+
+
+def test_sources_export_to_one_registry_through_one_metrics_object(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource]
+) -> None:
+    server = servers(trust.dir)
+    server.start()
+    registry = CollectorRegistry()
+    metrics = ClientMetrics(registry)
+    made = [
+        sources(server.address, trust.ca.bundle, sid, join_token=add_token(trust.dir, sid), metrics=metrics)
+        for sid in (WEB, API)
+    ]
+    for source in made:
+        source.wait_ready(10)
+        assert source.metrics_registry is registry
+        assert refreshes(source, "success") == 1
+    # Without metrics=, each source counts in a registry of its own.
+    alone = sources(server.address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB))
+    alone.wait_ready(10)
+    assert alone.metrics_registry is not registry
+    assert refreshes(alone, "success") == 1
+    assert registry.get_sample_value(REFRESHES, {"spiffe_id": str(WEB), "result": "success"}) == 1

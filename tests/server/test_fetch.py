@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import meshca
 
@@ -55,17 +57,62 @@ def test_fetch_writes_a_verified_svid_key_and_bundle(d: Path, tmp_path: Path) ->
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_fetch_with_a_bad_token_fails_in_one_line(d: Path, tmp_path: Path) -> None:
+def _error_line(result: Any) -> str:
+    """The one ``meshca: error`` line of a failed run (and no traceback)."""
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("meshca: error")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_fetch_with_a_bad_token_fails_at_once_in_one_line_with_the_servers_reason(d: Path, tmp_path: Path) -> None:
     with _serve(d) as server:
+        started = time.monotonic()
         result = run_meshca(
             "fetch", "--server", f"localhost:{server.port}", "--bundle", d / "bundle.pem", "--token", "mtok_nope",
-            "--spiffe-id", str(WEB), "--out-dir", tmp_path / "out", "--timeout", "3s", timeout=60,
+            "--spiffe-id", str(WEB), "--out-dir", tmp_path / "out", "--timeout", "60s", timeout=60,
         )  # fmt: skip
-        assert result.returncode == 1
-        errors = [line for line in result.stderr.splitlines() if line.startswith("meshca: error")]
-        assert len(errors) == 1 and "no SVID" in errors[0]
-        assert "Traceback" not in result.stderr
+        assert time.monotonic() - started < 30  # refused, not retried until the timeout
+        error = _error_line(result)
+        assert "no SVID" in error
+        assert error.endswith("the identity service refused: UNAUTHENTICATED: unknown join token"), error
         assert not (tmp_path / "out" / "svid.key").exists()
+
+
+def test_fetch_by_ip_says_the_name_does_not_match_and_suggests_server_name(d: Path, tmp_path: Path) -> None:
+    with _serve(d) as server:
+        token = _token(d)
+        started = time.monotonic()
+        result = run_meshca(
+            "fetch", "--server", f"127.0.0.1:{server.port}", "--bundle", d / "bundle.pem", "--token", token,
+            "--spiffe-id", str(WEB), "--out-dir", tmp_path / "out", "--timeout", "60s", timeout=60,
+        )  # fmt: skip
+        assert time.monotonic() - started < 30
+        error = _error_line(result)
+        assert "the server's certificate does not name 127.0.0.1 (it names localhost)" in error, error
+        assert error.endswith("(meshca fetch --server-name localhost)"), error
+        assert "reachable" not in error
+        # The suggestion works, with the same one-use token: it never left this machine.
+        fixed = run_meshca(
+            "fetch", "--server", f"127.0.0.1:{server.port}", "--server-name", "localhost", "--bundle",
+            d / "bundle.pem", "--token", token, "--spiffe-id", str(WEB), "--out-dir", tmp_path / "out", timeout=60,
+        )  # fmt: skip
+        assert fixed.returncode == 0, fixed.stderr
+        assert (tmp_path / "out" / "svid.key").exists()
+
+
+def test_fetch_from_nothing_gives_up_at_the_timeout_with_the_last_reason(d: Path, tmp_path: Path) -> None:
+    meshca.TrustDir.at(d).init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    result = run_meshca(
+        "fetch", "--server", f"localhost:{port}", "--bundle", d / "bundle.pem", "--token", "mtok_x",
+        "--spiffe-id", str(WEB), "--out-dir", tmp_path / "out", "--timeout", "2s", timeout=60,
+    )  # fmt: skip
+    error = _error_line(result)
+    assert f"no SVID for {WEB} within 2.0 s; the last attempt failed: UNAVAILABLE: " in error, error
 
 
 def test_fetch_watch_renews_rewrites_and_runs_the_command(d: Path, tmp_path: Path) -> None:
