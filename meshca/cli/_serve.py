@@ -143,7 +143,8 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
         )
     if config.insecure_plaintext:
         print(
-            "meshca: WARNING: --insecure-plaintext: credentials and keys cross the network in the clear",
+            "meshca: WARNING: --insecure-plaintext: CSRs, certificates and credentials (join tokens, JWTs) "
+            "cross the network in the clear",
             file=sys.stderr,
         )
 

@@ -321,3 +321,13 @@ def test_fetch_takes_the_token_from_the_environment_and_runs_exec_in_sh(d: Path,
         "meshca: error: give --token-file, --jwt-file or --token, or set MESHCA_JOIN_TOKEN"
     )
     assert not (tmp_path / "out2").exists()
+
+
+def test_serve_plaintext_warning_says_what_crosses_the_network(tmp_path: Path, server_ca: TestCA) -> None:
+    server_ca.write(tmp_path / "td")
+    with ServeProcess(tmp_path / "td", "--workers", "1", "--insecure-plaintext") as server:
+        server.wait_started()
+        server.terminate()
+    [warning] = [line for line in _banner(server).splitlines() if "--insecure-plaintext" in line]
+    assert "CSRs, certificates and credentials" in warning
+    assert "keys" not in warning  # private keys never leave the workload, plaintext or not
