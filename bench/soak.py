@@ -54,14 +54,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from meshca._proto import (
-    istio_ca_pb2,
-    istio_ca_pb2_grpc,
-    linkerd_identity_pb2,
-    linkerd_identity_pb2_grpc,
-    meshca_identity_pb2,
-    meshca_identity_pb2_grpc,
-)
+from meshca._proto import istio_ca_pb2 as ipb
+from meshca._proto import istio_ca_pb2_grpc as ipb_grpc
+from meshca._proto import linkerd_identity_pb2 as lpb
+from meshca._proto import linkerd_identity_pb2_grpc as lpb_grpc
+from meshca._proto import meshca_identity_pb2 as pb
+from meshca._proto import meshca_identity_pb2_grpc as pb_grpc
 from meshca.pki._proof import sign_svid_proof
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -169,7 +167,9 @@ class Server:
         wait_port(self.port, timeout)
         wait_port(self.metrics_port, max(1.0, deadline - time.monotonic()))
         # Connections made before every worker has bound the port would all land on the first ones.
-        while len(descendants(self.proc.pid)) <= self.workers and time.monotonic() < deadline:
+        # --workers 1 serves in the process itself; more are a supervisor and its workers.
+        processes = self.workers + 1 if self.workers > 1 else 1
+        while len(descendants(self.proc.pid)) < processes and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1)
 
@@ -295,7 +295,7 @@ class Load:
         self.linkerd_jwt = cluster.token("identity.l5d.io", lifetime).encode()
         self.istio_jwt = cluster.token("istio-ca", lifetime).encode()
         key = ec.generate_private_key(ec.SECP256R1())
-        stub = meshca_identity_pb2_grpc.IdentityStub(self.channels[0])
+        stub = pb_grpc.IdentityStub(self.channels[0])
         request = self._native_request(csr_der(key, uri=NATIVE_ID), join_token)
         response = await stub.IssueSVID(request, timeout=CALL_TIMEOUT)
         self.svid = ((response.leaf, *response.intermediates), key)
@@ -322,12 +322,12 @@ class Load:
         return pool[self.rng.randrange(len(pool))]
 
     @staticmethod
-    def _native_request(csr: bytes, join_token: str, spiffe_id: str = "") -> meshca_identity_pb2.IssueSVIDRequest:
-        credential = meshca_identity_pb2.Credential(join_token=join_token)
-        return meshca_identity_pb2.IssueSVIDRequest(csr=csr, credential=credential, spiffe_id=spiffe_id)
+    def _native_request(csr: bytes, join_token: str, spiffe_id: str = "") -> pb.IssueSVIDRequest:
+        credential = pb.Credential(join_token=join_token)
+        return pb.IssueSVIDRequest(csr=csr, credential=credential, spiffe_id=spiffe_id)
 
-    async def _issue(self, channel: Any, request: meshca_identity_pb2.IssueSVIDRequest) -> None:
-        await meshca_identity_pb2_grpc.IdentityStub(channel).IssueSVID(request, timeout=CALL_TIMEOUT)
+    async def _issue(self, channel: Any, request: pb.IssueSVIDRequest) -> None:
+        await pb_grpc.IdentityStub(channel).IssueSVID(request, timeout=CALL_TIMEOUT)
 
     async def _native(self, channel: Any, hold: float) -> None:
         await self._issue(channel, self._native_request(self._csr(self.native_csrs), self.join_token))
@@ -339,28 +339,26 @@ class Load:
         proof = sign_svid_proof(chain, key, csr, datetime.now(UTC))
         signed_at = Timestamp()
         signed_at.FromDatetime(proof.signed_at)
-        svid = meshca_identity_pb2.SvidProof(chain=proof.chain, signature=proof.signature, signed_at=signed_at)
-        request = meshca_identity_pb2.IssueSVIDRequest(csr=csr, credential=meshca_identity_pb2.Credential(svid=svid))
+        svid = pb.SvidProof(chain=proof.chain, signature=proof.signature, signed_at=signed_at)
+        request = pb.IssueSVIDRequest(csr=csr, credential=pb.Credential(svid=svid))
         await self._issue(channel, request)
 
     async def _certify(self, channel: Any, identity: str, csr: bytes) -> None:
-        request = linkerd_identity_pb2.CertifyRequest(
-            identity=identity, token=self.linkerd_jwt, certificate_signing_request=csr
-        )
-        await linkerd_identity_pb2_grpc.IdentityStub(channel).Certify(request, timeout=CALL_TIMEOUT)
+        request = lpb.CertifyRequest(identity=identity, token=self.linkerd_jwt, certificate_signing_request=csr)
+        await lpb_grpc.IdentityStub(channel).Certify(request, timeout=CALL_TIMEOUT)
 
     async def _linkerd(self, channel: Any, hold: float) -> None:
         await self._certify(channel, LINKERD_WEB, self._csr(self.linkerd_csrs))
 
     async def _istio(self, channel: Any, hold: float) -> None:
-        request = istio_ca_pb2.IstioCertificateRequest(csr=self.web_pems[self.rng.randrange(len(self.web_pems))])
+        request = ipb.IstioCertificateRequest(csr=self.web_pems[self.rng.randrange(len(self.web_pems))])
         metadata = (("authorization", f"Bearer {self.istio_jwt.decode()}"),)
-        stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(channel)
+        stub = ipb_grpc.IstioCertificateServiceStub(channel)
         await stub.CreateCertificate(request, metadata=metadata, timeout=CALL_TIMEOUT)
 
     async def _watch(self, channel: Any, hold: float) -> float:
-        stub = meshca_identity_pb2_grpc.IdentityStub(channel)
-        stream = stub.WatchBundle(meshca_identity_pb2.WatchBundleRequest(), timeout=CALL_TIMEOUT + hold)
+        stub = pb_grpc.IdentityStub(channel)
+        stream = stub.WatchBundle(pb.WatchBundleRequest(), timeout=CALL_TIMEOUT + hold)
         try:
             async for _ in stream:
                 break  # the first bundle
@@ -511,7 +509,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     trust = str(work / "trust")
     meshca_cli("init", "--trust-domain", TD, "--dir", trust)
     token = meshca_cli(
-        "token", "create", "--dir", trust, "--spiffe-id", NATIVE_ID, "--uses", "1000000000", "--ttl", "24h"
+        "token", "create", "--dir", trust, "--spiffe-id", NATIVE_ID, "--uses", str(args.token_uses), "--ttl", "24h"
     )
     server = Server(work, args.workers, cluster.write_jwks(work / "jwks.json"))
     total = Tally()
@@ -606,6 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="callers in the max-rate probe (default 32)")
     p.add_argument("--channels", type=int, default=8, help="TLS connections to the server (default 8)")
     p.add_argument("--bad-fraction", type=float, default=0.01, help="share of bad requests (default 0.01)")
+    p.add_argument(
+        "--token-uses",
+        type=int,
+        default=1_000_000_000,
+        help="issuances the join token pays for (default 1e9; fewer makes later native requests unexpected)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="meshca serve --workers (default: cores)")
     p.add_argument("--json", action="store_true", help="the report as one JSON object on stdout (lines on stderr)")
     args = p.parse_args(argv)
