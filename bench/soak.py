@@ -164,7 +164,7 @@ class Server:
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        wait_port(self.port, timeout)
+        wait_port(self.port, timeout)  # exits the script with a message when nothing listens in time
         wait_port(self.metrics_port, max(1.0, deadline - time.monotonic()))
         # Connections made before every worker has bound the port would all land on the first ones.
         # --workers 1 serves in the process itself; more are a supervisor and its workers.
@@ -186,7 +186,9 @@ class Server:
         return self.proc.wait(timeout=30)
 
     def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        """The last lines of the server's log that are not routine (issuances, start, stop)."""
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join([line for line in text.splitlines() if '"level": "info"' not in line][-lines:])
 
 
 # -- what the client sends
@@ -297,7 +299,10 @@ class Load:
         key = ec.generate_private_key(ec.SECP256R1())
         stub = pb_grpc.IdentityStub(self.channels[0])
         request = self._native_request(csr_der(key, uri=NATIVE_ID), join_token)
-        response = await stub.IssueSVID(request, timeout=CALL_TIMEOUT)
+        try:
+            response = await stub.IssueSVID(request, timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise SystemExit(f"the first issuance failed: {exc.code().name}: {exc.details()}") from None
         self.svid = ((response.leaf, *response.intermediates), key)
 
     def pick(self) -> str:
@@ -454,7 +459,9 @@ class OpenLoop:
 # -- reporting
 
 
-def interval_report(elapsed: float, seconds: float, tally: Tally, procs: ProcSample, unexpected: int) -> dict[str, Any]:
+def interval_report(
+    elapsed: float, seconds: float, tally: Tally, procs: ProcSample, unexpected: int, client_cpu: float
+) -> dict[str, Any]:
     latencies = tally.latencies_ms
     return {
         "elapsed_s": round(elapsed, 1),
@@ -468,6 +475,7 @@ def interval_report(elapsed: float, seconds: float, tally: Tally, procs: ProcSam
         "processes": len(procs.pids),
         "shed": tally.shed,
         "unexpected_so_far": unexpected,
+        "client_cpu": round(client_cpu / seconds, 2),  # the load generator's share of a core: near 1, it limits
     }
 
 
@@ -478,7 +486,8 @@ def format_interval(r: dict[str, Any]) -> str:
     return (
         f"{r['elapsed_s']:7.0f} s  {r['rate']:8.1f}/s  p50 {ms(r['p50_ms']):>10}  p99 {ms(r['p99_ms']):>10}  "
         f"rss {r['rss_kib'] / 1024:7.1f} MiB  threads {r['threads']:4d}  fds {r['fds']:4d}  "
-        f"procs {r['processes']}  shed {r['shed']}  unexpected {r['unexpected_so_far']}"
+        f"procs {r['processes']}  client cpu {r['client_cpu']:.2f}  shed {r['shed']}  "
+        f"unexpected {r['unexpected_so_far']}"
     )
 
 
@@ -538,6 +547,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             count = max(1, round(run_seconds / args.interval))
             for i in range(count):
                 tally = Tally()
+                cpu = time.process_time()
                 await loop.run_until(loop.start + (i + 1) * run_seconds / count, tally)
                 if i == count - 1:
                     await loop.drain()
@@ -549,6 +559,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     tally,
                     sample_procs(server.proc.pid),
                     sum(total.unexpected().values()),
+                    time.process_time() - cpu,
                 )
                 intervals.append(r)
                 say(format_interval(r))
@@ -589,7 +600,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if not failures and report and code != 0:
             failures.append(f"meshca serve exited with {code} after SIGTERM")
         if failures and server.log_path.exists():
-            say("last lines of the server log:\n" + server.log_tail())
+            say("the server's last warnings and errors:\n" + server.log_tail())
     return report
 
 
@@ -618,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate is not None and args.rate <= 0:
         p.error("--rate must be positive")
 
+    # SIGTERM unwinds like Ctrl-C, so the server is stopped and the directory removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with tempfile.TemporaryDirectory(prefix="meshca-soak-") as tmp:
         report = asyncio.run(soak(args, Path(tmp)))
     say = functools.partial(log, args.json)
@@ -631,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         f"growth (last interval / interval {base}): rss {pct_or_dash(g['rss_kib'])}, fds {pct_or_dash(g['fds'])}, "
         f"threads {pct_or_dash(g['threads'])}, p99 {pct_or_dash(g['p99_ms'])}"
     )
-    say("statuses: " + "; ".join(f"{k} {v}" for k, v in report["statuses"].items()))
+    counts = (" ".join(f"{code} {n}" for code, n in codes.items()) for codes in report["statuses"].values())
+    say("statuses: " + "; ".join(f"{kind} {c}" for kind, c in zip(report["statuses"], counts, strict=True)))
     say("unexpected: " + (", ".join(f"{k} x{n}" for k, n in report["unexpected"].items()) or "none"))
     say("PASS" if not report["failures"] else "FAIL: " + "; ".join(report["failures"]))
     if args.json:

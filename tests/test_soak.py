@@ -24,18 +24,22 @@ BAD = {
 }
 INTERVAL_KEYS = {
     "elapsed_s", "requests", "rate", "p50_ms", "p99_ms", "rss_kib", "threads", "fds", "processes", "shed",
-    "unexpected_so_far",
+    "unexpected_so_far", "client_cpu",
 }  # fmt: skip
 
 
 def soak(*args: str) -> tuple[int, dict[str, Any], str]:
     """Runs the script with --json and --workers 1; returns its exit code, report and the lines it printed."""
-    done = subprocess.run(
-        [sys.executable, str(SOAK), "--json", "--workers", "1", "--seed", "3", *args],
-        capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert done.returncode in (0, 1), done.stdout + done.stderr
-    return done.returncode, json.loads(done.stdout), done.stderr
+    argv = [sys.executable, str(SOAK), "--json", "--workers", "1", "--seed", "3", *args]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: the script stops its server on the way out (SIGKILL would orphan it)
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"bench/soak.py ran past 180 s:\n{err}")
+    assert proc.returncode in (0, 1), out + err
+    return proc.returncode, json.loads(out), err
 
 
 def test_probe_then_soak_reports_every_interval_and_counts_every_status() -> None:
