@@ -99,7 +99,7 @@ def serve(option: str, kind: str, port: int, cert: Path, key: Path) -> None:
         import grpc
 
         class AioIdentity(pb_grpc.IdentityServicer):
-            async def IssueSVID(self, request: Any, context: Any) -> Any:  # noqa: N802
+            async def IssueSVID(self, request: Any, context: Any) -> Any:
                 return work(request)
 
         async def main_aio() -> None:
@@ -114,7 +114,7 @@ def serve(option: str, kind: str, port: int, cert: Path, key: Path) -> None:
     import grpc
 
     class SyncIdentity(pb_grpc.IdentityServicer):
-        def IssueSVID(self, request: Any, context: Any) -> Any:  # noqa: N802
+        def IssueSVID(self, request: Any, context: Any) -> Any:
             return work(request)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
@@ -180,7 +180,7 @@ def main() -> int:
         body = work / "request.bin"
         body.write_bytes(run._grpc_request("spiffe://bench.example/ns/bench/sa/load", ("join_token", "unused")))
         del meshca
-        print(f"| server | processes | handler | issuances/s (32 conns) | p50 ms (32) | p50 ms (1 conn) |")
+        print("| server | processes | handler | issuances/s (32 conns) | p50 ms (32) | p50 ms (1 conn) |")
         print("|---|---|---|---|---|---|", flush=True)
         for option in args.options:
             for processes in sorted({1, cores, 2 * cores}):
