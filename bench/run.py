@@ -1,16 +1,28 @@
 """Issuance benchmark: meshca serve against cfssl serve (Go), same machine, same load generator.
 
-    python bench/run.py                     # the full comparison (a few minutes)
+    python bench/run.py                     # the full comparison (several minutes)
     python bench/run.py --quick             # fewer, shorter runs
+    python bench/run.py --smoke             # one tiny round of each: checks the harness works
     python bench/run.py --soak 200000       # also: RSS across 200,000 issuances
 
-Both servers run on 127.0.0.1 with an ECDSA P-256 CA and are driven by h2load
-(nghttp2) with the same CSR in every request: gRPC over TLS to meshca's
-native IssueSVID with a multi-use join token, HTTP/1.1 POST
-/api/v1/cfssl/sign to cfssl. Every meshca request is parsed, its CSR
-signature verified, the token checked, a leaf signed with a fresh serial and
-the issuance durably logged before the response. Runs alternate A/B;
-figures are medians over the runs, with meshca/cfssl ratios.
+Three servers on 127.0.0.1, each with an ECDSA P-256 CA, driven by h2load
+(nghttp2) with one fixed request body each, in alternating rounds:
+
+- meshca: gRPC over TLS to the native IssueSVID with a multi-use join
+  token; every request is parsed, its CSR signature verified, the token
+  checked, a leaf signed with a fresh serial and the issuance durably
+  recorded (SQLite, WAL, synchronous=FULL) before the response. The count
+  of issuances is read from that record, not from the responses.
+- cfssl same work: HTTPS (cfssl's -tls-cert/-tls-key), POST
+  /api/v1/cfssl/authsign with an HMAC-SHA256 token (an auth_key profile),
+  every certificate stored in cfssl's SQLite certdb (WAL,
+  synchronous=FULL); counted from the certdb.
+- cfssl bare: plain HTTP, POST /api/v1/cfssl/sign, no auth, no record.
+
+Figures are medians over the rounds: issuances/s, p50, p99, both ratios,
+sequential latency (one connection), and the fraction of the crypto limit
+(`openssl speed ecdsap256` sign and verify rates, measured in the same run).
+See bench/README.md for every choice.
 
 Needs Debian's golang-cfssl and nghttp2-client (`bash bench/setup.sh`).
 """
@@ -18,18 +30,22 @@ Needs Debian's golang-cfssl and nghttp2-client (`bash bench/setup.sh`).
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
+import sqlite3
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -160,13 +176,9 @@ class Meshca:
         argv += ["--k8s-jwks", str(jwks), "--k8s-issuer", "https://kubernetes.default.svc"]
         return ("jwt", token)
 
-    def issued_ok(self) -> int:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("meshca_requests_total{") and 'code="OK"' in line and "IssueSVID" in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return int(total)
+    def issued(self) -> int:
+        """Issuances in meshca's durable log (gRPC errors travel as HTTP 200, so responses cannot tell)."""
+        return count_rows(self.dir / "meshca.db", "issuances")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -183,13 +195,36 @@ def _grpc_request(sid: str, credential: tuple[str, str]) -> bytes:
     return b"\x00" + struct.pack(">I", len(data)) + data
 
 
-class Cfssl:
-    name = "cfssl"
+def count_rows(db: Path, table: str) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
-    def __init__(self, work: Path) -> None:
-        self.dir = work / "cfssl"
+
+# cfssl 1.2.0's certdb schema (certdb/sqlite/migrations/001_CreateCertificates.sql); cfssl does not create it.
+CFSSL_CERTDB_SCHEMA = """
+CREATE TABLE certificates (
+  serial_number            blob NOT NULL,
+  authority_key_identifier blob NOT NULL,
+  ca_label                 blob,
+  status                   blob NOT NULL,
+  reason                   int,
+  expiry                   timestamp,
+  revoked_at               timestamp,
+  pem                      blob NOT NULL,
+  PRIMARY KEY(serial_number, authority_key_identifier)
+);
+"""
+
+
+class Cfssl:
+    """cfssl serve; ``same_work`` adds TLS, HMAC-authenticated authsign and a durable certdb."""
+
+    def __init__(self, work: Path, *, same_work: bool) -> None:
+        self.name = "cfssl" if same_work else "cfssl-bare"
+        self.dir = work / self.name
         self.dir.mkdir()
         self.port = free_port()
+        self.db: Path | None = None
         (self.dir / "csr.json").write_text(json.dumps(
             {"CN": "bench CA", "key": {"algo": "ecdsa", "size": 256}, "names": [{"O": "bench.example"}]}))
         ca = json.loads(subprocess.run(["cfssl", "genkey", "-initca", str(self.dir / "csr.json")],
@@ -197,115 +232,184 @@ class Cfssl:
         (self.dir / "ca.pem").write_text(ca["cert"])
         (self.dir / "ca-key.pem").write_text(ca["key"])
         (self.dir / "ca-key.pem").chmod(0o600)
-        self.proc = subprocess.Popen(
-            ["cfssl", "serve", "-ca", str(self.dir / "ca.pem"), "-ca-key", str(self.dir / "ca-key.pem"),
-             "-address", "127.0.0.1", "-port", str(self.port), "-loglevel", "2"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        argv = ["cfssl", "serve", "-ca", str(self.dir / "ca.pem"), "-ca-key", str(self.dir / "ca-key.pem"),
+                "-address", "127.0.0.1", "-port", str(self.port), "-loglevel", "2"]
         import meshca
         from cryptography.hazmat.primitives.serialization import Encoding
 
         csr = meshca.load_csr(meshca.build_csr(meshca.generate_key(),
                                                meshca.SpiffeId.parse("spiffe://bench.example/ns/bench/sa/load")))
+        request = json.dumps({"certificate_request": csr.public_bytes(Encoding.PEM).decode()}).encode()
+        if same_work:
+            argv += self._same_work_setup()
+            # cfssl's "standard" auth: token = HMAC-SHA256(key, request). cfssl keeps no record of tokens
+            # seen (no replay check), so one fixed body stays valid and every request is still verified.
+            token = hmac.new(self.auth_key, request, hashlib.sha256).digest()
+            request = json.dumps({"token": base64.b64encode(token).decode(),
+                                  "request": base64.b64encode(request).decode()}).encode()
+            self.url = f"https://127.0.0.1:{self.port}/api/v1/cfssl/authsign"
+        else:
+            self.url = f"http://127.0.0.1:{self.port}/api/v1/cfssl/sign"
         self.body = self.dir / "request.json"
-        self.body.write_text(json.dumps({"certificate_request": csr.public_bytes(Encoding.PEM).decode()}))
-        self.url = f"http://127.0.0.1:{self.port}/api/v1/cfssl/sign"
+        self.body.write_bytes(request)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
         self.headers = ["content-type: application/json"]
         self.h1 = True
+
+    def _same_work_setup(self) -> list[str]:
+        self.auth_key = secrets.token_bytes(16)
+        (self.dir / "config.json").write_text(json.dumps({
+            "signing": {"default": {"auth_key": "bench", "expiry": "24h",
+                                    "usages": ["digital signature", "key encipherment", "server auth", "client auth"]}},
+            "auth_keys": {"bench": {"type": "standard", "key": self.auth_key.hex()}},
+        }))
+        (self.dir / "tls.json").write_text(json.dumps(
+            {"CN": "127.0.0.1", "hosts": ["127.0.0.1"], "key": {"algo": "ecdsa", "size": 256}}))
+        tls = json.loads(subprocess.run(
+            ["cfssl", "gencert", "-ca", str(self.dir / "ca.pem"), "-ca-key", str(self.dir / "ca-key.pem"),
+             str(self.dir / "tls.json")], check=True, capture_output=True, text=True).stdout)
+        (self.dir / "tls.pem").write_text(tls["cert"])
+        (self.dir / "tls-key.pem").write_text(tls["key"])
+        (self.dir / "tls-key.pem").chmod(0o600)
+        self.db = self.dir / "certs.db"
+        with sqlite3.connect(self.db) as conn:
+            conn.executescript(CFSSL_CERTDB_SCHEMA)
+        # go-sqlite3 applies these DSN parameters to every connection it opens.
+        (self.dir / "db.json").write_text(json.dumps(
+            {"driver": "sqlite3", "data_source": f"{self.db}?_journal_mode=WAL&_synchronous=FULL"}))
+        return ["-config", str(self.dir / "config.json"), "-db-config", str(self.dir / "db.json"),
+                "-tls-cert", str(self.dir / "tls.pem"), "-tls-key", str(self.dir / "tls-key.pem")]
+
+    def issued(self) -> int | None:
+        return None if self.db is None else count_rows(self.db, "certificates")
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
 
 
+def openssl_speed(seconds: int) -> tuple[float, float]:
+    """ECDSA P-256 signs/s and verifies/s on one core, from `openssl speed`."""
+    out = subprocess.run(["openssl", "speed", "-seconds", str(seconds), "ecdsap256"],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"256 bits ecdsa \(nistp256\)\s+[\d.]+s\s+[\d.]+s\s+([\d.]+)\s+([\d.]+)", out)
+    if m is None:
+        raise SystemExit(f"cannot read openssl speed output:\n{out}")
+    return float(m.group(1)), float(m.group(2))
+
+
 def measure(server: Meshca | Cfssl, label: str, requests: int, connections: int = CONNECTIONS) -> Run:
     before = rss_kib(server.proc.pid)
-    ok_before = server.issued_ok() if isinstance(server, Meshca) else 0
+    issued_before = server.issued()
     seconds, lat, ok = h2load(server.url, server.body, server.headers, requests=requests,
                               connections=connections, h1=server.h1)
-    if isinstance(server, Meshca):
-        ok = server.issued_ok() - ok_before  # gRPC errors travel as HTTP 200: count OK statuses instead
+    if issued_before is not None:
+        ok = server.issued() - issued_before  # type: ignore[operator]
     after = rss_kib(server.proc.pid)
     run = Run(server.name, label, requests, ok, seconds, requests / seconds,
               statistics.median(lat), pct(lat, 0.99), before, after)
-    print(f"  {label:<28} {server.name:<7} {run.rps:8.0f}/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:7.2f} ms  "
+    print(f"  {label:<28} {server.name:<10} {run.rps:8.0f}/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:7.2f} ms  "
           f"ok {ok}/{requests}  rss {before // 1024}->{after // 1024} MiB", flush=True)
     if ok != requests:
-        raise SystemExit(f"{server.name}: only {ok} of {requests} requests succeeded")
+        raise SystemExit(f"{server.name}: {ok} of {requests} requests issued and recorded")
     return run
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5,000 requests")
+    parser.add_argument("--smoke", action="store_true", help="1 round of 300 requests, no extras: checks the harness")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--extra-workers", type=int, nargs="*", default=[1, 2 * (os.cpu_count() or 1)],
+                        help="also measure meshca with these --workers counts (default: 1 and 2 x cores)")
     parser.add_argument("--soak", type=int, default=0, help="issuances for the RSS soak (e.g. 200000)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    warmup = 2000
     if args.quick:
         args.rounds, args.requests = 2, 5000
-    for tool in ("h2load", "cfssl"):
+    if args.smoke:
+        args.rounds, args.requests, args.extra_workers, warmup = 1, 300, [], 100
+    for tool in ("h2load", "cfssl", "openssl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: run 'bash bench/setup.sh' (Debian nghttp2-client, golang-cfssl)")
 
     runs: list[Run] = []
+    speed: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="meshca-bench-") as tmp:
         work = Path(tmp)
-        meshca, cfssl = Meshca(work, args.workers), Cfssl(work)
+        servers = [Meshca(work, args.workers), Cfssl(work, same_work=True), Cfssl(work, same_work=False)]
         try:
-            print(f"warm-up; then {args.rounds} alternating rounds of {args.requests} requests, "
-                  f"{CONNECTIONS} connections, meshca --workers {args.workers}", flush=True)
-            measure(meshca, "warm-up", 2000)
-            measure(cfssl, "warm-up", 2000)
+            print(f"warm-up; then {args.rounds} rounds of {args.requests} requests, {CONNECTIONS} connections, "
+                  f"order rotating; meshca --workers {args.workers}", flush=True)
+            for server in servers:
+                measure(server, "warm-up", warmup)
             for r in range(args.rounds):
-                order = [meshca, cfssl] if r % 2 == 0 else [cfssl, meshca]
-                for server in order:
+                for server in servers[r % 3:] + servers[: r % 3]:
                     runs.append(measure(server, f"round {r + 1}", args.requests))
-            for server in (meshca, cfssl):
-                runs.append(measure(server, "sequential (1 client)", max(1000, args.requests // 10), 1))
+                # The crypto limit, between rounds so it sees the same machine state as they do.
+                speed.append(openssl_speed(1 if args.smoke else 3))
+            for server in servers:
+                runs.append(measure(server, "sequential (1 client)", max(300, args.requests // 10), 1))
             if args.soak:
-                runs.append(measure(meshca, f"soak {args.soak}", args.soak))
+                runs.append(measure(servers[0], f"soak {args.soak}", args.soak))
         finally:
-            meshca.stop()
-            cfssl.stop()
-        one = Meshca(work, 1)
-        try:
-            measure(one, "warm-up", 2000)
-            for r in range(args.rounds):
-                runs.append(measure(one, "1 worker", args.requests))
-        finally:
-            one.stop()
-        jwt = Meshca(work, args.workers, jwt=True)
-        try:
-            measure(jwt, "warm-up", 2000)
-            for r in range(args.rounds):
-                runs.append(measure(jwt, "JWT auth", args.requests))
-        finally:
-            jwt.stop()
+            for server in servers:
+                server.stop()
+        for workers in args.extra_workers:
+            other = Meshca(work, workers)
+            try:
+                measure(other, "warm-up", warmup)
+                for _ in range(args.rounds):
+                    runs.append(measure(other, f"{workers} workers", args.requests))
+            finally:
+                other.stop()
+        if not args.smoke:
+            jwt = Meshca(work, args.workers, jwt=True)
+            try:
+                measure(jwt, "warm-up", warmup)
+                for _ in range(args.rounds):
+                    runs.append(measure(jwt, "JWT auth", args.requests))
+            finally:
+                jwt.stop()
 
     def med(server: str, label: str, field: str) -> float:
         return statistics.median(getattr(r, field) for r in runs if r.server == server and r.label.startswith(label))
 
-    rows = []
-    for field, name in (("rps", "issuances/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")):
-        m, c = med("meshca", "round", field), med("cfssl", "round", field)
-        rows.append((f"{name} ({CONNECTIONS} conns)", m, c, m / c))
-    growth = {s: med(s, "round", "rss_after_kib") / med(s, "round", "rss_before_kib") for s in ("meshca", "cfssl")}
-    rows.append(("RSS after/before a run", growth["meshca"], growth["cfssl"], growth["meshca"] / growth["cfssl"]))
-    for field, name in (("p50_ms", "sequential p50 ms"), ("p99_ms", "sequential p99 ms")):
-        m, c = med("meshca", "sequential", field), med("cfssl", "sequential", field)
-        rows.append((name, m, c, m / c))
-    print("\n| figure | meshca | cfssl | meshca/cfssl |\n|---|---|---|---|")
-    for name, m, c, ratio in rows:
-        print(f"| {name} | {m:,.2f} | {c:,.2f} | {ratio:.2f} |")
-    one_rps = med("meshca", "1 worker", "rps")
-    all_rps = med("meshca", "round", "rps")
-    jwt_rps = med("meshca", "JWT auth", "rps")
-    print(f"\nmeshca scaling: 1 worker {one_rps:,.0f}/s, {args.workers} workers {all_rps:,.0f}/s "
-          f"({all_rps / one_rps:.2f}x)")
-    print(f"meshca with Kubernetes JWT auth: {jwt_rps:,.0f}/s ({jwt_rps / all_rps:.2f} of join-token figure)")
+    names = ("meshca", "cfssl", "cfssl-bare")
+    print("\n| figure | meshca | cfssl same work | cfssl bare | meshca/cfssl | meshca/cfssl-bare |")
+    print("|---|---|---|---|---|---|")
+    for label, field, name in (
+        ("round", "rps", f"issuances/s ({CONNECTIONS} conns)"),
+        ("round", "p50_ms", f"p50 ms ({CONNECTIONS} conns)"),
+        ("round", "p99_ms", f"p99 ms ({CONNECTIONS} conns)"),
+        ("sequential", "p50_ms", "sequential p50 ms"),
+        ("sequential", "p99_ms", "sequential p99 ms"),
+    ):
+        m, c, b = (med(n, label, field) for n in names)
+        print(f"| {name} | {m:,.2f} | {c:,.2f} | {b:,.2f} | {m / c:.2f} | {m / b:.2f} |")
+    growth = [med(n, "round", "rss_after_kib") / med(n, "round", "rss_before_kib") for n in names]
+    print(f"| RSS after/before a run | {growth[0]:.2f} | {growth[1]:.2f} | {growth[2]:.2f} | - | - |")
+
+    signs = statistics.median(s for s, _ in speed)
+    verifies = statistics.median(v for _, v in speed)
+    cpus = os.cpu_count() or 1
+    # One issuance is one P-256 verify (the CSR) and one sign (the leaf); TLS sessions are long-lived.
+    limit = cpus / (1 / signs + 1 / verifies)
+    rps = med("meshca", "round", "rps")
+    print(f"\ncrypto limit: openssl speed ecdsap256 {signs:,.0f} signs/s, {verifies:,.0f} verifies/s per core "
+          f"-> {limit:,.0f} issuances/s on {cpus} cores; meshca reaches {rps / limit:.2f} of it "
+          f"(cfssl same work {med('cfssl', 'round', 'rps') / limit:.2f})")
+    for workers in args.extra_workers:
+        w = med("meshca", f"{workers} workers", "rps")
+        print(f"meshca --workers {workers}: {w:,.0f}/s ({w / rps:.2f} of --workers {args.workers})")
+    jwt_runs = [r for r in runs if r.label == "JWT auth"]
+    if jwt_runs:
+        jwt_rps = med("meshca", "JWT auth", "rps")
+        print(f"meshca with Kubernetes JWT auth: {jwt_rps:,.0f}/s ({jwt_rps / rps:.2f} of the join-token figure)")
     soak = [r for r in runs if r.label.startswith("soak")]
     if soak:
         s = soak[0]
@@ -313,8 +417,8 @@ def main() -> int:
               f"({(s.rss_after_kib / s.rss_before_kib - 1) * 100:+.1f}%)")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps({"workers": args.workers, "cpus": os.cpu_count(), "runs": [asdict(r) for r in runs]},
-                              indent=2))
+    out.write_text(json.dumps({"workers": args.workers, "cpus": cpus, "openssl_speed": speed,
+                               "runs": [asdict(r) for r in runs]}, indent=2))
     print(f"\nraw runs: {out}")
     return 0
 

@@ -4,14 +4,16 @@ An `Issuer` is checked once when it is made (key matches certificate, it is
 a CA, it chains to the bundle) and its time window is checked on every
 signature, so an expired or not-yet-valid issuer fails closed. Everything
 that does not change between leaves (AKI, names, the chain's DER) is
-computed once here, which keeps the per-leaf cost at one signature.
+computed once here, and leaves are encoded from a template checked against
+cryptography's builder (`pki/_template.py`), which keeps the per-leaf cost
+close to one signature.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -28,8 +30,9 @@ from meshca.pki._certs import (
 )
 from meshca.pki._errors import IssuanceError, IssuerUnavailable, KeyPolicyError
 from meshca.pki._keys import PrivateKey, PublicKey, key_type_of, load_private_key, signature_hash
-from meshca.pki._profiles import LEAF_TTL, leaf_builder
+from meshca.pki._profiles import LEAF_TTL, leaf_builder, leaf_fields
 from meshca.pki._spiffe import SpiffeId, TrustDomain
+from meshca.pki._template import LeafTemplate
 
 __all__ = ["IssuedSvid", "Issuer"]
 
@@ -44,6 +47,7 @@ class IssuedSvid:
     leaf: x509.Certificate
     intermediates: tuple[x509.Certificate, ...]
     intermediates_der: tuple[bytes, ...]
+    _leaf_der: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def not_after(self) -> datetime:
@@ -54,7 +58,7 @@ class IssuedSvid:
         return self.leaf.serial_number
 
     def leaf_der(self) -> bytes:
-        return self.leaf.public_bytes(_DER)
+        return self._leaf_der or self.leaf.public_bytes(_DER)
 
     def chain_der(self) -> list[bytes]:
         return [self.leaf_der(), *self.intermediates_der]
@@ -77,6 +81,7 @@ class Issuer:
         "_key",
         "_not_after",
         "_not_before",
+        "_template",
         "anchor",
         "bundle",
         "certificate",
@@ -105,6 +110,7 @@ class Issuer:
         self.anchor = anchor = self._anchor_of(chain[-1], bundle)
         self._not_after = min(c.not_valid_after_utc for c in (*chain, anchor))
         self._not_before = max(c.not_valid_before_utc for c in (*chain, anchor))
+        self._template = LeafTemplate.make(key, certificate.subject, bundle.trust_domain, self._aki, self._not_before)
 
     @classmethod
     def from_pem(cls, chain_pem: bytes, key_pem: bytes, bundle: TrustBundle, passphrase: bytes | None = None) -> Issuer:
@@ -182,8 +188,7 @@ class Issuer:
             raise IssuanceError("ttl must be positive")
         key_type_of(public_key)  # only the key types meshca supports become leaves
         ttl = min(ttl, self._not_after - now)  # clamp before adding, so no lifetime overflows
-        builder = leaf_builder(
-            self.certificate.subject,
+        fields = leaf_fields(
             public_key,
             spiffe_id,
             dns_names,
@@ -192,8 +197,13 @@ class Issuer:
             not_after=now + ttl,
             not_before_floor=self._not_before,
         )
-        leaf = builder.sign(self._key, self._hash)
-        return IssuedSvid(spiffe_id, leaf, self.intermediates, self._intermediates_der)
+        if self._template is not None:
+            der = self._template.sign(fields, public_key)
+            leaf = x509.load_der_x509_certificate(der)
+        else:
+            leaf = leaf_builder(self.certificate.subject, public_key, fields).sign(self._key, self._hash)
+            der = leaf.public_bytes(_DER)
+        return IssuedSvid(spiffe_id, leaf, self.intermediates, self._intermediates_der, der)
 
     def __repr__(self) -> str:
         short = fingerprint(self.certificate)[:23]

@@ -25,8 +25,10 @@ __all__ = [
     "ISSUER_LIFETIME",
     "LEAF_TTL",
     "build_anchor",
+    "LeafFields",
     "build_issuer",
     "leaf_builder",
+    "leaf_fields",
     "new_trust_domain",
     "random_serial",
 ]
@@ -194,8 +196,18 @@ _LEAF_EKU = x509.Extension(
 )
 
 
-def leaf_builder(
-    issuer_subject: x509.Name,
+@dataclass(frozen=True, slots=True)
+class LeafFields:
+    """Everything of a leaf but its issuer name and public key, as the profile sets them."""
+
+    serial: int
+    subject: x509.Name
+    not_before: datetime
+    not_after: datetime
+    extensions: tuple[x509.Extension[x509.ExtensionType], ...]
+
+
+def leaf_fields(
     public_key: PublicKey,
     spiffe_id: SpiffeId,
     dns_names: Sequence[str],
@@ -204,18 +216,20 @@ def leaf_builder(
     now: datetime,
     not_after: datetime,
     not_before_floor: datetime,
-) -> x509.CertificateBuilder:
-    """The whole X.509-SVID leaf profile, ready to sign.
+) -> LeafFields:
+    """The whole X.509-SVID leaf profile.
 
     Subject: CN = the first DNS name when DNS names are granted (Linkerd's
     form), else empty with a critical SAN. NotBefore is backdated by
     `CLOCK_SKEW` but never before ``not_before_floor`` (the issuer chain's own
-    NotBefore). The caller has clamped ``not_after`` to the chain.
+    NotBefore). The caller has clamped ``not_after`` to the chain. Both
+    `leaf_builder` and the issuer's leaf template (`pki/_template.py`) encode
+    these fields, so the profile lives here only.
     """
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])] if dns_names else [])
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     names.extend(x509.DNSName(n) for n in dns_names)
-    extensions = [
+    extensions = (
         _LEAF_BASIC_CONSTRAINTS,
         _LEAF_KEY_USAGE[isinstance(public_key, rsa.RSAPublicKey)],
         _LEAF_EKU,
@@ -223,13 +237,18 @@ def leaf_builder(
         x509.Extension(x509.AuthorityKeyIdentifier.oid, False, authority_key_identifier),
         # RFC 5280 4.2.1.6: the SAN is critical when the subject is empty.
         x509.Extension(x509.SubjectAlternativeName.oid, not dns_names, x509.SubjectAlternativeName(names)),
-    ]
+    )
+    return LeafFields(random_serial(), subject, max(now - CLOCK_SKEW, not_before_floor), not_after, extensions)
+
+
+def leaf_builder(issuer_subject: x509.Name, public_key: PublicKey, fields: LeafFields) -> x509.CertificateBuilder:
+    """The leaf of ``fields`` as cryptography's builder, ready to sign."""
     return x509.CertificateBuilder(
         issuer_name=issuer_subject,
-        subject_name=subject,
+        subject_name=fields.subject,
         public_key=public_key,
-        serial_number=random_serial(),
-        not_valid_before=max(now - CLOCK_SKEW, not_before_floor),
-        not_valid_after=not_after,
-        extensions=extensions,
+        serial_number=fields.serial,
+        not_valid_before=fields.not_before,
+        not_valid_after=fields.not_after,
+        extensions=list(fields.extensions),
     )
