@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import tempfile
 from collections.abc import Sequence
 from datetime import timedelta
@@ -21,7 +20,6 @@ from typing import Any
 
 import grpc
 import jwt
-import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
@@ -85,7 +83,6 @@ def service_account_jwt(namespace: str, name: str, audience: str, clock: FrozenC
 
 class FuzzService:
     def __init__(self, clock: FrozenClock) -> None:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         self.clock = clock
         self._tmp = tempfile.TemporaryDirectory(prefix="meshca-fuzz-")
         root = Path(self._tmp.name)
