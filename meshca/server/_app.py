@@ -14,11 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from meshca._proto import istio_ca_pb2_grpc, linkerd_identity_pb2_grpc, meshca_identity_pb2_grpc
+from meshca.pki._issuer import Issuer
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server._auth import Authenticators, JoinTokenAuthenticator, K8sJwtAuthenticator, TokenReviewAuthenticator
 from meshca.server._config import ServerConfig
 from meshca.server._metrics import Metrics, MetricsServer
+from meshca.server._ports import claim
 from meshca.server._service import IssuanceCore, IstioService, LinkerdService, NativeService
 from meshca.server._state import IssuerState
 from meshca.server._store import SqliteStore, Store
@@ -48,12 +50,19 @@ def _split_hostport(value: str) -> tuple[str, int]:
 class IdentityServer:
     """One serving process. `start()` binds; `wait()` returns after `stop()` or a signal."""
 
-    def __init__(self, config: ServerConfig, *, clock: Clock = system_clock, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        clock: Clock = system_clock,
+        store: Store | None = None,
+        last_good: Issuer | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
         self.tdir = TrustDir.at(config.dir)
         self.metrics = Metrics()
-        self.state = IssuerState(self.tdir, clock, self.metrics, config.passphrase)
+        self.state = IssuerState(self.tdir, clock, self.metrics, config.passphrase, last_good)
         self.store: Store = store if store is not None else SqliteStore(store_path(self.tdir))
         td = self.state.issuer.trust_domain
         self.auth = Authenticators(
@@ -97,6 +106,37 @@ class IdentityServer:
 
     async def start(self) -> None:
         cfg = self.config
+        if not cfg.reuse_port:
+            # Fail with one line naming the address before gRPC's own bind (and its log lines) runs.
+            with contextlib.suppress(ValueError):  # not HOST:PORT (a unix: address): gRPC reports it
+                host, port = _split_hostport(cfg.listen)
+                if port:
+                    claim(host, port, what="gRPC")
+        if cfg.metrics_listen:
+            host, port = _split_hostport(cfg.metrics_listen)
+            self._metrics_server = MetricsServer(self.metrics.registry, host, port, lambda: self.state.usable)
+        try:
+            await self._start_grpc()
+        except BaseException:
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
+            raise
+        if self._metrics_server is not None:
+            self._metrics_server.start()
+            self.metrics_port = self._metrics_server.port
+        self._tasks.append(asyncio.create_task(self._reload_loop()))
+        log.info(
+            "server.started",
+            listen=cfg.listen,
+            port=self.port,
+            tls=not cfg.insecure_plaintext,
+            trust_domain=str(self.state.issuer.trust_domain),
+            metrics=cfg.metrics_listen,
+            metrics_port=self.metrics_port,
+        )
+
+    async def _start_grpc(self) -> None:
+        cfg = self.config
         options = [
             # gRPC's limit guards memory; meshca's own, lower one is checked (and logged) per request.
             ("grpc.max_receive_message_length", 16 * cfg.max_message_bytes),
@@ -123,20 +163,6 @@ class IdentityServer:
         await server.start()
         self._server = server
         await self._set_health()
-        if cfg.metrics_listen:
-            host, port = _split_hostport(cfg.metrics_listen)
-            self._metrics_server = MetricsServer(self.metrics.registry, host, port, lambda: self.state.usable)
-            self._metrics_server.start()
-            self.metrics_port = self._metrics_server.port
-        self._tasks.append(asyncio.create_task(self._reload_loop()))
-        log.info(
-            "server.started",
-            listen=cfg.listen,
-            port=self.port,
-            tls=not cfg.insecure_plaintext,
-            trust_domain=str(self.state.issuer.trust_domain),
-            metrics=cfg.metrics_listen,
-        )
 
     async def _set_health(self) -> None:
         status = (

@@ -52,8 +52,8 @@ def _started(proc: ServeProcess, workers: int, timeout: float = 30) -> tuple[int
         events = proc.events
         started = [e for e in events if e.get("event") == "server.started"]
         sup = [e for e in events if e.get("event") == "supervisor.started"]
-        if len(started) >= workers and sup:
-            return int(started[0]["port"]), int(sup[0]["metrics_port"])
+        if len(started) >= workers and (sup or workers == 1):  # `--workers 1` runs without a supervisor
+            return int(started[0]["port"]), int((sup or started)[0]["metrics_port"])
         time.sleep(0.1)
     raise AssertionError("workers did not start:\n" + "\n".join(proc.lines))
 
