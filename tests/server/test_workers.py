@@ -137,3 +137,55 @@ def test_workers_die_with_a_killed_supervisor(two_workers: ServeProcess) -> None
         while any(_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(_alive(w) for w in workers), "orphaned workers keep serving after the supervisor died"
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    """The serving processes (not multiprocessing's resource tracker)."""
+    return [pid for pid in _children(supervisor) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _wait_events(proc: ServeProcess, event: str, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len([e for e in proc.events if e.get("event") == event]) < count:
+        if time.monotonic() > deadline or proc.proc.poll() is not None:
+            raise AssertionError(f"no {count} {event} events:\n" + "\n".join(proc.lines))
+        time.sleep(0.1)
+
+
+def test_a_bad_issuer_on_disk_neither_unreadies_nor_stops_the_workers(d: Path, two_workers: ServeProcess) -> None:
+    """The workers keep the last good issuer; so do /readyz and a worker restarted after a crash."""
+    with two_workers as proc:
+        port, metrics_port = _started(proc, 2)
+        store = SqliteStore(store_path(meshca.TrustDir.at(d)))
+        token = add_token(store, WEB, uses=10)
+        store.close()
+        bundle = (d / "bundle.pem").read_bytes()
+        # A new good issuer first, so "last good" is not simply the one the workers started with.
+        tdir, staged = meshca.TrustDir.at(d), d.parent / "staged"
+        made = run_meshca(
+            "issuer", "create", "--anchor-cert", tdir.anchor_cert, "--anchor-key", tdir.anchor_key, "--dir", staged
+        )
+        assert made.returncode == 0, made.stderr
+        for name in ("issuer.key", "issuer.crt"):
+            os.replace(staged / name, d / name)
+        _wait_events(proc, "issuer.reloaded", 2)
+        time.sleep(1.5)  # the supervisor checks the files every 0.5 s
+        good_issuer = tdir.load_issuer().certificate
+        refused = len([e for e in proc.events if e.get("event") == "issuer.reload_failed"])
+        (d / "issuer.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+        _wait_events(proc, "issuer.reload_failed", refused + 2)
+        assert http_get(metrics_port, "/readyz") == (200, "ok\n")
+
+        os.kill(_worker_pids(proc.proc.pid)[0], signal.SIGKILL)
+        _wait_events(proc, "worker.died", 1)
+        _wait_events(proc, "server.started", 3)  # the replacement serves
+        assert proc.proc.poll() is None
+        from cryptography import x509
+
+        for _ in range(10):  # fresh connections, spread over both workers
+            with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(bundle)) as channel:
+                stub = meshca_identity_pb2_grpc.IdentityStub(channel)
+                response = stub.IssueSVID(native_request(spiffe_csr()[1], join_token=token), timeout=20)
+            assert x509.load_der_x509_certificate(response.intermediates[0]) == good_issuer
+        assert http_get(metrics_port, "/readyz") == (200, "ok\n")
+        assert proc.terminate() == 0
