@@ -8,9 +8,11 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
@@ -35,15 +37,24 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def _issue(port: int, bundle: bytes, token: str) -> str:
+def _token(d: Path, uses: int) -> str:
+    store = SqliteStore(store_path(meshca.TrustDir.at(d)))
+    try:
+        return add_token(store, WEB, uses=uses)
+    finally:
+        store.close()
+
+
+def _issue_response(port: int, bundle: bytes, token: str) -> Any:
     """One issuance over a fresh channel (a fresh connection, so the kernel may pick another worker)."""
     with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(bundle)) as channel:
         stub = meshca_identity_pb2_grpc.IdentityStub(channel)
         _, csr = spiffe_csr()
-        response = stub.IssueSVID(native_request(csr, join_token=token), timeout=20)
-    from cryptography import x509
+        return stub.IssueSVID(native_request(csr, join_token=token), timeout=20)
 
-    return serial_hex(x509.load_der_x509_certificate(response.leaf))
+
+def _issue(port: int, bundle: bytes, token: str) -> str:
+    return serial_hex(x509.load_der_x509_certificate(_issue_response(port, bundle, token).leaf))
 
 
 def _started(proc: ServeProcess, workers: int, timeout: float = 30) -> tuple[int, int]:
@@ -67,9 +78,7 @@ def two_workers(d: Path) -> ServeProcess:
 def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, metrics_port = _started(proc, 2)
-        store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-        token = add_token(store, WEB, uses=40)
-        store.close()
+        token = _token(d, uses=40)
         bundle = (d / "bundle.pem").read_bytes()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             serials = list(pool.map(lambda _: _issue(port, bundle, token), range(40)))
@@ -95,9 +104,7 @@ def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) 
 def test_a_single_use_token_pays_for_one_certificate_across_workers(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, _ = _started(proc, 2)
-        store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-        token = add_token(store, WEB, uses=1)
-        store.close()
+        token = _token(d, uses=1)
         bundle = (d / "bundle.pem").read_bytes()
 
         def attempt(_: int) -> bool:
@@ -156,9 +163,7 @@ def test_a_bad_issuer_on_disk_neither_unreadies_nor_stops_the_workers(d: Path, t
     """The workers keep the last good issuer; so do /readyz and a worker restarted after a crash."""
     with two_workers as proc:
         port, metrics_port = _started(proc, 2)
-        store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-        token = add_token(store, WEB, uses=10)
-        store.close()
+        token = _token(d, uses=10)
         bundle = (d / "bundle.pem").read_bytes()
         # A new good issuer first, so "last good" is not simply the one the workers started with.
         tdir, staged = meshca.TrustDir.at(d), d.parent / "staged"
@@ -180,12 +185,8 @@ def test_a_bad_issuer_on_disk_neither_unreadies_nor_stops_the_workers(d: Path, t
         _wait_events(proc, "worker.died", 1)
         _wait_events(proc, "server.started", 3)  # the replacement serves
         assert proc.proc.poll() is None
-        from cryptography import x509
-
         for _ in range(10):  # fresh connections, spread over both workers
-            with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(bundle)) as channel:
-                stub = meshca_identity_pb2_grpc.IdentityStub(channel)
-                response = stub.IssueSVID(native_request(spiffe_csr()[1], join_token=token), timeout=20)
+            response = _issue_response(port, bundle, token)
             assert x509.load_der_x509_certificate(response.intermediates[0]) == good_issuer
         assert http_get(metrics_port, "/readyz") == (200, "ok\n")
         assert proc.terminate() == 0
