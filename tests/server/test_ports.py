@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import meshca
+from meshca.server._ports import claim, release
 
 from .procs import ServeProcess, meshca_exe
 from .test_workers import _started
@@ -82,3 +83,21 @@ def test_a_port_held_by_a_running_meshca_serve(tmp_path: Path, tmpdir_env: dict[
             assert line == f"meshca: error: cannot listen on 127.0.0.1:{metrics_port} (metrics): address already in use"
         assert running.proc.poll() is None
         assert running.terminate() == 0
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_connections_of_a_stopped_server_in_time_wait_do_not_hold_the_port(hold: bool) -> None:
+    """A restart on the same port works (gRPC's own bind sets SO_REUSEADDR for the same reason)."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server side closes first: its end stays in TIME_WAIT
+            client.recv(1)
+    claimed, held = claim("127.0.0.1", port, what="gRPC", hold=hold)
+    release(held)
+    assert claimed == port
+    assert len(held) == (1 if hold else 0)
