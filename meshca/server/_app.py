@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from meshca.pki._errors import MeshcaError
+from meshca.pki._issuer import Issuer
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server import api
@@ -21,6 +22,7 @@ from meshca.server._config import ServerConfig
 from meshca.server._interceptor import Boundary
 from meshca.server._metrics import Metrics, MetricsServer
 from meshca.server._pipeline import Pipeline
+from meshca.server._ports import claim
 from meshca.server._state import IssuerState
 from meshca.server._store import SqliteStore, Store
 from meshca.server.credentials import (
@@ -63,6 +65,7 @@ class IdentityServer:
         clock: Clock = system_clock,
         store: Store | None = None,
         multiprocess_metrics: bool = False,
+        last_good: Issuer | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -70,7 +73,7 @@ class IdentityServer:
         self.metrics = Metrics(multiprocess=multiprocess_metrics)
         self.store: Store = store if store is not None else SqliteStore(store_path(self.tdir))
         try:
-            self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase)
+            self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase, last_good=last_good)
             td = self.state.issuer.trust_domain
             # Asked in this order; the first kind that claims a credential decides (JWKS before TokenReview).
             credentials: list[Credential] = [JoinTokenCredential(self.store, clock)]
@@ -127,6 +130,37 @@ class IdentityServer:
 
     async def start(self) -> None:
         cfg = self.config
+        if not cfg.reuse_port:
+            # Fail with one line naming the address before gRPC's own bind (and its log lines) runs.
+            with contextlib.suppress(ValueError):  # not HOST:PORT (a unix: address): gRPC reports it
+                host, port = _split_hostport(cfg.listen)
+                if port:
+                    claim(host, port, what="gRPC")
+        if cfg.metrics_listen:
+            host, port = _split_hostport(cfg.metrics_listen)
+            self._metrics_server = MetricsServer(self.metrics.registry, host, port, lambda: self.state.usable)
+        try:
+            await self._start_grpc()
+        except BaseException:
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
+            raise
+        if self._metrics_server is not None:
+            self._metrics_server.start()
+            self.metrics_port = self._metrics_server.port
+        self._tasks.append(asyncio.create_task(self._reload_loop()))
+        log.info(
+            "server.started",
+            listen=cfg.listen,
+            port=self.port,
+            tls=not cfg.insecure_plaintext,
+            trust_domain=str(self.state.issuer.trust_domain),
+            metrics=cfg.metrics_listen,
+            metrics_port=self.metrics_port,
+        )
+
+    async def _start_grpc(self) -> None:
+        cfg = self.config
         options = [
             # gRPC's limit guards memory; meshca's own, lower one is checked (and logged) per request.
             ("grpc.max_receive_message_length", 16 * cfg.max_message_bytes),
@@ -152,20 +186,6 @@ class IdentityServer:
         await server.start()
         self._server = server
         await self._set_health()
-        if cfg.metrics_listen:
-            host, port = _split_hostport(cfg.metrics_listen)
-            self._metrics_server = MetricsServer(self.metrics.registry, host, port, lambda: self.state.usable)
-            self._metrics_server.start()
-            self.metrics_port = self._metrics_server.port
-        self._tasks.append(asyncio.create_task(self._reload_loop()))
-        log.info(
-            "server.started",
-            listen=cfg.listen,
-            port=self.port,
-            tls=not cfg.insecure_plaintext,
-            trust_domain=str(self.state.issuer.trust_domain),
-            metrics=cfg.metrics_listen,
-        )
 
     async def _set_health(self) -> None:
         status = (

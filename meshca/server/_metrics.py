@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from meshca.server._ports import bind_error
+
 __all__ = ["Children", "Metrics", "MetricsServer", "StoreMetrics"]
+
+log = structlog.get_logger("meshca.server")
 
 
 class Metrics:
@@ -79,12 +86,62 @@ class Children:
         return child
 
 
-class MetricsServer:
-    """Serves /metrics, /livez and /readyz on a plain HTTP port, in a thread."""
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, but at most ``slots`` of them: a connection beyond is closed at once."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]) -> None:
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], slots: int) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(slots)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # idle or slow clients hold every slot; refuse, do not queue threads
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A scraper that gave up resets the connection: worth a line, not a traceback.
+        exc = sys.exc_info()[1]
+        log.info("metrics.connection_error", reason=str(exc) or type(exc).__name__)
+
+
+class MetricsServer:
+    """Serves /metrics, /livez and /readyz on a plain HTTP port, in a thread.
+
+    At most ``max_connections`` connections are served at once, each read
+    or write waits at most ``timeout`` seconds, and a connection is closed
+    after one request.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        *,
+        max_connections: int = 16,
+        timeout: float = 10.0,
+    ) -> None:
+        io_timeout = timeout
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = io_timeout  # for every read and write of this connection
+
             def do_GET(self) -> None:
                 if self.path == "/metrics":
                     self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
@@ -104,10 +161,12 @@ class MetricsServer:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
-                pass  # scrapes are not worth a log line each
+                pass  # scrapes (and timed-out requests) are not worth a log line each
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        try:
+            self._httpd = _BoundedServer((host, port), Handler, max_connections)
+        except OSError as exc:
+            raise bind_error(exc, host, port, "metrics") from None
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="meshca-metrics", daemon=True)
 
@@ -115,7 +174,8 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        if self._thread.is_alive():
+            self._httpd.shutdown()
         self._httpd.server_close()
 
 

@@ -89,9 +89,12 @@ class IssuerState:
         store: Store,
         passphrase: bytes | None = None,
         *,
+        last_good: Issuer | None = None,
         renewal: RenewalPolicy = DEFAULT_POLICY,
         rng: random.Random | None = None,
     ) -> None:
+        """Starts from the files in ``tdir``; if they are bad and ``last_good`` is given, from that issuer
+        (a restarted worker of `serve --workers N` serving what the others serve)."""
         self._tdir = tdir
         self._clock = clock
         self._metrics = metrics
@@ -101,8 +104,16 @@ class IssuerState:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
         self._stamp = file_stamp(self._paths)
-        issuer = tdir.load_issuer(passphrase=passphrase)
-        validate(issuer, clock)
+        try:
+            issuer = tdir.load_issuer(passphrase=passphrase)
+            validate(issuer, clock)
+        except (MeshcaError, ValueError, OSError) as exc:
+            if last_good is None:
+                raise
+            validate(last_good, clock)
+            metrics.reloads.labels("failure").inc()
+            log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(last_good.certificate)[:23])
+            issuer = last_good
         self._sequence = 1
         self.issuer: Issuer = issuer
         self.bundle: TrustBundle = issuer.bundle

@@ -4,16 +4,19 @@ Python runs one thread of Python at a time per process, so meshca scales
 issuance across cores with processes. The supervisor (the process the
 operator started):
 
-- binds nothing itself; each worker binds the gRPC port with SO_REUSEPORT
-  and the kernel spreads connections across them;
+- claims the gRPC and metrics addresses first (a taken one fails the start
+  in one line, see _ports) and holds the gRPC port for its whole life; each
+  worker binds it with SO_REUSEPORT and the kernel spreads connections
+  across them;
 - owns the SQLite store: workers send their issuance records (and join
   token uses) over a pipe in batches, the supervisor commits them, many
   per transaction, and answers; a worker sends a response only after its
   record's batch committed. One writer means no cross-process lock
   contention (SQLite's busy waits), and the token-use check stays atomic;
 - serves /metrics (Prometheus multiprocess mode, summed over workers),
-  /livez and /readyz;
-- restarts a worker that dies, forwards SIGTERM so every worker drains,
+  /livez and /readyz (from the workers' own issuer gauge);
+- restarts a worker that dies (from the last good issuer when the files on
+  disk are bad), forwards SIGTERM so every worker drains,
   and closes the store last. Workers die with the supervisor (PDEATHSIG
   and a parent watchdog), so a kill -9 leaves no orphan serving old keys.
 """
@@ -30,7 +33,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 from dataclasses import replace
@@ -40,10 +42,15 @@ from typing import Any
 
 import structlog
 
-from meshca.pki._errors import StoreError, TokenUsedUp
+from meshca.pki._bundle import TrustBundle
+from meshca.pki._errors import MeshcaError, StoreError, TokenUsedUp
+from meshca.pki._issuer import Issuer
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server._config import ServerConfig
+from meshca.server._metrics import MetricsServer
+from meshca.server._ports import claim, release
+from meshca.server._state import file_stamp, validate
 from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, next_batch
 
 __all__ = ["PipeStore", "run_supervisor"]
@@ -186,16 +193,53 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+_Files = tuple[bytes, bytes, bytes]  # issuer.crt, issuer.key, bundle.pem
+
+
+def _issuer_from(files: _Files, passphrase: bytes | None) -> Issuer:
+    chain_pem, key_pem, bundle_pem = files
+    return Issuer.from_pem(chain_pem, key_pem, TrustBundle.from_pem(bundle_pem), passphrase)
+
+
+class _LastGood:
+    """The issuer files as last validated: what a replacement worker starts from when the disk is bad.
+
+    The supervisor checks the files as every worker does (same validation,
+    reloaded only when they change), so this is the issuer the workers serve.
+    The bytes stay in memory and reach a worker over its spawn pipe.
+    """
+
+    def __init__(self, tdir: TrustDir, passphrase: bytes | None, clock: Clock) -> None:
+        self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
+        self._passphrase = passphrase
+        self._clock = clock
+        self._stamp: object = None
+        self.files: _Files | None = None
+        self.poll()
+
+    def poll(self) -> None:
+        stamp = file_stamp(self._paths)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            cert, key, bundle = (path.read_bytes() for path in self._paths)
+            validate(_issuer_from((cert, key, bundle), self._passphrase), self._clock)
+        except (MeshcaError, ValueError, OSError):
+            return  # the workers refuse these files too and keep the last good issuer
+        self.files = (cert, key, bundle)
+
+
 def _worker_main(
     config: ServerConfig,
     conn: multiprocessing.connection.Connection,
     parent: int,
     index: int,
     started: Any,  # a multiprocessing Event
+    last_good: _Files | None,
 ) -> None:
     """Entry point of one serving process (started with the 'spawn' method)."""
     _die_with_parent(parent)
-    from meshca.pki._errors import MeshcaError
     from meshca.server._app import IdentityServer, store_path
     from meshca.server._logging import configure_logging
 
@@ -205,7 +249,8 @@ def _worker_main(
     async def serve() -> None:
         store = PipeStore(Path(store_path(TrustDir.at(config.dir))), conn)
         try:
-            server = IdentityServer(config, store=store, multiprocess_metrics=True)
+            fallback = _issuer_from(last_good, config.passphrase) if last_good is not None else None
+            server = IdentityServer(config, store=store, last_good=fallback, multiprocess_metrics=True)
 
             async def watch_parent() -> None:
                 while os.getppid() == parent:
@@ -227,97 +272,45 @@ def _worker_main(
         raise SystemExit(1) from None
 
 
-def _reserve_port(listen: str) -> tuple[str, socket.socket | None]:
-    """For port 0, picks a port now (held with SO_REUSEPORT until the workers bind it)."""
-    host, _, port = listen.rpartition(":")
-    if port != "0":
-        return listen, None
-    bare = host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((bare or "0.0.0.0", 0))
-    return f"{host}:{sock.getsockname()[1]}", sock
-
-
 _MAX_RESTART_DELAY = 30.0
 
 
 def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_clock) -> int:
     """Runs ``workers`` serving processes until SIGTERM or SIGINT; returns the exit code.
 
-    A worker that dies before it serves makes the whole server exit 1 (its
-    reason is in its log line): a broken configuration fails once, loudly.
-    A worker that dies later is restarted, with backoff.
+    The gRPC and metrics addresses are claimed first (see _ports): a taken
+    one raises ``PortTaken`` naming it, before anything is started or
+    written. A worker of the first generation that dies before it serves
+    makes the whole server exit 1 (its reason is in its log line): a broken
+    configuration fails once, loudly. A worker that dies later is restarted,
+    with backoff, from the last good issuer.
     """
-    from prometheus_client import multiprocess
+    from meshca.server._app import _split_hostport, store_path
 
-    from meshca.server._app import store_path
-
-    tdir = TrustDir.at(config.dir)
-    metrics_dir = tempfile.mkdtemp(prefix="meshca-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    listen, held = _reserve_port(config.listen)
-    worker_config = replace(config, listen=listen, metrics_listen=None, reuse_port=True)
-    store = SqliteStore(store_path(tdir), writer=False)  # commit_now only
-    ctx = multiprocessing.get_context("spawn")
-    stopping = threading.Event()
+    host, port = _split_hostport(config.listen)
+    port, held = claim(host, port, what="gRPC", hold=True)
+    metrics_dir = ""
+    metrics_server = None
+    store = None
     procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]] = {}
-    restarts: dict[int, float] = {}
-
-    def start(index: int) -> None:
-        parent_end, child_end = ctx.Pipe()
-        started = ctx.Event()
-        proc = ctx.Process(
-            target=_worker_main,
-            args=(worker_config, child_end, os.getpid(), index, started),
-            name=f"meshca-worker-{index}",
-        )
-        proc.start()
-        child_end.close()
-        threading.Thread(target=_serve_pipe, args=(store, parent_end, f"{index}"), daemon=True).start()
-        procs[index] = (proc, started)
-
-    for index in range(workers):
-        start(index)
-    metrics_server = _start_metrics(config, tdir, metrics_dir, clock)
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info(
-        "supervisor.started",
-        workers=workers,
-        listen=listen,
-        metrics_port=metrics_server.port if metrics_server is not None else None,
-    )
-    code = 0
     try:
-        while not stopping.wait(0.5):
-            if held is not None and all(started.is_set() for _, started in procs.values()):
-                held.close()
-                held = None
-            for index, (proc, started) in list(procs.items()):
-                if proc.is_alive() or stopping.is_set():
-                    continue
-                if proc.pid is not None:
-                    multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
-                if not started.is_set():
-                    log.error("supervisor.failed", worker=index, exitcode=proc.exitcode)
-                    code = 1
-                    stopping.set()
-                    break
-                delay = min(_MAX_RESTART_DELAY, restarts.get(index, 0.5) * 2)
-                restarts[index] = delay
-                log.error("worker.died", worker=index, exitcode=proc.exitcode, restart_in=delay)
-                if stopping.wait(delay):
-                    break
-                start(index)
+        last_good = _LastGood(TrustDir.at(config.dir), config.passphrase, clock)
+        metrics_dir = tempfile.mkdtemp(prefix="meshca-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        metrics_server = _metrics_server(config, metrics_dir, procs)
+        store = SqliteStore(store_path(TrustDir.at(config.dir)), writer=False)  # commit_now only
+        listen = f"{config.listen.rpartition(':')[0]}:{port}"
+        return _supervise(
+            config,
+            replace(config, listen=listen, metrics_listen=None, reuse_port=True),
+            workers,
+            store,
+            last_good,
+            metrics_dir,
+            metrics_server,
+            procs,
+        )
     finally:
-        if held is not None:
-            held.close()
         for proc, _ in procs.values():
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -325,41 +318,98 @@ def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_
             proc.join(timeout=config.drain_grace.total_seconds() + 5)
             if proc.is_alive():
                 proc.kill()
+        release(held)
         if metrics_server is not None:
             metrics_server.stop()
-        store.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        log.info("supervisor.stopped")
-    return code
+        if store is not None:
+            store.close()
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if procs:
+            log.info("supervisor.stopped")
 
 
-def _start_metrics(config: ServerConfig, tdir: TrustDir, metrics_dir: str, clock: Clock) -> Any:
+def _supervise(
+    config: ServerConfig,
+    worker_config: ServerConfig,
+    workers: int,
+    store: SqliteStore,
+    last_good: _LastGood,
+    metrics_dir: str,
+    metrics_server: MetricsServer | None,
+    procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]],
+) -> int:
+    from prometheus_client import multiprocess
+
+    ctx = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+    restarts: dict[int, float] = {}
+
+    def start(index: int) -> None:
+        parent_end, child_end = ctx.Pipe()
+        started = ctx.Event()
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(worker_config, child_end, os.getpid(), index, started, last_good.files),
+            name=f"meshca-worker-{index}",
+        )
+        proc.start()
+        child_end.close()
+        threading.Thread(target=_serve_pipe, args=(store, parent_end, f"{index}"), daemon=True).start()
+        procs[index] = (proc, started)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for index in range(workers):
+        start(index)
+    log.info(
+        "supervisor.started",
+        workers=workers,
+        listen=worker_config.listen,
+        metrics_port=metrics_server.port if metrics_server is not None else None,
+    )
+    while not stopping.wait(0.5):
+        last_good.poll()
+        for index, (proc, started) in list(procs.items()):
+            if proc.is_alive() or stopping.is_set():
+                continue
+            if proc.pid is not None:
+                multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+            if not started.is_set() and index not in restarts:
+                log.error("supervisor.failed", worker=index, exitcode=proc.exitcode)
+                return 1
+            delay = min(_MAX_RESTART_DELAY, restarts.get(index, 0.5) * 2)
+            restarts[index] = delay
+            log.error("worker.died", worker=index, exitcode=proc.exitcode, restart_in=delay)
+            if stopping.wait(delay):
+                break
+            start(index)
+    return 0
+
+
+def _metrics_server(
+    config: ServerConfig, metrics_dir: str, procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]]
+) -> MetricsServer | None:
     if not config.metrics_listen:
         return None
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     from meshca.server._app import _split_hostport
-    from meshca.server._metrics import MetricsServer
-    from meshca.server._state import file_stamp
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-    paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
-    loaded: dict[object, Any] = {}
 
     def ready() -> bool:
-        # Ready while the issuer on disk can sign now (what every worker checks too);
-        # the issuer is loaded again only when its files change.
-        try:
-            stamp = file_stamp(paths)
-            if stamp not in loaded:
-                loaded.clear()
-                loaded[stamp] = tdir.load_issuer(passphrase=config.passphrase)
-            loaded[stamp].check(clock())
-        except Exception:  # noqa: BLE001 - anything wrong means not ready
+        # Ready while a worker serves and every live one holds a usable issuer: the
+        # meshca_issuer_usable gauge each worker keeps, least over live workers.
+        if not any(proc.is_alive() and started.is_set() for proc, started in list(procs.values())):
             return False
-        return True
+        usable = [s.value for m in registry.collect() if m.name == "meshca_issuer_usable" for s in m.samples]
+        return bool(usable) and min(usable) == 1
 
     host, port = _split_hostport(config.metrics_listen)
     server = MetricsServer(registry, host, port, ready)

@@ -8,9 +8,11 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
@@ -35,15 +37,24 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def _issue(port: int, bundle: bytes, token: str) -> str:
+def _token(d: Path, uses: int) -> str:
+    store = SqliteStore(store_path(meshca.TrustDir.at(d)))
+    try:
+        return add_token(store, WEB, uses=uses)
+    finally:
+        store.close()
+
+
+def _issue_response(port: int, bundle: bytes, token: str) -> Any:
     """One issuance over a fresh channel (a fresh connection, so the kernel may pick another worker)."""
     with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(bundle)) as channel:
         stub = meshca_identity_pb2_grpc.IdentityStub(channel)
         _, csr = spiffe_csr()
-        response = stub.IssueSVID(native_request(csr, join_token=token), timeout=20)
-    from cryptography import x509
+        return stub.IssueSVID(native_request(csr, join_token=token), timeout=20)
 
-    return serial_hex(x509.load_der_x509_certificate(response.leaf))
+
+def _issue(port: int, bundle: bytes, token: str) -> str:
+    return serial_hex(x509.load_der_x509_certificate(_issue_response(port, bundle, token).leaf))
 
 
 def _started(proc: ServeProcess, workers: int, timeout: float = 30) -> tuple[int, int]:
@@ -52,8 +63,8 @@ def _started(proc: ServeProcess, workers: int, timeout: float = 30) -> tuple[int
         events = proc.events
         started = [e for e in events if e.get("event") == "server.started"]
         sup = [e for e in events if e.get("event") == "supervisor.started"]
-        if len(started) >= workers and sup:
-            return int(started[0]["port"]), int(sup[0]["metrics_port"])
+        if len(started) >= workers and (sup or workers == 1):  # `--workers 1` runs without a supervisor
+            return int(started[0]["port"]), int((sup or started)[0]["metrics_port"])
         time.sleep(0.1)
     raise AssertionError("workers did not start:\n" + "\n".join(proc.lines))
 
@@ -67,9 +78,7 @@ def two_workers(d: Path) -> ServeProcess:
 def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, metrics_port = _started(proc, 2)
-        store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-        token = add_token(store, WEB, uses=40)
-        store.close()
+        token = _token(d, uses=40)
         bundle = (d / "bundle.pem").read_bytes()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             serials = list(pool.map(lambda _: _issue(port, bundle, token), range(40)))
@@ -95,9 +104,7 @@ def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) 
 def test_a_single_use_token_pays_for_one_certificate_across_workers(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, _ = _started(proc, 2)
-        store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-        token = add_token(store, WEB, uses=1)
-        store.close()
+        token = _token(d, uses=1)
         bundle = (d / "bundle.pem").read_bytes()
 
         def attempt(_: int) -> bool:
@@ -137,3 +144,49 @@ def test_workers_die_with_a_killed_supervisor(two_workers: ServeProcess) -> None
         while any(_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(_alive(w) for w in workers), "orphaned workers keep serving after the supervisor died"
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    """The serving processes (not multiprocessing's resource tracker)."""
+    return [pid for pid in _children(supervisor) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _wait_events(proc: ServeProcess, event: str, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len([e for e in proc.events if e.get("event") == event]) < count:
+        if time.monotonic() > deadline or proc.proc.poll() is not None:
+            raise AssertionError(f"no {count} {event} events:\n" + "\n".join(proc.lines))
+        time.sleep(0.1)
+
+
+def test_a_bad_issuer_on_disk_neither_unreadies_nor_stops_the_workers(d: Path, two_workers: ServeProcess) -> None:
+    """The workers keep the last good issuer; so do /readyz and a worker restarted after a crash."""
+    with two_workers as proc:
+        port, metrics_port = _started(proc, 2)
+        token = _token(d, uses=10)
+        bundle = (d / "bundle.pem").read_bytes()
+        # A new good issuer first, so "last good" is not simply the one the workers started with.
+        tdir, staged = meshca.TrustDir.at(d), d.parent / "staged"
+        made = run_meshca(
+            "issuer", "create", "--anchor-cert", tdir.anchor_cert, "--anchor-key", tdir.anchor_key, "--dir", staged
+        )
+        assert made.returncode == 0, made.stderr
+        for name in ("issuer.key", "issuer.crt"):
+            os.replace(staged / name, d / name)
+        _wait_events(proc, "issuer.reloaded", 2)
+        time.sleep(1.5)  # the supervisor checks the files every 0.5 s
+        good_issuer = tdir.load_issuer().certificate
+        refused = len([e for e in proc.events if e.get("event") == "issuer.reload_failed"])
+        (d / "issuer.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+        _wait_events(proc, "issuer.reload_failed", refused + 2)
+        assert http_get(metrics_port, "/readyz") == (200, "ok\n")
+
+        os.kill(_worker_pids(proc.proc.pid)[0], signal.SIGKILL)
+        _wait_events(proc, "worker.died", 1)
+        _wait_events(proc, "server.started", 3)  # the replacement serves
+        assert proc.proc.poll() is None
+        for _ in range(10):  # fresh connections, spread over both workers
+            response = _issue_response(port, bundle, token)
+            assert x509.load_der_x509_certificate(response.intermediates[0]) == good_issuer
+        assert http_get(metrics_port, "/readyz") == (200, "ok\n")
+        assert proc.terminate() == 0
