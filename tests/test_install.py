@@ -263,6 +263,8 @@ def _assert_one_line(result: Result, code: int, message: str) -> None:
         (["--namespace", "mesh.ca"], "is not a DNS label"),
         (["--namespace", "a" * 64], "is not a DNS label"),
         (["--namespace=-meshca"], "is not a DNS label"),
+        (["--namespace", "default"], "a namespace of its own"),
+        (["--namespace", "kube-system"], "a namespace of its own"),
         (["--store-secret", "DB_URL"], "is not a DNS name"),
         (["--server-name", "ca example"], "is not a DNS name"),
         (["--image", "meshca latest"], "is not an image reference"),

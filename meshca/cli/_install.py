@@ -110,6 +110,9 @@ def _install(args: argparse.Namespace) -> Install:
         raise CliError("--replicas must be at least 1", 2)
     if replicas > 1 and not args.store_secret:
         raise CliError("--replicas above 1 needs --store-secret (PostgreSQL): SQLite cannot be shared", 2)
+    if args.namespace == "default" or args.namespace.startswith("kube-"):
+        # The output owns its Namespace: `kubectl delete -f` would take the namespace with it.
+        raise CliError(f"--namespace {args.namespace}: meshca installs into a namespace of its own", 2)
     if not args.image.strip() or any(c.isspace() for c in args.image):
         raise CliError(f"--image {args.image!r} is not an image reference", 2)
     return Install(args.namespace, args.image, replicas, args.store_secret, tuple(args.server_name))
