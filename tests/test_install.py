@@ -135,9 +135,9 @@ def test_the_pod_is_locked_down_probed_sized_and_spread(install: Install) -> Non
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["securityContext"]["runAsUser"] != 0
-    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 8443, "metrics": 9090}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http-metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"tls-grpc": 8443, "http-metrics": 9090}
     assert set(container["resources"]) == {"requests", "limits"}
     for resources in container["resources"].values():
         assert set(resources) == {"cpu", "memory"}
@@ -150,7 +150,7 @@ def test_the_pod_is_locked_down_probed_sized_and_spread(install: Install) -> Non
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     service = _one(docs, "Service")["spec"]
     assert service["selector"] == labels
-    assert {p["name"]: p["port"] for p in service["ports"]} == {"grpc": 8443, "metrics": 9090}
+    assert {p["name"]: p["port"] for p in service["ports"]} == {"tls-grpc": 8443, "http-metrics": 9090}
     assert _one(docs, "PodDisruptionBudget")["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": labels}}
 
 

@@ -17,8 +17,8 @@ from typing import Any
 __all__ = ["GRPC_PORT", "METRICS_PORT", "NAME", "Install", "manifests", "yaml_stream"]
 
 NAME = "meshca"  # every object's name: one install per namespace
-GRPC_PORT = 8443
-METRICS_PORT = 9090
+GRPC, GRPC_PORT = "tls-grpc", 8443
+METRICS, METRICS_PORT = "http-metrics", 9090
 UID = 10001  # the Dockerfile's user
 TRUST_MOUNT = "/etc/meshca"
 STORE_MOUNT = "/var/lib/meshca"
@@ -98,9 +98,11 @@ def manifests(install: Install, *, issuer_chain: bytes, issuer_key: bytes, bundl
             install.namespace,
             spec={
                 "selector": _labels(),
+                # Named by protocol the way meshes read port names: gRPC inside TLS (opaque to a
+                # proxy, never parsed as plaintext HTTP/2), and plain HTTP.
                 "ports": [
-                    {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
-                    {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
+                    {"name": GRPC, "port": GRPC_PORT, "targetPort": GRPC},
+                    {"name": METRICS, "port": METRICS_PORT, "targetPort": METRICS},
                 ],
             },
         ),
@@ -179,8 +181,8 @@ def _deployment(install: Install) -> Doc:
         "imagePullPolicy": "IfNotPresent",
         "args": serve_args(install),
         "ports": [
-            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": GRPC, "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": METRICS, "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "livenessProbe": _probe("/livez"),
         "readinessProbe": _probe("/readyz"),
@@ -247,7 +249,7 @@ def _deployment(install: Install) -> Doc:
 
 
 def _probe(path: str) -> Doc:
-    return {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10, "timeoutSeconds": 2}
+    return {"httpGet": {"path": path, "port": METRICS}, "periodSeconds": 10, "timeoutSeconds": 2}
 
 
 def _spread(key: str, when: str) -> Doc:
