@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -231,6 +233,29 @@ def test_the_projected_volume_is_the_trust_directory_serve_expects(install: Inst
     modes = {i["path"]: i.get("mode") for s in trust["projected"]["sources"] for i in next(iter(s.values()))["items"]}
     assert modes["issuer.key"] == 0o440
     assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+# Paths the process opens while a test listens (an audit hook cannot be removed, so it stays idle otherwise).
+_opened: list[str] | None = None
+
+
+def _record_open(event: str, args: tuple[Any, ...]) -> None:
+    if event == "open" and _opened is not None:
+        _opened.append(os.fsdecode(args[0]) if isinstance(args[0], str | bytes | os.PathLike) else str(args[0]))
+
+
+sys.addaudithook(_record_open)
+
+
+def test_install_never_opens_the_trust_anchor_key(install: Install, td: Path) -> None:
+    global _opened
+    _opened = []
+    try:
+        result = install()
+    finally:
+        opened, _opened = _opened, None
+    assert result.code == 0, result
+    assert {Path(p).name for p in opened if Path(p).parent == td} == {"issuer.crt", "issuer.key", "bundle.pem"}
 
 
 def test_the_trust_anchor_key_is_never_in_the_output(install: Install, td: Path) -> None:
