@@ -20,6 +20,7 @@ from meshca.cli import (
     _fetch,
     _init,
     _inspect,
+    _install,
     _issue,
     _issuer,
     _log,
@@ -33,7 +34,7 @@ from meshca.pki._time import Clock, system_clock
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "run"]
 
-COMMANDS = (_init, _anchor, _issuer, _issue, _bundle, _verify, _inspect, _check, _serve, _token, _log, _fetch)
+COMMANDS = (_init, _anchor, _issuer, _issue, _bundle, _verify, _inspect, _check, _serve, _install, _token, _log, _fetch)
 
 Command = Callable[[argparse.Namespace, Clock], int]
 
