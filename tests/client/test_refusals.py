@@ -128,7 +128,7 @@ def test_a_refused_first_request_ends_wait_ready_at_once_with_the_servers_reason
         details = "join token has no use left"
     elif case == "token-for-another-id":
         token = add_token(trust.dir, API)
-        code, details = "PERMISSION_DENIED", f"credential grants {API}, not {WEB}"
+        code, details = "PERMISSION_DENIED", f"credential grants {API}, the request names {WEB}"
     source = sources(server.address, trust.ca.bundle, WEB, join_token=token)
     started = time.monotonic()
     with capture_logs() as logs, pytest.raises(meshca.RequestRefused) as refused:
