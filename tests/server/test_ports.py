@@ -31,8 +31,11 @@ def tmpdir_env(tmp_path: Path) -> dict[str, str]:
 
 
 def _trust_dir(path: Path) -> Path:
+    """A serving directory as production keeps it: the anchor key is offline (else serve warns about it)."""
     path.mkdir(exist_ok=True)
-    meshca.TrustDir.at(path).init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    tdir = meshca.TrustDir.at(path)
+    tdir.init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    tdir.anchor_key.unlink()
     return path
 
 
