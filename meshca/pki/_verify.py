@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 from cryptography import x509
 from cryptography.x509 import verification as x509v
@@ -21,6 +21,8 @@ from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import fingerprint, load_certificates, uri_sans
 from meshca.pki._errors import AuthorizationError, InvalidSpiffeId, VerificationError
 from meshca.pki._spiffe import SpiffeId, TrustDomain
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 __all__ = [
     "Authorizer",
@@ -117,18 +119,17 @@ def check_leaf_rules(leaf: x509.Certificate, role: PeerRole | None) -> None:
             raise VerificationError(f"leaf extendedKeyUsage lacks {'clientAuth' if role == 'client' else 'serverAuth'}")
 
 
+def _required(cert: x509.Certificate, kind: type[_E], missing: str) -> _E:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        raise VerificationError(missing) from None
+
+
 def _check_signing(cert: x509.Certificate, what: str) -> None:
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise VerificationError(f"{what} has no basicConstraints, so it is not a CA") from None
-    if not bc.ca:
+    if not _required(cert, x509.BasicConstraints, f"{what} has no basicConstraints, so it is not a CA").ca:
         raise VerificationError(f"{what} is not a CA (basicConstraints CA false)")
-    try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        raise VerificationError(f"{what} has no keyUsage, so it may not sign certificates") from None
-    if not ku.key_cert_sign:
+    if not _required(cert, x509.KeyUsage, f"{what} has no keyUsage, so it may not sign certificates").key_cert_sign:
         raise VerificationError(f"{what} keyUsage lacks keyCertSign")
 
 
