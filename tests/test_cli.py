@@ -16,10 +16,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from certbuild import NOW
-from conftest import Result
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from support.certbuild import NOW
+from support.procs import Result
 
 import meshca
 from meshca import SpiffeId, TrustBundle, TrustDomain

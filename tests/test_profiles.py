@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from certbuild import NOW, build, ext, key_usage
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.certbuild import NOW, build, ext, key_usage
 
 import meshca
 from meshca import KeyType, SpiffeId, TrustDir, TrustDomain

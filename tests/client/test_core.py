@@ -18,6 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from support.clocks import Pinned
+from support.ids import OTHER, WEB
+from support.metrics import REFRESHES
 
 import meshca
 from meshca._proto import meshca_identity_pb2 as pb
@@ -44,8 +47,6 @@ from meshca.client._state import (
 from meshca.pki._proof import SvidProof, verify_svid_proof
 from meshca.pki._rotation import RenewalPolicy
 from meshca.testing import FrozenClock, TestCA
-
-from .support import OTHER, REFRESHES, WEB, Pinned
 
 S = timedelta(seconds=1)
 MS = timedelta(milliseconds=1)

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.ids import API, OTHER, WEB
+from support.serving import Pair, Trust, free_port
+from support.tls import TlsEcho, handshake, refused
 
 import meshca
 from meshca.client import SvidSource, X509Svid
 from meshca.testing import TestSvid
-
-from .conftest import Pair, Trust
-from .support import API, OTHER, WEB, TlsEcho, free_port, handshake, refused
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")

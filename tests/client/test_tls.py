@@ -10,13 +10,15 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from support.certs import serial
+from support.ids import API, OTHER, TD, WEB
+from support.poll import eventually_sync
+from support.serving import Pair, Trust, free_port
+from support.tls import TlsEcho, handshake, refused
 
 import meshca
 from meshca.client import SpiffeSSLContext, SvidSource
 from meshca.testing import TestCA
-
-from .conftest import Pair, Trust
-from .support import API, OTHER, TD, WEB, TlsEcho, free_port, handshake, refused, serial, wait_until
 
 
 def test_mutual_tls_between_two_sources(pair: Pair) -> None:
@@ -64,7 +66,7 @@ def test_authorizers_other_than_one_id(pair: Pair) -> None:
     with TlsEcho(pair.web.server_ssl_context(meshca.authorize_if(lambda sid: False, "nobody"))) as echo:
         assert refused(client_ctx, echo.port)
         # TLS 1.3: the client may be done before the server has recorded its refusal.
-        wait_until(lambda: echo.errors, 5, "the server's refusal")
+        eventually_sync(lambda: echo.errors, 5, "the server's refusal")
         assert echo.accepted == []
         assert "expected nobody" in str(echo.errors[0])
 

@@ -15,17 +15,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Result
+from support.calls import code_of, native_request
+from support.certs import cert, serial_hex, spiffe_csr
+from support.ids import API, WEB
+from support.kubeapi import FakeApiServer, review_token
+from support.procs import Result, ServeProcess, meshca_exe, run_meshca
+from support.serving import serving
+from support.tokens import K8sIssuer, add_token
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.cli import build_parser
 from meshca.server import ServerConfig, hash_token
 from meshca.testing import TestCA
-
-from .harness import API, WEB, K8sIssuer, add_token, cert, code_of, native_request, serial_hex, serving, spiffe_csr
-from .kubeapi import FakeApiServer, review_token
-from .procs import ServeProcess, meshca_exe, run_meshca
 
 C = grpc.StatusCode
 

@@ -13,14 +13,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from google.protobuf.duration_pb2 import Duration
+from support.calls import bearer, code_of, ipb, native_request
+from support.certs import spiffe_csr, to_pem
+from support.ids import WEB
+from support.procs import run_meshca
+from support.serving import serving
 
 import meshca
 from meshca.pki._keys import generate_key, write_private_key
 from meshca.server import IdentityServer, ServerConfig
 from meshca.testing import TestCA
-
-from .harness import WEB, bearer, code_of, ipb, native_request, serving, spiffe_csr, to_pem
-from .procs import run_meshca
 
 C = grpc.StatusCode
 

@@ -7,25 +7,15 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.calls import code_of, lpb
+from support.certs import cert, dns_names, linkerd_csr, uris
+from support.ids import LINKERD_WEB, TD, WEB
+from support.serving import serving
+from support.tokens import K8sIssuer, k8s_config
 
 import meshca
 from meshca.server import linkerd_identity_to_spiffe_id
 from meshca.testing import TestCA
-
-from .harness import (
-    LINKERD_WEB,
-    TD,
-    WEB,
-    K8sIssuer,
-    cert,
-    code_of,
-    dns_names,
-    k8s_config,
-    linkerd_csr,
-    lpb,
-    serving,
-    uris,
-)
 
 
 async def test_certify_issues_the_linkerd_identity_and_spiffe_id(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:

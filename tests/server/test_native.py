@@ -8,30 +8,17 @@ from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client import CollectorRegistry
+from support.calls import code_of, native_request, pb, proof_message
+from support.certs import cert, csr_der, p256, serial_hex, spiffe_csr, uris
+from support.ids import API, TD, WEB
+from support.serving import Harness, serving
+from support.tokens import K8sIssuer, k8s_config
 
 import meshca
 from meshca.pki._proof import sign_svid_proof
+from meshca.server import SqliteStore, StoreMetrics, store_path
 from meshca.testing import TestCA
-
-from .harness import (
-    API,
-    TD,
-    WEB,
-    Harness,
-    K8sIssuer,
-    cert,
-    code_of,
-    csr_der,
-    k8s_config,
-    native_request,
-    p256,
-    pb,
-    proof_message,
-    serial_hex,
-    serving,
-    spiffe_csr,
-    uris,
-)
 
 DER = Encoding.DER
 
@@ -142,12 +129,22 @@ async def test_csr_without_names_gets_the_granted_id(d: Path, server_ca: TestCA)
 
 async def test_a_one_use_token_pays_for_one_certificate_under_concurrency(d: Path, server_ca: TestCA) -> None:
     """Every racer passes the up-front check; the use is taken in the transaction that records the issuance."""
-    async with serving(d, server_ca) as h:
+    server_ca.write(d)
+    registry = CollectorRegistry()
+    store = SqliteStore(store_path(meshca.TrustDir.at(d)), metrics=StoreMetrics(registry))
+    async with serving(d, server_ca, write=False, store=store) as h:
         token = h.token(uses=1)
+
+        def committed() -> float:  # records that reached the transaction, taken or refused
+            return registry.get_sample_value("meshca_store_batch_records_sum") or 0.0
+
+        before = committed()
         calls = [h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token)) for _ in range(8)]
         codes = await asyncio.gather(*(code_of(c) for c in calls))
         assert sorted(c.name for c in codes) == ["OK"] + ["UNAUTHENTICATED"] * 7
         assert len(h.issued()) == 1
+        # The race was run: more than one racer got past the up-front check to the transaction.
+        assert committed() - before > 1
 
 
 async def test_svid_proof_with_an_expired_svid(d: Path, server_ca: TestCA) -> None:

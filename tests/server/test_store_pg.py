@@ -13,13 +13,13 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
+from support import pg
 
 from meshca import StoreError
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import open_store
 from meshca.server._store_pg import PG_SCHEMA_VERSION, PostgresStore
 
-from . import pg
 from .test_store_contract import rec
 
 

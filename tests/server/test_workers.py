@@ -11,13 +11,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support.calls import native_request
+from support.certs import serial_hex, spiffe_csr
+from support.ids import WEB
+from support.metrics import http_get, sample_value
+from support.procs import ServeProcess, run_meshca
+from support.tokens import add_token
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.server import SqliteStore, store_path
-
-from .harness import WEB, add_token, http_get, native_request, sample_value, serial_hex, spiffe_csr
-from .procs import ServeProcess, run_meshca
 
 
 def _children(pid: int) -> set[int]:
