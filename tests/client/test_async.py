@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.certs import serial, within_validity, write_bundle
+from support.clocks import Pinned
 from support.ids import SERVER_NAME, TD, WEB
 from support.metrics import refreshes
 from support.poll import eventually
@@ -88,7 +89,10 @@ async def test_jwt_file_is_read_again_for_every_attempt(trust: Trust, tmp_path: 
     config = k8s_config(k8s, tmp_path, ("meshca",))
     async with (
         serving(trust.dir, trust.ca, write=False, k8s_jwt=config) as h,
-        AsyncSvidSource(h.address, trust.ca.bundle, WEB, jwt_file=token_file, server_name=SERVER_NAME) as source,
+        # Retries every 100 ms (no jitter): the rewritten file is read well within the wait below.
+        AsyncSvidSource(
+            h.address, trust.ca.bundle, WEB, jwt_file=token_file, server_name=SERVER_NAME, rng=Pinned(0.0)
+        ) as source,
     ):
         with pytest.raises(TimeoutError):
             await source.wait_ready(1.5)
