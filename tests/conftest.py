@@ -1,24 +1,34 @@
-"""Shared fixtures: a frozen time, test CAs minted at that time, and a CLI runner.
+"""Shared fixtures: a frozen time, test CAs minted at that time, and a CLI runner; the async test hook.
 
 CAs are session-scoped because key generation is the slow part; tests treat
-them as read-only.
+them as read-only. What tests import lives in the ``support`` package.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
+import asyncio
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import pytest
-from certbuild import NOW
+from support import procs
+from support.certbuild import NOW
 
 import meshca
 from meshca.testing import FrozenClock, TestCA
+
+ASYNC_TEST_TIMEOUT = 30.0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Runs an ``async def`` test in a fresh event loop of its own, under a hard timeout (no plugin needed)."""
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), ASYNC_TEST_TIMEOUT))
+    return True
 
 
 @pytest.fixture
@@ -66,37 +76,8 @@ def rsa4096_key() -> meshca.PrivateKey:
     return meshca.generate_key(meshca.KeyType.RSA_4096)
 
 
-# -- running the CLI
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def _console_script() -> list[str]:
-    found = shutil.which("meshca")
-    if found is None:
-        pytest.fail("the meshca console script is not on PATH; install the package with pip install -e .")
-    return [found]
-
-
 @pytest.fixture(scope="session")
-def meshca_cmd() -> Callable[..., Result]:
+def meshca_cmd() -> Callable[..., procs.Result]:
     """Runs the installed ``meshca`` console script in a subprocess."""
-    script = _console_script()
-
-    def run(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 30) -> Result:
-        proc = subprocess.run(
-            [*script, *map(str, args)],
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            timeout=timeout,
-            check=False,
-        )
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    return run
+    procs.meshca_exe()  # fails at once when the console script is not installed
+    return procs.meshca_cmd

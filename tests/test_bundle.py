@@ -10,10 +10,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from certbuild import NOW, build, intermediate, key_usage
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import Store
+from support.certbuild import NOW, build, intermediate, key_usage
 
 import meshca
 from meshca import BundleError, TrustBundle, TrustDomain

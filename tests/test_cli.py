@@ -16,10 +16,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from certbuild import NOW
-from conftest import Result
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from support.certbuild import NOW
+from support.procs import Result
 
 import meshca
 from meshca import SpiffeId, TrustBundle, TrustDomain
@@ -392,27 +392,35 @@ def test_verify_with_trust_domain_spiffe_bundle_and_der(
     assert_clean_failure(cli("verify", "--bundle", bundle, leaf_der), 1)
 
 
-def test_verify_wrong_id(initialized: Path, issued: Path, meshca_cmd: Run) -> None:
-    result = meshca_cmd(
-        "verify", "--bundle", initialized / "bundle.pem", "--spiffe-id", "spiffe://example.org/db", issued
-    )
-    assert_clean_failure(result, 1)
-    assert "not authorized" in result.stderr
-    result = meshca_cmd("verify", "--bundle", initialized / "bundle.pem", "--trust-domain", "other.test", issued)
-    assert_clean_failure(result, 1)
+def _bundle_of(ca: TestCA, path: Path) -> Path:
+    path.write_bytes(ca.bundle.to_pem())
+    return path
 
 
-def test_verify_against_another_bundle(initialized: Path, issued: Path, tmp_path: Path, meshca_cmd: Run) -> None:
-    other = TestCA("example.org")
-    (tmp_path / "other.pem").write_bytes(other.bundle.to_pem())
-    result = meshca_cmd("verify", "--bundle", tmp_path / "other.pem", issued)
+# id -> (the verify arguments before the chain, from the trust dir and a scratch dir; what stderr says)
+VERIFY_REFUSALS: dict[str, tuple[Callable[[Path, Path], list[str | Path]], str]] = {
+    "another-id": (
+        lambda ca, _: ["--bundle", ca / "bundle.pem", "--spiffe-id", "spiffe://example.org/db"],
+        "not authorized",
+    ),
+    "another-trust-domain": (lambda ca, _: ["--bundle", ca / "bundle.pem", "--trust-domain", "other.test"], ""),
+    "bundle-of-another-ca": (
+        lambda _, tmp: ["--bundle", _bundle_of(TestCA("example.org"), tmp / "other.pem")],
+        "does not lead to an anchor",
+    ),
+    "bundle-of-another-trust-domain": (
+        lambda _, tmp: ["--bundle", _bundle_of(TestCA("other.test"), tmp / "foreign.pem")],
+        "trust domain",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", VERIFY_REFUSALS)
+def test_verify_refuses(case: str, initialized: Path, issued: Path, tmp_path: Path, meshca_cmd: Run) -> None:
+    args, says = VERIFY_REFUSALS[case]
+    result = meshca_cmd("verify", *args(initialized, tmp_path), issued)
     assert_clean_failure(result, 1)
-    assert "does not lead to an anchor" in result.stderr
-    foreign = TestCA("other.test")
-    (tmp_path / "foreign.pem").write_bytes(foreign.bundle.to_pem())
-    result = meshca_cmd("verify", "--bundle", tmp_path / "foreign.pem", issued)
-    assert_clean_failure(result, 1)
-    assert "trust domain" in result.stderr
+    assert says in result.stderr
 
 
 def test_verify_garbage_chain(initialized: Path, tmp_path: Path, cli: Run) -> None:

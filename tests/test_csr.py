@@ -6,12 +6,12 @@ import ipaddress
 from collections.abc import Callable
 
 import pytest
-from certbuild import NOW
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from server import malformed
+from support import malformed
+from support.certbuild import NOW
 
 import meshca
 from meshca import CsrNameMismatch, InvalidCsr, KeyPolicy, KeyPolicyError, KeyType, SpiffeId, build_csr, check_csr

@@ -15,8 +15,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from certbuild import NOW
-from conftest import Result
+from support.certbuild import NOW
+from support.procs import Result
 
 from meshca import TrustDomain
 from meshca.cli import build_parser, main

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import spiffe
-from certbuild import NOW
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.certbuild import NOW
 
 import meshca
 from meshca import SpiffeId, authorize_id, authorize_member_of

@@ -7,10 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from certbuild import NOW, build, ext, intermediate, key_usage
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from support.certbuild import NOW, build, ext, intermediate, key_usage
 
 import meshca
 from meshca import IssuanceError, Issuer, IssuerUnavailable, SpiffeId

@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from certbuild import NOW, build, ext, key_usage
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.certbuild import KU_FIELDS, NOW, build, ext, key_usage
 
 import meshca
 from meshca import KeyType, SpiffeId, TrustDir, TrustDomain
@@ -45,22 +45,9 @@ def pki(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 def _ku_bits(cert: x509.Certificate) -> set[str]:
     ku = ext(cert, x509.KeyUsage).value
-    bits = {
-        name
-        for name in (
-            "digital_signature",
-            "content_commitment",
-            "key_encipherment",
-            "data_encipherment",
-            "key_agreement",
-            "key_cert_sign",
-            "crl_sign",
-        )
-        if getattr(ku, name)
-    }
-    if ku.key_agreement:
-        bits |= {n for n in ("encipher_only", "decipher_only") if getattr(ku, n)}
-    return bits
+    # encipher_only and decipher_only may only be read when key_agreement is set
+    readable = [n for n in KU_FIELDS if ku.key_agreement or n not in ("encipher_only", "decipher_only")]
+    return {name for name in readable if getattr(ku, name)}
 
 
 def _no_extension(cert: x509.Certificate, cls: type) -> bool:

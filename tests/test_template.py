@@ -6,11 +6,11 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from certbuild import NOW
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.certbuild import NOW
 
 import meshca
 from meshca import KeyType, SpiffeId

@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from certbuild import NOW, build, ext, intermediate, key_usage, leaf
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from support.certbuild import NOW, build, ext, intermediate, key_usage, leaf
 
 import meshca
 from meshca import (

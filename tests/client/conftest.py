@@ -7,24 +7,15 @@ when the test fails half-way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.ids import SERVER_NAME, TD
+from support.serving import Pair, ServerThread, Trust, start_pair
 
 from meshca.client import SvidSource
 from meshca.testing import TestCA
-
-from .support import API, SERVER_NAME, TD, WEB, ServerThread, add_token
-
-
-@dataclass(frozen=True)
-class Trust:
-    """A trust directory as `meshca init` writes it, and the CA in it."""
-
-    ca: TestCA
-    dir: Path
 
 
 @pytest.fixture
@@ -62,27 +53,6 @@ def sources() -> Iterator[Callable[..., SvidSource]]:
     yield make
     for source in reversed(made):
         source.close()
-
-
-@dataclass(frozen=True)
-class Pair:
-    """An identity server and two ready sources: ``web`` (a TLS server here) and ``api`` (its client)."""
-
-    server: ServerThread
-    web: SvidSource
-    api: SvidSource
-
-
-def start_pair(
-    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource], **config: Any
-) -> Pair:
-    server = servers(trust.dir, **config)
-    server.start()
-    web = sources(server.address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB))
-    api = sources(server.address, trust.ca.bundle, API, join_token=add_token(trust.dir, API))
-    web.wait_ready(10)
-    api.wait_ready(10)
-    return Pair(server, web, api)
 
 
 @pytest.fixture

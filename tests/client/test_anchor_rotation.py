@@ -8,23 +8,24 @@ it; (2) sign with an issuer under B, and wait until every SVID chains to B;
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from support.certs import serial as svid_serial
+from support.certs import write_bundle
+from support.ids import API, TD, WEB
+from support.poll import eventually_sync
+from support.serving import ServerThread, Trust, start_pair
+from support.tls import HandshakeLoop, TlsEcho, refused
 
 import meshca
 from meshca.client import SvidSource
 from meshca.pki._certs import certificates_pem
 from meshca.pki._files import atomic_write
 from meshca.testing import TestCA
-
-from .conftest import Trust, start_pair
-from .support import API, TD, WEB, HandshakeLoop, ServerThread, TlsEcho, refused, wait_until, write_bundle
-from .support import serial as svid_serial
 
 
 @pytest.mark.slow
@@ -51,30 +52,38 @@ def test_anchor_rotation_with_handshakes_succeeding_throughout(
         return lambda: all(len(svids) >= start[sid] + 2 for sid, svids in held.items())
 
     with TlsEcho(server_ctx) as echo, HandshakeLoop(client_ctx, echo.port, interval=0.1) as loop:
-        time.sleep(1)
-        assert loop.replies
+
+        def handshakes(what: str) -> None:
+            """Waits for three more handshakes: each era of the rotation is exercised on the wire."""
+            start = len(loop.replies)
+            eventually_sync(lambda: len(loop.replies) >= start + 3 or loop.failures, 10, f"handshakes {what}")
+
+        handshakes("under A alone")
 
         # 1. A and B in the bundle: the watch stream brings B to both sources and their contexts.
         write_bundle(trust.dir, a.anchor, b.anchor)
-        wait_until(lambda: all(set(s.bundle.anchors) == {a.anchor, b.anchor} for s in both), 5, "B at both sources")
+        eventually_sync(
+            lambda: all(set(s.bundle.anchors) == {a.anchor, b.anchor} for s in both), 5, "B at both sources"
+        )
         assert all(b.anchor.fingerprint(hashes.SHA256()) in ctx.meshca_anchors for ctx in contexts)
         # Renewals still come from A's issuer, over channels that now trust A and B.
-        wait_until(renewed_twice(), 10, "two renewals with A and B in the bundle")
+        eventually_sync(renewed_twice(), 10, "two renewals with A and B in the bundle")
         assert all(s.svid.chain[1] == a.issuer_certificate for s in both)
+        handshakes("with A's SVIDs and A and B trusted")
 
         # 2. Sign under B (key first, then certificate: the server refuses the mismatched pair in between).
         meshca.write_private_key(tdir.issuer_key, b.issuer_key, overwrite=True)
         atomic_write(tdir.issuer_cert, certificates_pem([b.issuer_certificate]))
-        wait_until(lambda: all(s.svid.chain[1] == b.issuer_certificate for s in both), 10, "SVIDs renewed under B")
+        eventually_sync(lambda: all(s.svid.chain[1] == b.issuer_certificate for s in both), 10, "SVIDs renewed under B")
         assert all(ctx.meshca_svid is s.svid for ctx, s in zip(contexts, both, strict=True))
-        time.sleep(0.5)
+        handshakes("with B's SVIDs and A and B trusted")
 
         # 3. Nothing in use chains to A any more: drop it.
         write_bundle(trust.dir, b.anchor)
-        wait_until(lambda: all(s.bundle.anchors == (b.anchor,) for s in both), 5, "A gone at both sources")
+        eventually_sync(lambda: all(s.bundle.anchors == (b.anchor,) for s in both), 5, "A gone at both sources")
         # Renewals carry on against an identity server that B alone vouches for now.
-        wait_until(renewed_twice(), 10, "two renewals with B alone")
-        time.sleep(0.5)
+        eventually_sync(renewed_twice(), 10, "two renewals with B alone")
+        handshakes("under B alone")
     assert loop.failures == [], (loop.failures, echo.errors)
     assert echo.errors == []
     assert len(loop.replies) >= 30  # a handshake every 0.15 s, minus a loaded machine's slack

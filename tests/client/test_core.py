@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import random
 import threading
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +17,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from support.clocks import Pinned
+from support.ids import OTHER, WEB
+from support.metrics import REFRESHES
+from support.poll import eventually_sync
 
 import meshca
 from meshca._proto import meshca_identity_pb2 as pb
@@ -44,8 +47,6 @@ from meshca.client._state import (
 from meshca.pki._proof import SvidProof, verify_svid_proof
 from meshca.pki._rotation import RenewalPolicy
 from meshca.testing import FrozenClock, TestCA
-
-from .support import OTHER, REFRESHES, WEB, Pinned
 
 S = timedelta(seconds=1)
 MS = timedelta(milliseconds=1)
@@ -429,6 +430,25 @@ def test_metrics_register_once_on_the_registry_given(ca: TestCA, clock: FrozenCl
     assert ClientMetrics().registry is not ClientMetrics().registry
 
 
+class CountingLock:
+    """A real lock that counts the threads blocked on it, so a test can hold them all at one point."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    def __enter__(self) -> None:
+        with self._count:
+            self.waiting += 1
+        self._lock.acquire()
+        with self._count:
+            self.waiting -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 def test_concurrent_renewal_and_bundle_update_lose_neither(ca: TestCA, rogue_ca: TestCA, clock: FrozenClock) -> None:
     """The renewal thread and the watch thread both swap the snapshot; each keeps the other's half."""
     machine, _ = make_machine(ca, clock)
@@ -438,17 +458,19 @@ def test_concurrent_renewal_and_bundle_update_lose_neither(ca: TestCA, rogue_ca:
     reply = answer(ca, step, clock)
     watch = machine.watch()
     next(watch)
-    # Hold the snapshot lock so both updates are in flight at once, then let them go.
-    with machine._lock:
+    machine._lock = lock = CountingLock()  # type: ignore[assignment]
+    # Hold the snapshot lock until both updates wait on it, then let them go at once.
+    with lock:
         threads = [
             threading.Thread(target=renewal.send, args=(reply,)),
             threading.Thread(target=watch.send, args=(bundle_message(ca, rogue_ca),)),
         ]
         for t in threads:
             t.start()
-            time.sleep(0.2)
+        eventually_sync(lambda: lock.waiting == 2, 5, "both updates to wait on the snapshot lock")
     for t in threads:
         t.join(5)
+        assert not t.is_alive()
     svid = machine.snapshot.svid
     assert svid is not None
     assert svid.leaf.public_key() == x509.load_der_x509_csr(step.request.csr).public_key()  # type: ignore[union-attr]
@@ -471,23 +493,36 @@ def test_live_contexts_end_with_the_newest_svid_when_updates_race(
     ctx = contexts.track(make_context("server", lambda: machine.snapshot, meshca.authorize_any(), clock))
     assert ctx.meshca_svid is old
 
+    in_old_refresh, release = threading.Event(), threading.Event()
+
     def slow_refresh(context: object, snapshot: Snapshot) -> None:
-        if snapshot.svid is old:
-            time.sleep(0.3)  # the bundle update's refresh is overtaken by the renewal's
+        if snapshot.svid is old:  # the bundle update's refresh, held until the renewal is under way
+            in_old_refresh.set()
+            release.wait(5)
         real_refresh(context, snapshot)  # type: ignore[arg-type]
 
     monkeypatch.setattr(hooks_module, "refresh", slow_refresh)
+    machine._lock = lock = CountingLock()  # type: ignore[assignment]
     renewal.send(None)
     reply = answer(ca, renewal.send(None), clock)
     watch = machine.watch()
     next(watch)
     updater = threading.Thread(target=watch.send, args=(bundle_message(ca, rogue_ca),))
     updater.start()
-    time.sleep(0.1)
-    published = renewal.send(reply)
-    updater.join(5)
-    assert isinstance(published, Publish)
-    new = published.snapshot.svid
+    assert in_old_refresh.wait(5)
+    published: list[object] = []
+    renewer = threading.Thread(target=lambda: published.append(renewal.send(reply)))
+    renewer.start()
+    # The renewal runs while the bundle update's refresh is in flight: it waits for the lock, or
+    # (were the hooks run outside it) finishes first and is then overtaken.
+    eventually_sync(lambda: lock.waiting == 1 or published, 5, "the renewal to run into the held refresh")
+    release.set()
+    for t in (updater, renewer):
+        t.join(5)
+        assert not t.is_alive()
+    [done] = published
+    assert isinstance(done, Publish)
+    new = done.snapshot.svid
     assert new is not old
     assert machine.snapshot.svid is new
     assert ctx.meshca_svid is new

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support.fake_identity import FakeIdentity
+from support.ids import TD, WEB
+from support.serving import free_port
 
 import meshca
 from meshca.client._core import Credentials
 from meshca.client._failures import _host_port, certificate_names, classify
 from meshca.client._state import SourceConfig
 from meshca.testing import TestCA
-
-from .support import TD, WEB, FakeIdentity, free_port
 
 C = grpc.StatusCode
 CONFIG = SourceConfig("127.0.0.1:1", WEB, Credentials("tok"))

@@ -18,15 +18,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from support.calls import code_of
+from support.fake_identity import FakeIdentity
+from support.ids import API, OTHER, SERVER_NAME, TD, WEB
+from support.serving import Pair
 
 import meshca
 from meshca._proto import meshca_identity_pb2 as pb
 from meshca._proto import meshca_identity_pb2_grpc as pb_grpc
 from meshca.client import AsyncSpiffeAuthzInterceptor, SpiffeAuthzInterceptor, SvidSource
 from meshca.testing import TestCA
-
-from .conftest import Pair
-from .support import API, OTHER, SERVER_NAME, TD, WEB, FakeIdentity, run
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -60,14 +61,6 @@ class BundleEcho(pb_grpc.IdentityServicer):
             yield pb.Bundle(trust_domain=TD, sequence=sequence)
 
 
-async def _code(call: Any) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return OK
-
-
 async def _three_calls(port: int, creds: grpc.ChannelCredentials) -> list[grpc.StatusCode]:
     """Unary (Check), coroutine-style streaming (health Watch), async-generator streaming (WatchBundle)."""
     options = [("grpc.ssl_target_name_override", SERVER_NAME)]
@@ -84,25 +77,23 @@ async def _three_calls(port: int, creds: grpc.ChannelCredentials) -> list[grpc.S
             call = pb_grpc.IdentityStub(channel).WatchBundle(pb.WatchBundleRequest(), timeout=5)
             assert [m.sequence async for m in call] == [1, 2]
 
-        return [await _code(stub.Check(CHECK, timeout=5)), await _code(first_of_watch()), await _code(bundles())]
+        return [await code_of(stub.Check(CHECK, timeout=5)), await code_of(first_of_watch()), await code_of(bundles())]
 
 
-def test_async_interceptor_lets_the_authorized_id_in_and_no_other(workloads: Workloads) -> None:
-    async def main() -> dict[str, list[grpc.StatusCode]]:
-        server = grpc.aio.server(interceptors=[AsyncSpiffeAuthzInterceptor(meshca.authorize_id(API))])
-        health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-        pb_grpc.add_IdentityServicer_to_server(BundleEcho(), server)
-        port = server.add_secure_port("127.0.0.1:0", workloads.web.grpc_server_credentials())
-        await server.start()
-        try:
-            return {
-                "api": await _three_calls(port, workloads.api.grpc_channel_credentials()),
-                "other": await _three_calls(port, workloads.other.grpc_channel_credentials()),
-            }
-        finally:
-            await server.stop(None)
-
-    assert run(main(), timeout=30) == {"api": [OK, OK, OK], "other": [DENIED, DENIED, DENIED]}
+async def test_async_interceptor_lets_the_authorized_id_in_and_no_other(workloads: Workloads) -> None:
+    server = grpc.aio.server(interceptors=[AsyncSpiffeAuthzInterceptor(meshca.authorize_id(API))])
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    pb_grpc.add_IdentityServicer_to_server(BundleEcho(), server)
+    port = server.add_secure_port("127.0.0.1:0", workloads.web.grpc_server_credentials())
+    await server.start()
+    try:
+        codes = {
+            "api": await _three_calls(port, workloads.api.grpc_channel_credentials()),
+            "other": await _three_calls(port, workloads.other.grpc_channel_credentials()),
+        }
+    finally:
+        await server.stop(None)
+    assert codes == {"api": [OK, OK, OK], "other": [DENIED, DENIED, DENIED]}
 
 
 def test_sync_interceptor_lets_the_authorized_id_in_and_no_other(workloads: Workloads) -> None:
@@ -128,21 +119,19 @@ def test_sync_interceptor_lets_the_authorized_id_in_and_no_other(workloads: Work
         pool.shutdown()
 
 
-def test_grpc_server_requires_a_client_certificate(workloads: Workloads) -> None:
-    async def main() -> grpc.StatusCode:
-        server = grpc.aio.server(interceptors=[AsyncSpiffeAuthzInterceptor(meshca.authorize_any())])
-        health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-        port = server.add_secure_port("127.0.0.1:0", workloads.web.grpc_server_credentials())
-        await server.start()
-        try:
-            creds = grpc.ssl_channel_credentials(workloads.web.bundle.to_pem())  # trusts the server, no client cert
-            options = [("grpc.ssl_target_name_override", SERVER_NAME)]
-            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
-                return await _code(health_pb2_grpc.HealthStub(channel).Check(CHECK, timeout=5))
-        finally:
-            await server.stop(None)
-
-    assert run(main(), timeout=30) == grpc.StatusCode.UNAVAILABLE
+async def test_grpc_server_requires_a_client_certificate(workloads: Workloads) -> None:
+    server = grpc.aio.server(interceptors=[AsyncSpiffeAuthzInterceptor(meshca.authorize_any())])
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", workloads.web.grpc_server_credentials())
+    await server.start()
+    try:
+        creds = grpc.ssl_channel_credentials(workloads.web.bundle.to_pem())  # trusts the server, no client cert
+        options = [("grpc.ssl_target_name_override", SERVER_NAME)]
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
+            code = await code_of(health_pb2_grpc.HealthStub(channel).Check(CHECK, timeout=5))
+    finally:
+        await server.stop(None)
+    assert code == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.xfail(
@@ -151,16 +140,14 @@ def test_grpc_server_requires_a_client_certificate(workloads: Workloads) -> None
     "workload whose SVID has no DNS name (all SVIDs of the native API)",
     strict=True,
 )
-def test_grpc_channel_to_a_workload_with_a_uri_only_svid(pair: Pair) -> None:
-    async def main() -> grpc.StatusCode:
-        server = grpc.aio.server(interceptors=[AsyncSpiffeAuthzInterceptor(meshca.authorize_id(API))])
-        health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-        port = server.add_secure_port("127.0.0.1:0", pair.web.grpc_server_credentials())
-        await server.start()
-        try:
-            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", pair.api.grpc_channel_credentials()) as channel:
-                return await _code(health_pb2_grpc.HealthStub(channel).Check(CHECK, timeout=5))
-        finally:
-            await server.stop(None)
-
-    assert run(main(), timeout=30) == OK
+async def test_grpc_channel_to_a_workload_with_a_uri_only_svid(pair: Pair) -> None:
+    server = grpc.aio.server(interceptors=[AsyncSpiffeAuthzInterceptor(meshca.authorize_id(API))])
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", pair.web.grpc_server_credentials())
+    await server.start()
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", pair.api.grpc_channel_credentials()) as channel:
+            code = await code_of(health_pb2_grpc.HealthStub(channel).Check(CHECK, timeout=5))
+    finally:
+        await server.stop(None)
+    assert code == OK

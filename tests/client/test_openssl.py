@@ -10,18 +10,18 @@ import shutil
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.ids import API, OTHER, WEB
+from support.poll import eventually_sync
+from support.serving import Pair, Trust, free_port
+from support.tls import TlsEcho, handshake, refused
 
 import meshca
 from meshca.client import SvidSource, X509Svid
 from meshca.testing import TestSvid
-
-from .conftest import Pair, Trust
-from .support import API, OTHER, WEB, TlsEcho, free_port, handshake, refused
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed")
@@ -49,11 +49,13 @@ class OpenSSL:
         return self._output.decode(errors="replace")
 
     def wait_for(self, text: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            if time.monotonic() > deadline or (self.proc.poll() is not None and text not in self.output):
-                raise AssertionError(f"openssl did not print {text!r} within {timeout} s:\n{self.output}")
-            time.sleep(0.02)
+        def printed() -> bool:
+            if text in self.output:
+                return True
+            assert self.proc.poll() is None, f"openssl exited without printing {text!r}:\n{self.output}"
+            return False
+
+        eventually_sync(printed, timeout, f"openssl to print {text!r}")
 
     def send(self, data: bytes) -> None:
         assert self.proc.stdin is not None

@@ -17,24 +17,17 @@ from datetime import timedelta
 
 import pytest
 from structlog.testing import capture_logs
+from support.certs import within_validity
+from support.fake_identity import REFUSALS, FakeIdentity
+from support.ids import API, TD, WEB
+from support.metrics import refreshes
+from support.poll import eventually_sync
+from support.serving import ServerThread, Trust
+from support.tokens import add_token
 
 import meshca
 from meshca.client import RenewalPolicy, SvidSource
 from meshca.testing import TestCA
-
-from .conftest import Trust
-from .support import (
-    API,
-    REFUSALS,
-    TD,
-    WEB,
-    FakeIdentity,
-    ServerThread,
-    add_token,
-    refreshes,
-    wait_until,
-    within_validity,
-)
 
 REASONS = {
     "wrong-id": "AuthorizationError: peer spiffe://example.org/ns/default/sa/other is not authorized",
@@ -78,11 +71,11 @@ def test_a_bad_or_refused_renewal_never_replaces_the_current_svid_and_is_retried
     assert first.svid is not None
     with capture_logs() as logs:
         fake.mode = mode
-        wait_until(lambda: refreshes(source, "failure") >= 3, 4, "three failed renewals")
+        eventually_sync(lambda: refreshes(source, "failure") >= 3, 4, "three failed renewals")
         assert source.snapshot is first
         assert within_validity(first.svid)
         fake.mode = "good"
-        wait_until(lambda: source.snapshot.svid is not first.svid, 3, "a good renewal")
+        eventually_sync(lambda: source.snapshot.svid is not first.svid, 3, "a good renewal")
     assert source.svid.spiffe_id == WEB
     assert source.svid.leaf.public_key() == source.svid.key.public_key()
     assert refreshes(source, "success") == 2
@@ -137,8 +130,10 @@ def test_a_refused_first_request_ends_wait_ready_at_once_with_the_servers_reason
     assert (refused.value.code, refused.value.details) == (code, details)
     assert str(refused.value) == f"no SVID for {WEB}: the identity service refused: {code}: {details}"
     assert [e["reason"] for e in logs if e["event"] == "svid.refused"] == [f"{code}: {details}"]
-    time.sleep(0.5)
-    assert refreshes(source, "failure") == 1  # asked once: the renewal flow has ended
+    renewal = source._threads[0]
+    renewal.join(5)
+    assert not renewal.is_alive()  # the renewal flow has ended: nothing will ask again
+    assert refreshes(source, "failure") == 1  # asked once
     with pytest.raises(meshca.RequestRefused):
         source.wait_ready(0)  # and every later wait says the same
     assert not source.snapshot.ready

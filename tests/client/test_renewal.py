@@ -7,12 +7,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support.certs import serial, within_validity
+from support.ids import API, WEB
+from support.serving import ServerThread, Trust, start_pair
+from support.tls import HandshakeLoop, TlsEcho
 
 import meshca
 from meshca.client import SvidSource
-
-from .conftest import Trust, start_pair
-from .support import API, WEB, HandshakeLoop, ServerThread, TlsEcho, serial, within_validity
 
 RUN_FOR = 60.0  # seconds
 LEAF_TTL = timedelta(seconds=10)

@@ -7,10 +7,9 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support.clocks import Pinned
 
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
-
-from .support import Pinned
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 S = timedelta(seconds=1)

@@ -11,26 +11,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from support.certs import serial, within_validity, write_bundle
+from support.ids import API, TD, WEB
+from support.metrics import REFRESHES, refreshes
+from support.poll import eventually_sync
+from support.serving import ServerThread, Trust, free_port
+from support.tokens import add_token
 
 from meshca.client import ClientMetrics, SvidSource
 from meshca.client._state import Event, FetchFailed
 from meshca.testing import TestCA
-
-from .conftest import Trust
-from .support import (
-    API,
-    REFRESHES,
-    TD,
-    WEB,
-    ServerThread,
-    add_token,
-    free_port,
-    refreshes,
-    serial,
-    wait_until,
-    within_validity,
-    write_bundle,
-)
 
 
 def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
@@ -54,7 +44,7 @@ def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
     seen: list[int] = []
     unsubscribe = source.subscribe(lambda s: seen.append(serial(s.svid)) if s.svid else None)
     with capture_logs() as later_logs:
-        wait_until(lambda: len(seen) >= 2, 8, "two renewals")
+        eventually_sync(lambda: len(seen) >= 2, 8, "two renewals")
     unsubscribe()
     broken()
     assert len(set(seen)) == len(seen) and serial(first.svid) not in seen
@@ -65,7 +55,7 @@ def test_source_gets_an_svid_and_renews_it_with_its_own_proof(
     assert any(e["event"] == "source.listener_failed" for e in logs + later_logs)
     unsubscribed_at = len(seen)
     renewed = source.svid
-    wait_until(lambda: source.svid is not renewed, 8, "a renewal after unsubscribing")
+    eventually_sync(lambda: source.svid is not renewed, 8, "a renewal after unsubscribing")
     assert len(seen) == unsubscribed_at
     assert refreshes(source, "success") >= 3
     assert refreshes(source, "failure") == 0
@@ -143,7 +133,7 @@ def test_server_down_at_renewal_keeps_the_old_svid_and_recovers_before_it_expire
 
     server.start(port)
     restarted = time.monotonic()
-    wait_until(lambda: source.snapshot.svid is not old, 5, "a renewal after the restart")
+    eventually_sync(lambda: source.snapshot.svid is not old, 5, "a renewal after the restart")
     # Near expiry the source retries at least every few hundred ms; the first retry after the
     # restart gets through (gRPC's own reconnect backoff, up to minutes, must not hold it back).
     assert time.monotonic() - restarted < 1.0
@@ -168,7 +158,7 @@ def test_close_stops_the_threads_promptly(
     if server_up:
         source.wait_ready(10)
     else:
-        wait_until(lambda: refreshes(source, "failure") >= 2, 5, "failed attempts")
+        eventually_sync(lambda: refreshes(source, "failure") >= 2, 5, "failed attempts")
     threads = list(source._threads)
     assert all(t.is_alive() for t in threads)
     started = time.monotonic()
@@ -176,10 +166,10 @@ def test_close_stops_the_threads_promptly(
         pass
     assert time.monotonic() - started < 2
     assert not any(t.is_alive() for t in threads)
+    # Nothing runs any more: the flows ran on those threads only, and they are gone.
     successes, failures = refreshes(source, "success"), refreshes(source, "failure")
-    time.sleep(1.2)  # longer than any retry delay so far: nothing runs any more
-    assert (refreshes(source, "success"), refreshes(source, "failure")) == (successes, failures)
     source.close()  # closing twice is harmless
+    assert (refreshes(source, "success"), refreshes(source, "failure")) == (successes, failures)
 
 
 def test_a_bundle_change_before_the_first_svid_does_not_make_the_source_ready(
@@ -190,7 +180,7 @@ def test_a_bundle_change_before_the_first_svid_does_not_make_the_source_ready(
     server.start()
     jwt = tmp_path / "token"  # not there yet: every attempt fails, and is retried
     source = sources(server.address, trust.ca.bundle, WEB, jwt_file=jwt)
-    wait_until(lambda: len(source.bundle.anchors) == 2, 5, "the second anchor from the watch stream")
+    eventually_sync(lambda: len(source.bundle.anchors) == 2, 5, "the second anchor from the watch stream")
     with pytest.raises(TimeoutError, match=f"the last attempt failed: cannot read {jwt}"):
         source.wait_ready(0.5)
     assert not source.snapshot.ready

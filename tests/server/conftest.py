@@ -1,35 +1,17 @@
-"""Fixtures for the identity-service tests, and ``async def`` tests without a plugin.
-
-An ``async def`` test here runs in a fresh event loop of its own
-(``asyncio.run``) under a hard timeout, so a hung server fails the test
-instead of the suite.
-"""
+"""Fixtures for the identity-service tests: CAs, a Kubernetes token signer and API server, PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import pg
+from support.ids import TD
+from support.kubeapi import FakeApiServer
+from support.tokens import K8sIssuer
 
 from meshca.testing import TestCA
-
-from . import pg
-from .harness import TD, K8sIssuer
-from .kubeapi import FakeApiServer
-
-ASYNC_TEST_TIMEOUT = 30.0
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), ASYNC_TEST_TIMEOUT))
-    return True
 
 
 @pytest.fixture(scope="session")

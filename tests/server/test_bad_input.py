@@ -14,34 +14,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.protobuf.duration_pb2 import Duration
 from structlog.testing import capture_logs
+from support.calls import bearer, code_of, ipb, lpb, native_request, pb
+from support.certs import csr_der, flip_last_byte, linkerd_csr, p256, spiffe_csr, to_pem
+from support.ids import API, LINKERD_WEB, TD, WEB
+from support.serving import Harness, serving
+from support.tokens import K8sIssuer, k8s_config, unsigned_jwt
 
 import meshca
 from meshca.server import JoinToken, hash_token, new_token
 from meshca.testing import TestCA
-
-from .harness import (
-    API,
-    LINKERD_WEB,
-    TD,
-    WEB,
-    Harness,
-    K8sIssuer,
-    bearer,
-    code_of,
-    csr_der,
-    flip_last_byte,
-    ipb,
-    k8s_config,
-    linkerd_csr,
-    lpb,
-    native_request,
-    p256,
-    pb,
-    serving,
-    spiffe_csr,
-    to_pem,
-    unsigned_jwt,
-)
 
 C = grpc.StatusCode
 MAX_TTL = timedelta(hours=48)

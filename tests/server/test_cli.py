@@ -15,17 +15,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Result
+from support.calls import code_of, native_request
+from support.certs import cert, serial_hex, spiffe_csr
+from support.ids import API, WEB
+from support.kubeapi import FakeApiServer, review_token
+from support.poll import eventually_sync
+from support.procs import Result, ServeProcess, meshca_exe, run_meshca
+from support.serving import serving
+from support.tokens import K8sIssuer, add_token
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.cli import build_parser
 from meshca.server import ServerConfig, hash_token
 from meshca.testing import TestCA
-
-from .harness import API, WEB, K8sIssuer, add_token, cert, code_of, native_request, serial_hex, serving, spiffe_csr
-from .kubeapi import FakeApiServer, review_token
-from .procs import ServeProcess, meshca_exe, run_meshca
 
 C = grpc.StatusCode
 
@@ -149,10 +152,7 @@ def test_serve_initializes_an_empty_dir_and_drains_on_sigterm(
 
         thread = threading.Thread(target=issue)
         thread.start()
-        deadline = time.monotonic() + 10
-        while api_server.in_flight == 0:
-            assert time.monotonic() < deadline, "the issuance never reached the API server"
-            time.sleep(0.01)
+        eventually_sync(lambda: api_server.in_flight > 0, 10, "the issuance to reach the API server", interval=0.01)
         started = time.monotonic()
         assert server.terminate() == 0
         thread.join(10)

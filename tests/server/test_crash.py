@@ -10,13 +10,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support.calls import native_request
+from support.certs import cert, serial_hex, spiffe_csr
+from support.ids import WEB
+from support.poll import eventually_sync
+from support.procs import ServeProcess, run_meshca
+from support.tokens import add_token, workload_records
 
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.server import SqliteStore, hash_token
 from meshca.testing import TestCA
-
-from .harness import WEB, add_token, cert, native_request, serial_hex, spiffe_csr, workload_records
-from .procs import ServeProcess, run_meshca
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +27,18 @@ CLIENTS = 4
 
 
 def _issue_until_error(
-    port: int, bundle_pem: bytes, token: str, received: list[str], errors: list[grpc.RpcError], stop: threading.Event
+    port: int, bundle_pem: bytes, token: str, received: list[str], errors: list[tuple[float, grpc.RpcError]]
 ) -> None:
+    """Issues until a call fails; records the failed call with the time it started."""
     with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(bundle_pem)) as channel:
         stub = meshca_identity_pb2_grpc.IdentityStub(channel)
-        while not stop.is_set():
+        while True:
+            request = native_request(spiffe_csr(WEB)[1], join_token=token)
+            started = time.monotonic()
             try:
-                response = stub.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token), timeout=5)
+                response = stub.IssueSVID(request, timeout=5)
             except grpc.RpcError as exc:
-                errors.append(exc)
+                errors.append((started, exc))
                 return
             received.append(serial_hex(cert(response.leaf)))
 
@@ -44,29 +50,30 @@ def test_sigkill_during_issuance_loses_no_issued_certificate(d: Path, server_ca:
     store.close()
 
     received: list[list[str]] = [[] for _ in range(CLIENTS)]
-    errors: list[grpc.RpcError] = []
-    stop = threading.Event()
+    errors: list[tuple[float, grpc.RpcError]] = []
     with ServeProcess(d) as server:
         port = server.wait_started()
         threads = [
             threading.Thread(
-                target=_issue_until_error, args=(port, server_ca.bundle.to_pem(), tokens[n], received[n], errors, stop)
+                target=_issue_until_error, args=(port, server_ca.bundle.to_pem(), tokens[n], received[n], errors)
             )
             for n in range(CLIENTS)
         ]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 15
-        while sum(map(len, received)) < 100 and time.monotonic() < deadline:
+
+        def issued_100() -> bool:
             assert not errors, errors[0]
-            time.sleep(0.02)
+            return sum(map(len, received)) >= 100
+
+        eventually_sync(issued_100, 15, "100 issuances before the kill")
+        kill_started = time.monotonic()
         server.kill()  # SIGKILL, while the clients are still sending
-        killed_at = sum(map(len, received))
-        stop.set()
-        for t in threads:
+        for t in threads:  # each ends at its first failed call
             t.join(10)
             assert not t.is_alive()
-        assert killed_at >= 100, "the clients were too slow to issue before the kill"
+        assert len(errors) == CLIENTS
+        assert any(started < kill_started for started, _ in errors), "no call was in flight at the kill"
 
     with ServeProcess(d) as restarted:
         restarted.wait_started()

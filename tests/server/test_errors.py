@@ -8,11 +8,13 @@ from typing import Any
 
 import grpc
 import pytest
+from support.calls import native_request
+from support.certs import spiffe_csr
+from support.metrics import sample_value
+from support.serving import serving
 
 from meshca import StoreError
 from meshca.testing import TestCA
-
-from .harness import native_request, sample_value, serving, spiffe_csr
 
 
 class BrokenStore:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import meshca
+from support.ids import WEB
+from support.poll import eventually_sync
+from support.procs import ServeProcess, meshca_exe, run_meshca
+from support.tokens import add_token
 
-from .harness import WEB, add_token
-from .procs import ServeProcess, meshca_exe, run_meshca
+import meshca
 
 
 def _serve(d: Path, *extra: str) -> ServeProcess:
@@ -127,16 +130,16 @@ def test_fetch_watch_renews_rewrites_and_runs_the_command(d: Path, tmp_path: Pat
         )  # fmt: skip
         try:
             serials = set()
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and len(serials) < 3:
-                try:
+
+            def renewed_twice() -> bool:
+                with contextlib.suppress(OSError, ValueError):
                     chain = (out / "svid.pem").read_bytes()
                     serials.add(meshca.pki._certs.load_certificates(chain)[0].serial_number)
-                except (OSError, ValueError):
-                    pass
-                time.sleep(0.2)
-            assert len(serials) >= 3, "the SVID file was not renewed"
-            assert marker.exists() and len(marker.read_text()) >= 3
+                return len(serials) >= 3
+
+            eventually_sync(renewed_twice, 20, "the SVID file to be renewed twice", interval=0.2)
+            # The command runs after each write, in a process of its own: it may finish a moment later.
+            eventually_sync(lambda: marker.exists() and len(marker.read_text()) >= 3, 10, "--exec after each write")
             # Key and certificate on disk always belong together after a rewrite.
             key = meshca.load_private_key((out / "svid.key").read_bytes())
             leaf = meshca.pki._certs.load_certificates((out / "svid.pem").read_bytes())[0]

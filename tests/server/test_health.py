@@ -8,11 +8,14 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
+from support.calls import code_of, hpb, native_request
+from support.certs import spiffe_csr
+from support.metrics import http_get
+from support.poll import eventually
+from support.serving import serving
 
 from meshca.server._app import SERVICES
 from meshca.testing import TestCA
-
-from .harness import code_of, hpb, http_get, native_request, serving, spiffe_csr
 
 SERVING = hpb.HealthCheckResponse.SERVING
 NOT_SERVING = hpb.HealthCheckResponse.NOT_SERVING
@@ -35,9 +38,12 @@ async def test_expired_issuer_means_not_serving_and_unavailable(d: Path, server_
         assert (await asyncio.to_thread(http_get, h.server.metrics_port, "/readyz"))[0] == 200
 
         h.clock.advance(server_ca.issuer_certificate.not_valid_after_utc - h.clock() + timedelta(seconds=1))
-        await h.wait_for(lambda: not h.server.state.usable, what="the reload poll to see the expiry")
-        # health is set right after the poll, on the same loop
-        await asyncio.sleep(0.05)
+        await eventually(lambda: not h.server.state.usable, what="the reload poll to see the expiry")
+
+        async def not_serving() -> bool:  # health is set right after the poll, on the same loop
+            return (await h.health.Check(hpb.HealthCheckRequest(service=""))).status == NOT_SERVING
+
+        await eventually(not_serving, what="health to follow")
         for name in ("", *SERVICES):
             response = await h.health.Check(hpb.HealthCheckRequest(service=name))
             assert response.status == NOT_SERVING, name

@@ -10,26 +10,15 @@ import pytest
 import spiffe
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.calls import bearer, ipb, lpb, native_request
+from support.certs import linkerd_csr, spiffe_csr, to_pem
+from support.ids import API, LINKERD_WEB, WEB
+from support.serving import serving
+from support.tokens import K8sIssuer, k8s_config
 
 import meshca
 from meshca.pki._certs import certificates_pem
 from meshca.testing import TestCA
-
-from .harness import (
-    API,
-    LINKERD_WEB,
-    WEB,
-    K8sIssuer,
-    bearer,
-    ipb,
-    k8s_config,
-    linkerd_csr,
-    lpb,
-    native_request,
-    serving,
-    spiffe_csr,
-    to_pem,
-)
 
 
 def openssl_verify(

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from support.calls import bearer, code_of, ipb
+from support.certs import spiffe_csr, to_pem, uris
+from support.ids import API
+from support.serving import serving
+from support.tokens import K8sIssuer, k8s_config
 
 import meshca
 from meshca.testing import TestCA
-
-from .harness import API, K8sIssuer, bearer, code_of, ipb, k8s_config, serving, spiffe_csr, to_pem, uris
 
 
 async def test_create_certificate_returns_leaf_issuer_root(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:

@@ -8,28 +8,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support.calls import bearer, code_of, ipb, lpb, native_request
+from support.certs import cert, linkerd_csr, spiffe_csr, to_pem, uris
+from support.ids import LINKERD_WEB, TD, WEB
+from support.serving import serving
+from support.tokens import K8sIssuer
 
 import meshca
 from meshca.server import K8sJwtConfig, service_account_id
 from meshca.testing import TestCA
-
-from .harness import (
-    LINKERD_WEB,
-    TD,
-    WEB,
-    K8sIssuer,
-    bearer,
-    cert,
-    code_of,
-    ipb,
-    linkerd_csr,
-    lpb,
-    native_request,
-    serving,
-    spiffe_csr,
-    to_pem,
-    uris,
-)
 
 C = grpc.StatusCode
 

@@ -7,25 +7,15 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.calls import code_of, lpb
+from support.certs import cert, dns_names, linkerd_csr, uris
+from support.ids import LINKERD_WEB, TD, WEB
+from support.serving import serving
+from support.tokens import K8sIssuer, k8s_config
 
 import meshca
 from meshca.server import linkerd_identity_to_spiffe_id
 from meshca.testing import TestCA
-
-from .harness import (
-    LINKERD_WEB,
-    TD,
-    WEB,
-    K8sIssuer,
-    cert,
-    code_of,
-    dns_names,
-    k8s_config,
-    linkerd_csr,
-    lpb,
-    serving,
-    uris,
-)
 
 
 async def test_certify_issues_the_linkerd_identity_and_spiffe_id(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:
@@ -57,25 +47,27 @@ async def test_certify_with_a_join_token(d: Path, server_ca: TestCA) -> None:
         assert dns_names(cert(response.leaf_certificate)) == [LINKERD_WEB]
 
 
-async def test_name_mismatch_is_failed_precondition(d: Path, server_ca: TestCA, k8s: K8sIssuer) -> None:
+LINKERD_API = f"api.default.serviceaccount.identity.linkerd.{TD}"
+
+
+@pytest.mark.parametrize(
+    ("token_sa", "csr_identity"),
+    [("api", LINKERD_WEB), ("web", LINKERD_API)],
+    ids=["token-of-another-service-account", "csr-names-another-identity"],
+)
+async def test_name_mismatch_is_failed_precondition(
+    token_sa: str, csr_identity: str, d: Path, server_ca: TestCA, k8s: K8sIssuer
+) -> None:
     """linkerd2-proxy depends on FAILED_PRECONDITION when the token and the identity disagree."""
     async with serving(d, server_ca, k8s_jwt=k8s_config(k8s, d.parent)) as h:
-        web_token = k8s.token("default", "web", aud="identity.l5d.io").encode()
-        api_token = k8s.token("default", "api", aud="identity.l5d.io").encode()
-        _, csr = linkerd_csr(LINKERD_WEB)
-        _, other_csr = linkerd_csr(f"api.default.serviceaccount.identity.linkerd.{TD}")
-        cases = {
-            "token of another service account": lpb.CertifyRequest(
-                identity=LINKERD_WEB, token=api_token, certificate_signing_request=csr
-            ),
-            "CSR names another identity": lpb.CertifyRequest(
-                identity=LINKERD_WEB, token=web_token, certificate_signing_request=other_csr
-            ),
-        }
-        for name, request in cases.items():
-            assert await code_of(h.linkerd.Certify(request)) == grpc.StatusCode.FAILED_PRECONDITION, name
+        request = lpb.CertifyRequest(
+            identity=LINKERD_WEB,
+            token=k8s.token("default", token_sa, aud="identity.l5d.io").encode(),
+            certificate_signing_request=linkerd_csr(csr_identity)[1],
+        )
+        assert await code_of(h.linkerd.Certify(request)) == grpc.StatusCode.FAILED_PRECONDITION
         assert h.issued() == []
-        assert len(h.events("request.refused")) == len(cases)
+        assert len(h.events("request.refused")) == 1
 
 
 @pytest.mark.parametrize(

@@ -5,29 +5,16 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from meshca.pki._proof import sign_svid_proof
-from meshca.server import hash_token
-from meshca.testing import TestCA
+from support.calls import bearer, code_of, ipb, lpb, native_request, proof_message
+from support.certs import flip_last_byte, linkerd_csr, spiffe_csr, to_pem
+from support.ids import LINKERD_WEB, WEB
+from support.kubeapi import FakeApiServer, review_token
+from support.serving import serving
+from support.tokens import K8sIssuer, k8s_config
 
-from .harness import (
-    LINKERD_WEB,
-    WEB,
-    K8sIssuer,
-    bearer,
-    code_of,
-    flip_last_byte,
-    ipb,
-    k8s_config,
-    linkerd_csr,
-    lpb,
-    native_request,
-    new_token,
-    proof_message,
-    serving,
-    spiffe_csr,
-    to_pem,
-)
-from .kubeapi import FakeApiServer, review_token
+from meshca.pki._proof import sign_svid_proof
+from meshca.server import hash_token, new_token
+from meshca.testing import TestCA
 
 FORBIDDEN = ("BEGIN", "PRIVATE", "mtok_")
 

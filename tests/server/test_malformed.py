@@ -18,24 +18,14 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from support import malformed
+from support.calls import bearer, ipb, lpb, native_request, pb
+from support.certs import to_pem
+from support.ids import LINKERD_WEB, WEB
+from support.serving import Harness, serving
+from support.tokens import K8sIssuer, k8s_config
 
 from meshca.testing import TestCA
-
-from . import malformed
-from .harness import (
-    LINKERD_WEB,
-    WEB,
-    Harness,
-    K8sIssuer,
-    bearer,
-    ipb,
-    k8s_config,
-    lpb,
-    native_request,
-    pb,
-    serving,
-    to_pem,
-)
 
 C = grpc.StatusCode
 

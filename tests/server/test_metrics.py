@@ -8,30 +8,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.calls import bearer, code_of, ipb, lpb, native_request
+from support.certs import linkerd_csr, spiffe_csr, to_pem
+from support.ids import API, LINKERD_WEB, TD, WEB
+from support.metrics import http_get, sample_value, samples
+from support.poll import eventually
+from support.serving import serving
+from support.tokens import K8sIssuer, k8s_config
 
+from meshca.server import new_token
 from meshca.testing import TestCA
-
-from .harness import (
-    API,
-    LINKERD_WEB,
-    TD,
-    WEB,
-    K8sIssuer,
-    bearer,
-    code_of,
-    http_get,
-    ipb,
-    k8s_config,
-    linkerd_csr,
-    lpb,
-    native_request,
-    new_token,
-    sample_value,
-    samples,
-    serving,
-    spiffe_csr,
-    to_pem,
-)
 
 NATIVE = {"service": "meshca.identity.v1.Identity", "method": "IssueSVID"}
 LINKERD = {"service": "io.linkerd.proxy.identity.Identity", "method": "Certify"}
@@ -85,7 +71,7 @@ async def test_anchor_expiry_follows_the_bundle(d: Path, server_ca: TestCA) -> N
     async with serving(d, server_ca, metrics_listen="127.0.0.1:0") as h:
         extra = TestCA(TD).anchor
         (d / "bundle.pem").write_bytes(server_ca.bundle.to_pem() + extra.public_bytes(Encoding.PEM))
-        await h.wait_for(lambda: h.server.state.sequence == 2, what="the bundle reload")
+        await eventually(lambda: h.server.state.sequence == 2, what="the bundle reload")
         series = [v for n, _, v in samples(await h.scrape()) if n == "meshca_anchor_expiry_timestamp_seconds"]
         assert sorted(series) == sorted(a.not_valid_after_utc.timestamp() for a in (server_ca.anchor, extra))
 

@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from support.metrics import http_get
 
 from meshca.server._metrics import MetricsServer
-
-from .harness import http_get
 
 
 @pytest.fixture

@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client import CollectorRegistry
+from support.calls import code_of, native_request, pb, proof_message
+from support.certs import cert, csr_der, p256, serial_hex, spiffe_csr, uris
+from support.ids import API, TD, WEB
+from support.serving import Harness, serving
+from support.tokens import K8sIssuer, k8s_config
 
 import meshca
-from meshca.pki._proof import sign_svid_proof
+from meshca.pki._proof import SvidProof, sign_svid_proof
+from meshca.server import SqliteStore, StoreMetrics, store_path
 from meshca.testing import TestCA
-
-from .harness import (
-    API,
-    TD,
-    WEB,
-    Harness,
-    K8sIssuer,
-    cert,
-    code_of,
-    csr_der,
-    k8s_config,
-    native_request,
-    p256,
-    pb,
-    proof_message,
-    serial_hex,
-    serving,
-    spiffe_csr,
-    uris,
-)
 
 DER = Encoding.DER
 
@@ -99,38 +90,69 @@ async def test_svid_proof_renews_the_same_id(d: Path, server_ca: TestCA) -> None
         assert [r.principal for r in h.issued()][1:] == [f"svid:{WEB}"] * 2
 
 
-async def test_svid_proof_refusals(d: Path, server_ca: TestCA) -> None:
+@dataclass(frozen=True)
+class Held:
+    """What a workload holds after its first SVID, for building proofs: its key and chain, a fresh CSR, the time."""
+
+    key: Any
+    chain: tuple[bytes, ...]
+    csr: bytes
+    now: datetime
+
+
+def _rogue_proof(held: Held) -> SvidProof:
+    rogue = TestCA(TD).issue_svid(WEB)  # same ID, another anchor
+    return sign_svid_proof(tuple(c.public_bytes(DER) for c in rogue.chain), rogue.key, held.csr, held.now)
+
+
+U, P = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+API_CSR = spiffe_csr(API)[1]
+# id -> (the proof, the request it is sent with, the status)
+PROOF_REFUSALS: dict[str, tuple[Callable[[Held], SvidProof], Callable[[Held], Any], grpc.StatusCode]] = {
+    "stale-signed-at": (
+        lambda p: sign_svid_proof(p.chain, p.key, p.csr, p.now - timedelta(minutes=6)),
+        lambda p: native_request(p.csr),
+        U,
+    ),
+    "signed-at-in-the-future": (
+        lambda p: sign_svid_proof(p.chain, p.key, p.csr, p.now + timedelta(minutes=6)),
+        lambda p: native_request(p.csr),
+        U,
+    ),
+    "wrong-key": (lambda p: sign_svid_proof(p.chain, p256(), p.csr, p.now), lambda p: native_request(p.csr), U),
+    "bound-to-another-csr": (
+        lambda p: sign_svid_proof(p.chain, p.key, spiffe_csr(WEB)[1], p.now),
+        lambda p: native_request(p.csr),
+        U,
+    ),
+    "chain-from-another-anchor": (_rogue_proof, lambda p: native_request(p.csr), U),
+    "no-chain": (lambda p: sign_svid_proof((), p.key, p.csr, p.now), lambda p: native_request(p.csr), U),
+    # A valid proof of WEB does not buy another ID: the credential is good, the identity is not its own.
+    "csr-for-another-id": (
+        lambda p: sign_svid_proof(p.chain, p.key, API_CSR, p.now),
+        lambda p: native_request(API_CSR),
+        P,
+    ),
+    "request-names-another-id": (
+        lambda p: sign_svid_proof(p.chain, p.key, p.csr, p.now),
+        lambda p: native_request(p.csr, spiffe_id=str(API)),
+        P,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PROOF_REFUSALS)
+async def test_svid_proof_refusals(case: str, d: Path, server_ca: TestCA) -> None:
+    make_proof, make_request, status = PROOF_REFUSALS[case]
     async with serving(d, server_ca) as h:
-        old_key, chain = await _first_svid(h)
-        _, csr = spiffe_csr(WEB)
-        _, other_csr = spiffe_csr(WEB)
-        _, api_csr = spiffe_csr(API)
-        now = h.clock()
-        rogue = TestCA(TD).issue_svid(WEB)  # same ID, another anchor
-        cases = {
-            "stale signed_at": (sign_svid_proof(chain, old_key, csr, now - timedelta(minutes=6)), csr),
-            "signed_at in the future": (sign_svid_proof(chain, old_key, csr, now + timedelta(minutes=6)), csr),
-            "wrong key": (sign_svid_proof(chain, p256(), csr, now), csr),
-            "proof bound to another CSR": (sign_svid_proof(chain, old_key, other_csr, now), csr),
-            "chain from another anchor": (
-                sign_svid_proof(tuple(c.public_bytes(DER) for c in rogue.chain), rogue.key, csr, now),
-                csr,
-            ),
-            "no chain": (sign_svid_proof((), old_key, csr, now), csr),
-        }
-        for name, (proof, sent_csr) in cases.items():
-            code = await code_of(h.native.IssueSVID(native_request(sent_csr, proof=proof_message(proof))))
-            assert code == grpc.StatusCode.UNAUTHENTICATED, name
-        # A valid proof of WEB does not buy another ID: the credential is good, the identity is not its own.
-        proof = sign_svid_proof(chain, old_key, api_csr, now)
-        code = await code_of(h.native.IssueSVID(native_request(api_csr, proof=proof_message(proof))))
-        assert code == grpc.StatusCode.PERMISSION_DENIED
-        proof = sign_svid_proof(chain, old_key, csr, now)
-        code = await code_of(h.native.IssueSVID(native_request(csr, proof=proof_message(proof), spiffe_id=str(API))))
-        assert code == grpc.StatusCode.PERMISSION_DENIED
+        key, chain = await _first_svid(h)
+        held = Held(key, chain, spiffe_csr(WEB)[1], h.clock())
+        request = make_request(held)
+        request.credential.svid.CopyFrom(proof_message(make_proof(held)))
+        assert await code_of(h.native.IssueSVID(request)) == status
         assert len(h.issued()) == 1
         reasons = [e["reason"] for e in h.events("auth.failed")]
-        assert reasons == ["svid_proof"] * len(cases)
+        assert reasons == (["svid_proof"] if status == U else [])
 
 
 async def test_csr_without_names_gets_the_granted_id(d: Path, server_ca: TestCA) -> None:
@@ -142,12 +164,22 @@ async def test_csr_without_names_gets_the_granted_id(d: Path, server_ca: TestCA)
 
 async def test_a_one_use_token_pays_for_one_certificate_under_concurrency(d: Path, server_ca: TestCA) -> None:
     """Every racer passes the up-front check; the use is taken in the transaction that records the issuance."""
-    async with serving(d, server_ca) as h:
+    server_ca.write(d)
+    registry = CollectorRegistry()
+    store = SqliteStore(store_path(meshca.TrustDir.at(d)), metrics=StoreMetrics(registry))
+    async with serving(d, server_ca, write=False, store=store) as h:
         token = h.token(uses=1)
+
+        def committed() -> float:  # records that reached the transaction, taken or refused
+            return registry.get_sample_value("meshca_store_batch_records_sum") or 0.0
+
+        before = committed()
         calls = [h.native.IssueSVID(native_request(spiffe_csr(WEB)[1], join_token=token)) for _ in range(8)]
         codes = await asyncio.gather(*(code_of(c) for c in calls))
         assert sorted(c.name for c in codes) == ["OK"] + ["UNAUTHENTICATED"] * 7
         assert len(h.issued()) == 1
+        # The race was run: more than one racer got past the up-front check to the transaction.
+        assert committed() - before > 1
 
 
 async def test_svid_proof_with_an_expired_svid(d: Path, server_ca: TestCA) -> None:

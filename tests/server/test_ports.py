@@ -12,11 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.procs import ServeProcess, meshca_exe
 
 import meshca
 from meshca.server._ports import claim, release
 
-from .procs import ServeProcess, meshca_exe
 from .test_workers import _started
 
 WORKERS = ["1", "2"]

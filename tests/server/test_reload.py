@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import os
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,27 +13,19 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.calls import code_of, hpb, native_request
+from support.certs import cert, signed_by, spiffe_csr
+from support.clocks import MovableClock
+from support.ids import TD, WEB
+from support.metrics import sample_value
+from support.poll import eventually
+from support.serving import Harness, serving
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.pki._certs import certificates_pem
 from meshca.pki._profiles import build_issuer
 from meshca.testing import TestCA
-
-from .harness import (
-    TD,
-    WEB,
-    Harness,
-    MovableClock,
-    cert,
-    code_of,
-    hpb,
-    native_request,
-    sample_value,
-    serving,
-    signed_by,
-    spiffe_csr,
-)
 
 _stamps = itertools.count()
 
@@ -113,38 +104,48 @@ async def test_symlink_swap_while_clients_issue(d: Path) -> None:
     volume = _volume(d, ca)
     async with serving(d, ca, write=False) as h:
         replacement, replacement_key = new_issuer(ca)
+        old_der = ca.issuer_certificate.public_bytes(Encoding.DER)
+        new_der = replacement.public_bytes(Encoding.DER)
         stop = asyncio.Event()
         errors: list[BaseException] = []
+        results: list[list[bytes]] = [[] for _ in range(4)]
+        straddled = 0  # calls in flight while the reload happened
 
-        async def client(n: int) -> list[bytes]:
+        def reloads() -> int:
+            return len(h.events("issuer.reloaded"))
+
+        async def client(seen: list[bytes]) -> None:
+            nonlocal straddled
             token = h.token(WEB, uses=100_000)
             stub = meshca_identity_pb2_grpc.IdentityStub(h.new_channel())
-            seen: list[bytes] = []
             while not stop.is_set():
                 _, csr = spiffe_csr(WEB)
+                reloads_before = reloads()
                 try:
                     response = await stub.IssueSVID(native_request(csr, join_token=token), timeout=5)
+                    straddled += reloads() > reloads_before
                     meshca.verify_chain([response.leaf, *response.intermediates], ca.bundle, at=h.clock())
                     assert signed_by(cert(response.leaf), cert(response.intermediates[0]))
                 except Exception as exc:
                     errors.append(exc)
-                    return seen
+                    return
                 seen.append(response.intermediates[0])
-            return seen
 
-        tasks = [asyncio.create_task(client(n)) for n in range(4)]
-        await asyncio.sleep(0.6)
+        def each_saw(der: bytes, n: int) -> bool:
+            assert errors == []
+            return all(seen.count(der) >= n for seen in results)
+
+        tasks = [asyncio.create_task(client(seen)) for seen in results]
+        await eventually(lambda: each_saw(old_der, 3), what="every client issuing from the old issuer")
         volume.swap(issuer_files(replacement, replacement_key, ca.bundle))
-        await h.wait_for(lambda: bool(h.events("issuer.reloaded")), what="the reload")
-        await asyncio.sleep(0.8)
+        await eventually(lambda: reloads() == 1, what="the reload")
+        await eventually(lambda: each_saw(new_der, 3), what="every client issuing from the new issuer")
         stop.set()
-        results = await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks)
 
         assert errors == []
-        old_der = ca.issuer_certificate.public_bytes(Encoding.DER)
-        new_der = replacement.public_bytes(Encoding.DER)
+        assert straddled > 0, "no call was in flight during the reload"
         for seen in results:
-            assert len(seen) > 5
             assert set(seen) == {old_der, new_der}
             # old until the swap, new after: never back
             first_new = seen.index(new_der)
@@ -178,7 +179,7 @@ async def test_invalid_replacements_are_refused(d: Path) -> None:
         }
         for n, (name, files) in enumerate(bad.items(), 1):
             volume.swap(files)
-            await h.wait_for(lambda n=n: len(h.events("issuer.reload_failed")) == n, what=f"refusal of {name}")
+            await eventually(lambda n=n: len(h.events("issuer.reload_failed")) == n, what=f"refusal of {name}")
             assert await _issuer_of_next_leaf(h, token) == ca.issuer_certificate, name
             assert h.server.state.usable
         assert all(e["reason"] for e in h.events("issuer.reload_failed"))
@@ -192,7 +193,7 @@ async def test_invalid_replacements_are_refused(d: Path) -> None:
         # and a good one after the bad ones is taken
         good, good_key = new_issuer(ca)
         volume.swap(issuer_files(good, good_key, ca.bundle))
-        await h.wait_for(lambda: bool(h.events("issuer.reloaded")), what="the good reload")
+        await eventually(lambda: bool(h.events("issuer.reloaded")), what="the good reload")
         assert await _issuer_of_next_leaf(h, token) == good
         assert sample_value(await h.scrape(), "meshca_issuer_reloads_total", result="success") == 1
 
@@ -202,7 +203,7 @@ async def test_a_new_issuer_restores_service_after_expiry(d: Path, server_ca: Te
     async with serving(d, server_ca, metrics_listen="127.0.0.1:0") as h:
         token = h.token(uses=5, ttl=timedelta(days=3650))
         h.clock.advance(server_ca.issuer_certificate.not_valid_after_utc - h.clock() + timedelta(seconds=1))
-        await h.wait_for(lambda: not h.server.state.usable, what="expiry")
+        await eventually(lambda: not h.server.state.usable, what="expiry")
         assert await code_of(h.native.IssueSVID(native_request(spiffe_csr()[1], join_token=token))) == (
             grpc.StatusCode.UNAVAILABLE
         )
@@ -217,9 +218,10 @@ async def test_a_new_issuer_restores_service_after_expiry(d: Path, server_ca: Te
         )
         meshca.write_private_key(d / "issuer.key", key, overwrite=True)
         (d / "issuer.crt").write_bytes(certificates_pem([renewed]))
-        await h.wait_for(lambda: h.server.state.usable, what="the new issuer")
-        deadline = time.monotonic() + 5
-        while (await h.health.Check(hpb.HealthCheckRequest(service=""))).status != hpb.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await eventually(lambda: h.server.state.usable, what="the new issuer")
+
+        async def serving_again() -> bool:
+            return (await h.health.Check(hpb.HealthCheckRequest(service=""))).status == hpb.HealthCheckResponse.SERVING
+
+        await eventually(serving_again, what="health SERVING again")
         assert await _issuer_of_next_leaf(h, token) == renewed

@@ -9,25 +9,15 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from support.calls import bearer, ipb, lpb, native_request, proof_message
+from support.certs import linkerd_csr, spiffe_csr, to_pem
+from support.ids import LINKERD_WEB, TD
+from support.serving import serving
 
 import meshca
 from meshca.pki._proof import sign_svid_proof
 from meshca.server.credentials import Bearer, Presented, Principal
 from meshca.testing import TestCA
-
-from .harness import (
-    LINKERD_WEB,
-    TD,
-    bearer,
-    ipb,
-    linkerd_csr,
-    lpb,
-    native_request,
-    proof_message,
-    serving,
-    spiffe_csr,
-    to_pem,
-)
 
 C = grpc.StatusCode
 SELF = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/identity")

@@ -6,11 +6,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
+from support.ids import TD
+from support.poll import eventually
+from support.serving import serving
 
 from meshca.pki._rotation import DEFAULT_POLICY
 from meshca.testing import TestCA
 
-from .harness import TD, serving
 from .test_reload import SecretVolume, issuer_files, new_issuer
 
 TTL = timedelta(hours=1)
@@ -56,7 +58,7 @@ async def test_a_reloaded_issuer_probe_is_not_logged(d: Path) -> None:
         before = h.server.store.issuances()
         replacement, key = new_issuer(ca)
         volume.swap(issuer_files(replacement, key, ca.bundle))
-        await h.wait_for(lambda: bool(h.events("issuer.reloaded")), what="the reload")
+        await eventually(lambda: bool(h.events("issuer.reloaded")), what="the reload")
         assert h.server.store.issuances() == before
         # the next server SVID comes from the new issuer, and is logged like the first
         h.server.state.serving_svid(("localhost",), TTL)

@@ -13,13 +13,14 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
+from support import pg
+from support.poll import eventually_sync
 
 from meshca import StoreError
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import open_store
 from meshca.server._store_pg import PG_SCHEMA_VERSION, PostgresStore
 
-from . import pg
 from .test_store_contract import rec
 
 
@@ -100,15 +101,15 @@ def test_outage_fails_fast_and_the_same_store_recovers(pg_cluster: pg.Cluster) -
         assert (registry.get_sample_value("meshca_store_errors_total", unavailable) or 0) >= 1
 
         pg_cluster.start()
-        deadline = time.monotonic() + 60
-        while True:
+
+        def reachable() -> bool:
             try:
                 store.check()
-                break
             except StoreError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+                return False
+            return True
+
+        eventually_sync(reachable, 60, "the store to reach the restarted server", interval=0.5)
         after = rec()
         store.record(after).result(timeout=30)
         assert [r.serial for r in store.issuances()] == [before.serial, after.serial]  # the lost one is not logged

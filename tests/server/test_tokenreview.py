@@ -8,28 +8,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+from support.calls import bearer, code_of, ipb, lpb, native_request
+from support.certs import cert, linkerd_csr, spiffe_csr, to_pem, uris
+from support.ids import API, LINKERD_WEB, WEB
+from support.kubeapi import FakeApiServer, review_token
+from support.poll import eventually
+from support.serving import serving
+from support.tokens import K8sIssuer
 
 from meshca.server import TokenReviewConfig
 from meshca.testing import TestCA
-
-from .harness import (
-    API,
-    LINKERD_WEB,
-    WEB,
-    K8sIssuer,
-    bearer,
-    cert,
-    code_of,
-    ipb,
-    linkerd_csr,
-    lpb,
-    native_request,
-    serving,
-    spiffe_csr,
-    to_pem,
-    uris,
-)
-from .kubeapi import FakeApiServer, review_token
 
 C = grpc.StatusCode
 
@@ -158,5 +146,5 @@ async def test_concurrency_stays_bounded_when_callers_time_out(
         codes = await asyncio.gather(*(code_of(c) for c in calls))
         assert set(codes) == {C.DEADLINE_EXCEEDED}
         assert len(h.events("request.timeout")) == len(tokens)
-        await h.wait_for(lambda: api_server.in_flight == 0, timeout=10, what="the API server to go idle")
+        await eventually(lambda: api_server.in_flight == 0, timeout=10, what="the API server to go idle")
         assert api_server.max_in_flight <= 2

@@ -9,11 +9,13 @@ from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.calls import pb
+from support.ids import TD
+from support.poll import eventually
+from support.serving import serving
 
 from meshca.server.api import NativeApi
 from meshca.testing import TestCA
-
-from .harness import TD, pb, serving
 
 
 async def test_first_message_at_once_then_one_per_change(d: Path, server_ca: TestCA) -> None:
@@ -72,7 +74,7 @@ async def test_a_change_while_a_message_is_being_sent_is_not_missed(d: Path, ser
         watch = native.WatchBundle(pb.WatchBundleRequest(), _Context())
         first = await watch.__anext__()  # the handler is now suspended at its yield, as during a send
         (d / "bundle.pem").write_bytes(server_ca.bundle.to_pem() + TestCA(TD).bundle.to_pem())
-        await h.wait_for(lambda: h.server.state.sequence > first.sequence, what="the reload")
+        await eventually(lambda: h.server.state.sequence > first.sequence, what="the reload")
         try:
             second = await asyncio.wait_for(watch.__anext__(), 2)
         except TimeoutError:

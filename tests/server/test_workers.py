@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,17 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from support.calls import native_request
+from support.certs import serial_hex, spiffe_csr
+from support.ids import WEB
+from support.metrics import http_get, sample_value
+from support.poll import eventually_sync
+from support.procs import ServeProcess, run_meshca
+from support.tokens import add_token
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.server import SqliteStore, store_path
-
-from .harness import WEB, add_token, http_get, native_request, sample_value, serial_hex, spiffe_csr
-from .procs import ServeProcess, run_meshca
 
 
 def _children(pid: int) -> set[int]:
@@ -107,17 +112,28 @@ def test_a_single_use_token_pays_for_one_certificate_across_workers(d: Path, two
         token = _token(d, uses=1)
         bundle = (d / "bundle.pem").read_bytes()
 
-        def attempt(_: int) -> bool:
+        start = threading.Barrier(8)
+
+        def attempt(_: int) -> tuple[bool, float, float]:
+            """Whether the attempt got a certificate, and when it was in flight."""
+            start.wait(10)  # eight at a time go at once
+            began = time.monotonic()
             try:
                 _issue(port, bundle, token)
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
-                return False
-            return True
+                return False, began, time.monotonic()
+            return True, began, time.monotonic()
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(attempt, range(16)))
-        assert results.count(True) == 1
+        [(_, won_from, won_to)] = [r for r in results if r[0]]
+        # The race was run: refused attempts were in flight while the winning one was.
+        assert any(began < won_to and ended > won_from for ok, began, ended in results if not ok)
+        # ... on both workers (the token is spent in the supervisor's store, whichever worker asked).
+        refused_by = {e.get("worker") for e in proc.events if e.get("event") == "auth.failed"}
+        issued_by = {e.get("worker") for e in proc.events if e.get("event") == "svid.issued"}
+        assert refused_by | issued_by == {0, 1}
 
 
 def test_sigterm_drains_every_worker_and_exits_0(two_workers: ServeProcess) -> None:
@@ -127,10 +143,7 @@ def test_sigterm_drains_every_worker_and_exits_0(two_workers: ServeProcess) -> N
         assert len(workers) >= 2
         assert proc.terminate() == 0
         assert [e for e in proc.events if e.get("event") == "server.stopped"]
-        deadline = time.monotonic() + 10
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(w) for w in workers)
+        eventually_sync(lambda: not any(_alive(w) for w in workers), 10, "every worker to exit", interval=0.1)
 
 
 def test_workers_die_with_a_killed_supervisor(two_workers: ServeProcess) -> None:

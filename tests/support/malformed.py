@@ -13,11 +13,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import jwt
-from certbuild import build
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from .certbuild import build
 
 _ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")  # AlgorithmIdentifier ecdsa-with-SHA256
 EC_PUBLIC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")

@@ -1,4 +1,4 @@
-"""`meshca serve` as a real process: start it, read its JSON log lines, stop or kill it."""
+"""The ``meshca`` console script in a subprocess: one command and its result, or `meshca serve` kept running."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,5 +112,23 @@ class ServeProcess:
         self.kill()
 
 
-def run_meshca(*args: str | os.PathLike[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([meshca_exe(), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False)
+def run_meshca(
+    *args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [meshca_exe(), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False
+    )
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the ``meshca_cmd`` fixture returns."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def meshca_cmd(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 30) -> Result:
+    proc = run_meshca(*args, cwd=cwd, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)

@@ -13,7 +13,7 @@ from typing import Any
 from meshca.server import TokenReviewConfig
 from meshca.testing import TestCA
 
-from .harness import K8sIssuer
+from .tokens import K8sIssuer
 
 REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 MESHCA_API_TOKEN = "meshca-reviewer-token"
