@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from meshca.pki._errors import MeshcaError
+from meshca.pki._keys import PrivateKey
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server import api
@@ -54,6 +55,7 @@ class IdentityServer:
 
     ``multiprocess_metrics`` is set by the workers of `serve --workers N`
     (Prometheus multiprocess mode), never read from the environment.
+    ``log_key`` signs the issuance log's checkpoints of the store it opens.
     """
 
     def __init__(
@@ -63,12 +65,15 @@ class IdentityServer:
         clock: Clock = system_clock,
         store: Store | None = None,
         multiprocess_metrics: bool = False,
+        log_key: PrivateKey | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.tdir = TrustDir.at(config.dir)
         self.metrics = Metrics(multiprocess=multiprocess_metrics)
-        self.store: Store = store if store is not None else SqliteStore(store_path(self.tdir))
+        self.store: Store = (
+            store if store is not None else SqliteStore(store_path(self.tdir), log_key=log_key, clock=clock)
+        )
         try:
             self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase)
             td = self.state.issuer.trust_domain

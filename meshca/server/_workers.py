@@ -41,8 +41,10 @@ from typing import Any
 import structlog
 
 from meshca.pki._errors import StoreError, TokenUsedUp
+from meshca.pki._keys import PrivateKey
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
+from meshca.server._audit import Checkpoint, LoggedRecord
 from meshca.server._config import ServerConfig
 from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, next_batch
 
@@ -105,6 +107,12 @@ class PipeStore:
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
     ) -> list[IssuanceRecord]:
         return self._reader.issuances(spiffe_id, limit, newest_first=newest_first)
+
+    def log_records(self) -> list[LoggedRecord]:
+        return self._reader.log_records()
+
+    def log_checkpoints(self) -> list[Checkpoint]:
+        return self._reader.log_checkpoints()
 
     def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -243,8 +251,12 @@ def _reserve_port(listen: str) -> tuple[str, socket.socket | None]:
 _MAX_RESTART_DELAY = 30.0
 
 
-def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_clock) -> int:
+def run_supervisor(
+    config: ServerConfig, workers: int, *, clock: Clock = system_clock, log_key: PrivateKey | None = None
+) -> int:
     """Runs ``workers`` serving processes until SIGTERM or SIGINT; returns the exit code.
+
+    The supervisor is the one writer of the issuance log: ``log_key`` signs its checkpoints.
 
     A worker that dies before it serves makes the whole server exit 1 (its
     reason is in its log line): a broken configuration fails once, loudly.
@@ -259,7 +271,7 @@ def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     listen, held = _reserve_port(config.listen)
     worker_config = replace(config, listen=listen, metrics_listen=None, reuse_port=True)
-    store = SqliteStore(store_path(tdir), writer=False)  # commit_now only
+    store = SqliteStore(store_path(tdir), writer=False, log_key=log_key, clock=clock)  # commit_now only
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]] = {}
