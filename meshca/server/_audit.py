@@ -217,17 +217,18 @@ def verify_log(records: Iterable[LoggedRecord], checkpoints: Iterable[Checkpoint
         chain = chains.get(writer, [])
         head = heads.get(writer)
         chain_findings, chain_unchecked = _verify_chain(writer, chain, head)
-        findings.extend(chain_findings)
-        unchecked += chain_unchecked
         first = min(chain, key=lambda i: i.link.seq, default=None)
         if head is None and first is not None and writer != LEGACY:
-            # Every writer signs a checkpoint before its first record: this chain was made without the key.
+            # Every writer signs a checkpoint before its first record: this chain was made without the key
+            # (named before what its links show: the sort below keeps this order for one record).
             findings.append(_finding("inserted", first, "its writer never signed a checkpoint"))
         elif head is not None and writer == LEGACY:
             # The legacy chain is sealed once and never grows: anything past its checkpoint was added.
             late = min((i for i in chain if i.link.seq > head.seq), key=lambda i: i.link.seq, default=None)
             if late is not None:
                 findings.append(_finding("inserted", late, "it follows the sealed legacy chain"))
+        findings.extend(chain_findings)
+        unchecked += chain_unchecked
     findings.sort(key=lambda f: (f.writer, f.seq))
     total = sum(len(c) for c in chains.values())
     legacy = len(chains.get(LEGACY, ()))

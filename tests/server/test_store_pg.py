@@ -112,6 +112,9 @@ def test_outage_fails_fast_and_the_same_store_recovers(pg_cluster: pg.Cluster) -
         after = rec()
         store.record(after).result(timeout=30)
         assert [r.serial for r in store.issuances()] == [before.serial, after.serial]  # the lost one is not logged
+        # The failed transaction took no link: the chain goes on from what the database holds.
+        first, second = store.log_records()
+        assert (second.link.seq, second.link.prev) == (2, first.link.hash)
     finally:
         store.close()
 
