@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace, clock: Clock) -> int:
     if args.dir is None:
-        raise CliError("the following arguments are required: --dir", 2)
+        raise CliError("the following arguments are required: --dir (see 'meshca log --help')", 2)
     path = Path(store_path(TrustDir.at(args.dir)))
     if not path.exists():
         raise CliError(f"no issuance log at {path}")
@@ -83,7 +83,10 @@ def verify(args: argparse.Namespace, clock: Clock) -> int:
         raise CliError(f"no issuance log at {store_path(tdir)}")
     store = open_store(url, tdir.path, writer=False)
     try:
-        report = verify_log(store.log_records(), store.log_checkpoints(), public_key)
+        # Checkpoints first: a writer signs only records it committed, so every checkpoint read
+        # here finds its records below, even while a live service goes on writing.
+        checkpoints = store.log_checkpoints()
+        report = verify_log(store.log_records(), checkpoints, public_key)
     finally:
         store.close()
     data = {

@@ -25,7 +25,15 @@ from meshca.pki._certs import certificates_pem
 from meshca.pki._errors import BundleError, IssuerUnavailable, KeyPolicyError
 from meshca.pki._files import atomic_write
 from meshca.pki._issuer import Issuer
-from meshca.pki._keys import KeyType, PrivateKey, PublicKey, generate_key, load_private_key, write_private_key
+from meshca.pki._keys import (
+    KeyType,
+    PrivateKey,
+    PublicKey,
+    generate_key,
+    key_type_of,
+    load_private_key,
+    write_private_key,
+)
 from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, NewTrustDomain, new_trust_domain
 from meshca.pki._spiffe import TrustDomain
 
@@ -87,6 +95,8 @@ class TrustDir:
         except OSError as exc:
             raise KeyPolicyError(f"cannot read {self.log_key}: {exc.strerror}") from exc
         key = load_private_key(data, passphrase if b"ENCRYPTED" in data else None)
+        if key_type_of(key) is not KeyType.EC_P256:
+            raise KeyPolicyError(f"{self.log_key} must be an EC P-256 key")
         public = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
