@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
-from meshca.pki._errors import BundleError, IssuerUnavailable, KeyPolicyError
+from meshca.pki._errors import BundleError, IssuerUnavailable, KeyPolicyError, MeshcaError
 from meshca.pki._files import atomic_write
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import (
@@ -90,10 +90,7 @@ class TrustDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):  # made before, or by a process starting beside this one
             write_private_key(self.log_key, generate_key(), passphrase=passphrase)
-        try:
-            data = self.log_key.read_bytes()
-        except OSError as exc:
-            raise KeyPolicyError(f"cannot read {self.log_key}: {exc.strerror}") from exc
+        data = _read(self.log_key, KeyPolicyError)
         key = load_private_key(data, passphrase if b"ENCRYPTED" in data else None)
         if key_type_of(key) is not KeyType.EC_P256:
             raise KeyPolicyError(f"{self.log_key} must be an EC P-256 key")
@@ -106,10 +103,7 @@ class TrustDir:
 
     def load_log_public_key(self) -> PublicKey:
         """The public key that `meshca log verify` checks checkpoints with."""
-        try:
-            data = self.log_public_key.read_bytes()
-        except OSError as exc:
-            raise KeyPolicyError(f"cannot read {self.log_public_key}: {exc.strerror}") from exc
+        data = _read(self.log_public_key, KeyPolicyError)
         try:
             key = serialization.load_pem_public_key(data)
         except ValueError:
@@ -175,19 +169,20 @@ class TrustDir:
         return bundle
 
     def load_bundle(self) -> TrustBundle:
-        try:
-            data = self.bundle.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"cannot read {self.bundle}: {exc.strerror}") from exc
-        return TrustBundle.from_pem(data)
+        return TrustBundle.from_pem(_read(self.bundle, BundleError))
 
     def load_issuer(self, bundle: TrustBundle | None = None, passphrase: bytes | None = None) -> Issuer:
         """The issuer in this directory, checked against ``bundle`` (default: DIR/bundle.pem)."""
         if bundle is None:
             bundle = self.load_bundle()
-        try:
-            chain_pem = self.issuer_cert.read_bytes()
-            key_pem = self.issuer_key.read_bytes()
-        except OSError as exc:
-            raise IssuerUnavailable(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        chain_pem = _read(self.issuer_cert, IssuerUnavailable)
+        key_pem = _read(self.issuer_key, IssuerUnavailable)
         return Issuer.from_pem(chain_pem, key_pem, bundle, passphrase)
+
+
+def _read(path: Path, error: type[MeshcaError]) -> bytes:
+    """A file of the layout; a missing or unreadable one is ``error`` naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror}") from exc
