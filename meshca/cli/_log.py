@@ -106,9 +106,9 @@ def verify(args: argparse.Namespace, clock: Clock) -> int:
 
 
 def _summary(report: LogReport) -> str:
-    verdict = "intact" if report.ok else f"TAMPERED ({len(report.findings)} findings, the first above)"
+    """Counts as key=value (unchecked: after their writer's last checkpoint; legacy: from before the chain)."""
+    verdict = "intact" if report.ok else f"TAMPERED, {len(report.findings)} finding(s), the first above"
     return (
-        f"{report.records} records from {report.writers} writers, {report.checkpoints} checkpoints; "
-        f"{report.unchecked} unchecked (after their writer's last checkpoint), "
-        f"{report.legacy} legacy (from before the chain): {verdict}"
+        f"records={report.records} writers={report.writers} checkpoints={report.checkpoints} "
+        f"unchecked={report.unchecked} legacy={report.legacy}: {verdict}"
     )

@@ -140,17 +140,26 @@ def open_store(
     a SQLite file. The URL is never echoed in an error: it may hold a password.
     ``log_key`` signs the checkpoints of what this store object writes.
     """
-    log_args: dict[str, Any] = {"log_key": log_key, "clock": clock, "checkpoint_interval": checkpoint_interval}
     if not url:
-        return SqliteStore(Path(directory) / "meshca.db", writer=writer, metrics=metrics, **log_args)
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme.lower() in ("postgresql", "postgres"):
-        from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
+        path = str(Path(directory) / "meshca.db")
+    else:
+        scheme, sep, path = url.partition("://")
+        if sep and scheme.lower() in ("postgresql", "postgres"):
+            from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
 
-        return PostgresStore(url, writer=writer, metrics=metrics, **log_args)
-    if sep and scheme.lower() == "sqlite" and rest.startswith("/"):
-        return SqliteStore(rest, writer=writer, metrics=metrics, **log_args)
-    raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
+            return PostgresStore(
+                url,
+                writer=writer,
+                metrics=metrics,
+                log_key=log_key,
+                clock=clock,
+                checkpoint_interval=checkpoint_interval,
+            )
+        if not (sep and scheme.lower() == "sqlite" and path.startswith("/")):
+            raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
+    return SqliteStore(
+        path, writer=writer, metrics=metrics, log_key=log_key, clock=clock, checkpoint_interval=checkpoint_interval
+    )
 
 
 # SQLite keeps its schema version in PRAGMA user_version (0: a store from before
