@@ -23,6 +23,7 @@ import meshca
 from meshca.server._audit import LEGACY, LoggedRecord, record_hash
 from meshca.server._store import IssuanceRecord, open_store
 
+from . import pg
 from .procs import run_meshca
 from .test_store_contract import NOW, rec
 
@@ -46,7 +47,7 @@ class SqliteDb(Db):
 
     def sql(self, statement: str) -> None:
         if shutil.which("sqlite3") is None:
-            pytest.skip("the sqlite3 command is not installed")
+            pg.need("the sqlite3 command is not installed (Debian's sqlite3; scripts/test.sh installs it)")
         subprocess.run(["sqlite3", "-bail", str(self.path), statement], check=True, capture_output=True, timeout=30)
 
     def time(self, value: datetime) -> str:
@@ -59,7 +60,7 @@ class PostgresDb(Db):
 
     def sql(self, statement: str) -> None:
         if shutil.which("psql") is None:
-            pytest.skip("the psql command is not installed")
+            pg.need("the psql command is not installed (Debian's postgresql-client; scripts/test.sh installs it)")
         subprocess.run(
             ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.url, "-c", statement],
             check=True,
