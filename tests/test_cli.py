@@ -147,6 +147,7 @@ def test_init_with_passphrase(tmp_path: Path, cli: Run) -> None:
     ca = tmp_path / "ca"
     assert cli("init", "--trust-domain", "example.org", "--dir", ca, "--passphrase-file", pw).code == 0
     assert b"ENCRYPTED" in (ca / "issuer.key").read_bytes()
+    assert b"ENCRYPTED" in (ca / "log-signing.key").read_bytes()
     meshca.TrustDir.at(ca).load_issuer(passphrase=b"s3cret")
     out = tmp_path / "web.pem"
     result = cli(

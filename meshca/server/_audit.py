@@ -177,8 +177,8 @@ class Finding:
     detail: str
 
     def __str__(self) -> str:
-        where = f"writer {self.writer} record {self.seq}" + (f" (serial {self.serial})" if self.serial else "")
-        return f"{self.kind}: {where}: {self.detail}"
+        serial = f" (serial {self.serial})" if self.serial else ""
+        return f"{self.kind}: writer {self.writer or '(none)'} record {self.seq}{serial}: {self.detail}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -228,7 +228,7 @@ def test_a_row_written_without_chain_fields_is_named(trust: meshca.TrustDir, db:
         f" {db.time(forged.issued_at)})"
     )
     line = first_finding(verify(trust, db))
-    assert line.startswith(f"inserted: writer  record 0 (serial {forged.serial})"), line
+    assert line.startswith(f"inserted: writer (none) record 0 (serial {forged.serial})"), line
 
 
 def test_two_replicas_on_one_database_verify_as_two_chains(trust: meshca.TrustDir, pg_database: str) -> None:
@@ -281,6 +281,18 @@ def test_a_log_from_before_the_chain_is_sealed_and_counted(trust: meshca.TrustDi
     forged = rec("spiffe://example.org/intruder", at=NOW)
     _insert(db, forged, LEGACY, 4, legacy[-1].link.hash)
     assert first_finding(verify(trust, db)).startswith(f"inserted: writer {LEGACY} record 4 (serial {forged.serial})")
+
+
+def test_the_log_key_must_be_ec_p256(trust: meshca.TrustDir, tmp_path: Path) -> None:
+    trust.log_key.unlink()
+    meshca.write_private_key(trust.log_key, meshca.generate_key(meshca.KeyType.RSA_2048))
+    result = run_meshca(
+        "issue", "--dir", trust.path, "--spiffe-id", "spiffe://example.org/web",
+        "--cert-out", tmp_path / "w.pem", "--key-out", tmp_path / "w.key",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"meshca: error: {trust.log_key} must be an EC P-256 key"
+    assert not (tmp_path / "w.pem").exists()
 
 
 def test_verify_needs_the_public_key_and_the_log(trust: meshca.TrustDir, tmp_path: Path) -> None:
