@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/debian-packages.sh openssl:openssl certtool:gnutls-bin
+bash scripts/debian-packages.sh openssl:openssl certtool:gnutls-bin sqlite3:sqlite3 psql:postgresql-client
 
 # The PostgreSQL store tests need a server: as root, install Debian's postgresql
 # if its programs are missing and start a throwaway cluster (stopped at exit).

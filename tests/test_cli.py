@@ -32,6 +32,7 @@ Run = Callable[..., Result]
 
 WEB = "spiffe://example.org/ns/default/sa/web"
 FILES = ["bundle.pem", "issuer.crt", "issuer.key", "trust-anchor.crt", "trust-anchor.key"]
+LOG_FILES = ["log-signing.key", "log-signing.pub"]  # the issuance log's checkpoint key, kept by --force
 
 
 def _mode(path: Path) -> int:
@@ -91,12 +92,16 @@ def initialized_by_script(tmp_path: Path, meshca_cmd: Run) -> Path:
 # -- init
 
 
-def test_init_writes_five_files_with_private_keys(initialized_by_script: Path) -> None:
+def test_init_writes_seven_files_with_private_keys(initialized_by_script: Path) -> None:
     initialized = initialized_by_script
-    assert sorted(p.name for p in initialized.iterdir()) == FILES
+    assert sorted(p.name for p in initialized.iterdir()) == sorted(FILES + LOG_FILES)
     assert _mode(initialized / "trust-anchor.key") == 0o600
     assert _mode(initialized / "issuer.key") == 0o600
-    for cert in ("trust-anchor.crt", "issuer.crt", "bundle.pem"):
+    assert _mode(initialized / "log-signing.key") == 0o600
+    log_key = meshca.load_private_key((initialized / "log-signing.key").read_bytes())
+    assert meshca.key_type_of(log_key) is meshca.KeyType.EC_P256
+    assert meshca.TrustDir.at(initialized).load_log_public_key() == log_key.public_key()
+    for cert in ("trust-anchor.crt", "issuer.crt", "bundle.pem", "log-signing.pub"):
         assert not _mode(initialized / cert) & 0o022, "certificates are written by the owner only"
     tdir = meshca.TrustDir.at(initialized)
     issuer = tdir.load_issuer()
@@ -112,16 +117,18 @@ def test_init_refuses_to_overwrite(initialized_by_script: Path, meshca_cmd: Run)
     assert "exists" in result.stderr
     assert "--force" in result.stderr
     assert {name: (initialized / name).read_bytes() for name in FILES} == before
-    assert sorted(p.name for p in initialized.iterdir()) == FILES
+    assert sorted(p.name for p in initialized.iterdir()) == sorted(FILES + LOG_FILES)
 
 
 def test_init_force_replaces(initialized_by_script: Path, meshca_cmd: Run) -> None:
     initialized = initialized_by_script
-    before = {name: (initialized / name).read_bytes() for name in FILES}
+    before = {name: (initialized / name).read_bytes() for name in FILES + LOG_FILES}
     result = meshca_cmd("init", "--trust-domain", "example.org", "--dir", initialized, "--force")
     assert result.code == 0, result
-    after = {name: (initialized / name).read_bytes() for name in FILES}
+    after = {name: (initialized / name).read_bytes() for name in FILES + LOG_FILES}
     assert all(after[n] != before[n] for n in FILES)
+    # The log's checkpoints were signed with the log key: a new trust domain does not orphan them.
+    assert all(after[n] == before[n] for n in LOG_FILES)
     assert _mode(initialized / "issuer.key") == 0o600
     meshca.TrustDir.at(initialized).load_issuer()
 
@@ -131,7 +138,7 @@ def test_init_json(tmp_path: Path, cli: Run) -> None:
     assert result.code == 0
     data = json.loads(result.stdout)
     assert data["trust_domain"] == "example.org"
-    assert sorted(Path(f).name for f in data["files"]) == FILES
+    assert sorted(Path(f).name for f in data["files"]) == sorted(FILES + LOG_FILES)
 
 
 def test_init_with_passphrase(tmp_path: Path, cli: Run) -> None:
@@ -140,6 +147,7 @@ def test_init_with_passphrase(tmp_path: Path, cli: Run) -> None:
     ca = tmp_path / "ca"
     assert cli("init", "--trust-domain", "example.org", "--dir", ca, "--passphrase-file", pw).code == 0
     assert b"ENCRYPTED" in (ca / "issuer.key").read_bytes()
+    assert b"ENCRYPTED" in (ca / "log-signing.key").read_bytes()
     meshca.TrustDir.at(ca).load_issuer(passphrase=b"s3cret")
     out = tmp_path / "web.pem"
     result = cli(

@@ -62,7 +62,18 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
         )
     except FileExistsError as exc:
         raise CliError(str(exc)) from None
-    files = [str(p) for p in (tdir.anchor_cert, tdir.anchor_key, tdir.issuer_cert, tdir.issuer_key, tdir.bundle)]
+    files = [
+        str(p)
+        for p in (
+            tdir.anchor_cert,
+            tdir.anchor_key,
+            tdir.issuer_cert,
+            tdir.issuer_key,
+            tdir.bundle,
+            tdir.log_key,
+            tdir.log_public_key,
+        )
+    ]
     emit(
         args,
         {"trust_domain": str(args.trust_domain), "files": files},

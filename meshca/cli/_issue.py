@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 from meshca.cli._options import (
@@ -51,13 +53,18 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     key = generate_key(args.key_type)
     now = clock()
     svid = issuer.sign(key.public_key(), args.spiffe_id, now=now, ttl=args.ttl, dns_names=args.dns)
-    # Recorded before the files are written, as the service records before it responds.
-    store = SqliteStore(store_path(tdir))
-    try:
-        record = IssuanceRecord(format(svid.serial, "x"), str(svid.spiffe_id), svid.not_after, _principal(), API, now)
-        store.record(record).result()
-    finally:
-        store.close()
+    # Recorded before the files are written, as the service records before it responds. The
+    # store's log.checkpoint lines (the copy of its checkpoints) go to stderr: stdout is the output.
+    log_key = tdir.ensure_log_key(passphrase(args))
+    with contextlib.redirect_stdout(sys.stderr):
+        store = SqliteStore(store_path(tdir), log_key=log_key, clock=clock)
+        try:
+            record = IssuanceRecord(
+                format(svid.serial, "x"), str(svid.spiffe_id), svid.not_after, _principal(), API, now
+            )
+            store.record(record).result()
+        finally:
+            store.close()
     write_key(key_out, key, args)
     atomic_write(args.cert_out, svid.chain_pem())
     data = describe_certificate(svid.leaf)

@@ -1,19 +1,22 @@
-"""`meshca log`: the issuance log in DIR/meshca.db, newest first."""
+"""`meshca log`: the issuance log in DIR/meshca.db, newest first; `meshca log verify`: its chains and checkpoints."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from meshca.cli._options import CliError, add_dir, add_json, emit, spiffe_id
 from meshca.pki._time import Clock
 from meshca.pki._trustdir import TrustDir
-from meshca.server import SqliteStore, store_path
+from meshca.server import SqliteStore, open_store, store_path
+from meshca.server._audit import LogReport, verify_log
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("log", help="read the issuance log, newest first")
-    add_dir(p, "trust domain directory whose meshca.db holds the log")
+    p = sub.add_parser("log", help="read the issuance log, newest first; 'log verify' checks it for tampering")
+    # Not required here, so that 'meshca log verify --dir DIR' parses; run() asks for it.
+    add_dir(p, "trust domain directory whose meshca.db holds the log", required=False)
     p.add_argument("--spiffe-id", type=spiffe_id, metavar="ID", help="only issuances for this SPIFFE ID")
     p.add_argument(
         "--limit", type=int, metavar="N", help="at most N records (the newest, or with --reverse the oldest)"
@@ -21,9 +24,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reverse", action="store_true", help="oldest first")
     add_json(p)
     p.set_defaults(func=run)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    v = actions.add_parser(
+        "verify",
+        help="check every writer's hash chain and signed checkpoint; exit 1 naming the first damaged record",
+    )
+    add_dir(v, "trust domain directory: its log-signing.pub checks the checkpoints (and its meshca.db is the log)")
+    v.add_argument(
+        "--store",
+        metavar="URL",
+        help="the store holding the log: postgresql://..., or sqlite:///PATH "
+        "(default: $MESHCA_STORE, else DIR/meshca.db)",
+    )
+    add_json(v)
+    v.set_defaults(func=verify)
 
 
 def run(args: argparse.Namespace, clock: Clock) -> int:
+    if args.dir is None:
+        raise CliError("the following arguments are required: --dir (see 'meshca log --help')", 2)
     path = Path(store_path(TrustDir.at(args.dir)))
     if not path.exists():
         raise CliError(f"no issuance log at {path}")
@@ -54,3 +73,42 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     )
     emit(args, data, text or "(no issuances)")
     return 0
+
+
+def verify(args: argparse.Namespace, clock: Clock) -> int:
+    tdir = TrustDir.at(args.dir)
+    public_key = tdir.load_log_public_key()
+    url = args.store or os.environ.get("MESHCA_STORE") or None
+    if url is None and not Path(store_path(tdir)).exists():
+        raise CliError(f"no issuance log at {store_path(tdir)}")
+    store = open_store(url, tdir.path, writer=False)
+    try:
+        # Checkpoints first: a writer signs only records it committed, so every checkpoint read
+        # here finds its records below, even while a live service goes on writing.
+        checkpoints = store.log_checkpoints()
+        report = verify_log(store.log_records(), checkpoints, public_key)
+    finally:
+        store.close()
+    data = {
+        "ok": report.ok,
+        "records": report.records,
+        "writers": report.writers,
+        "checkpoints": report.checkpoints,
+        "unchecked": report.unchecked,
+        "legacy": report.legacy,
+        "findings": [
+            {"kind": f.kind, "writer": f.writer, "seq": f.seq, "serial": f.serial, "detail": f.detail}
+            for f in report.findings
+        ],
+    }
+    emit(args, data, "\n".join([*(str(f) for f in report.findings), _summary(report)]))
+    return 0 if report.ok else 1
+
+
+def _summary(report: LogReport) -> str:
+    """Counts as key=value (unchecked: after their writer's last checkpoint; legacy: from before the chain)."""
+    verdict = "intact" if report.ok else f"TAMPERED, {len(report.findings)} finding(s), the first above"
+    return (
+        f"records={report.records} writers={report.writers} checkpoints={report.checkpoints} "
+        f"unchecked={report.unchecked} legacy={report.legacy}: {verdict}"
+    )

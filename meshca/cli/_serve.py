@@ -133,6 +133,7 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     config = server_config(args, tdir.path)
     configure_logging()
     made = _prepare(tdir, args, clock)
+    log_key = tdir.ensure_log_key(config.passphrase)  # signs the issuance log's checkpoints
     if tdir.dev_marker.exists():
         _dev_banner(tdir, config, made)
     elif tdir.anchor_key.exists():
@@ -151,12 +152,12 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     if args.workers > 1:
         # Check the trust directory here, so a bad one fails once, in one line.
         validate(tdir.load_issuer(passphrase=config.passphrase), clock)
-        if run_supervisor(config, args.workers, clock=clock):
+        if run_supervisor(config, args.workers, clock=clock, log_key=log_key):
             raise CliError("a worker could not start; its worker.failed log line says why")
         return 0
 
     async def serve() -> None:
-        server = IdentityServer(config, clock=clock)
+        server = IdentityServer(config, clock=clock, log_key=log_key)
         await server.serve_until_signal()
 
     asyncio.run(serve())

@@ -6,21 +6,34 @@ DIR/issuer.crt         the issuer, then any intermediates up to the anchor
 DIR/issuer.key         its key, 0600
 DIR/bundle.pem         every anchor clients should trust
 DIR/DEVELOPMENT        present when `meshca serve` made this directory as a development CA
+DIR/log-signing.key    the issuance log's checkpoint key (EC P-256), 0600
+DIR/log-signing.pub    its public key, which `meshca log verify` checks checkpoints with
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
-from meshca.pki._errors import BundleError, IssuerUnavailable
+from meshca.pki._errors import BundleError, IssuerUnavailable, KeyPolicyError, MeshcaError
 from meshca.pki._files import atomic_write
 from meshca.pki._issuer import Issuer
-from meshca.pki._keys import KeyType, write_private_key
+from meshca.pki._keys import (
+    KeyType,
+    PrivateKey,
+    PublicKey,
+    generate_key,
+    key_type_of,
+    load_private_key,
+    write_private_key,
+)
 from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, NewTrustDomain, new_trust_domain
 from meshca.pki._spiffe import TrustDomain
 
@@ -59,6 +72,46 @@ class TrustDir:
     def dev_marker(self) -> Path:
         return self.path / "DEVELOPMENT"
 
+    @property
+    def log_key(self) -> Path:
+        return self.path / "log-signing.key"
+
+    @property
+    def log_public_key(self) -> Path:
+        return self.path / "log-signing.pub"
+
+    def ensure_log_key(self, passphrase: bytes | None = None) -> PrivateKey:
+        """The issuance log's checkpoint key, made when missing (EC P-256, 0600, its public key beside it).
+
+        An existing key is kept, even by ``init --force``: the log's checkpoints
+        were signed with it. ``passphrase`` encrypts a new key and opens an
+        encrypted one (a key written without one opens without it).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # made before, or by a process starting beside this one
+            write_private_key(self.log_key, generate_key(), passphrase=passphrase)
+        data = _read(self.log_key, KeyPolicyError)
+        key = load_private_key(data, passphrase if b"ENCRYPTED" in data else None)
+        if key_type_of(key) is not KeyType.EC_P256:
+            raise KeyPolicyError(f"{self.log_key} must be an EC P-256 key")
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if not self.log_public_key.exists() or self.log_public_key.read_bytes() != public:
+            atomic_write(self.log_public_key, public)
+        return key
+
+    def load_log_public_key(self) -> PublicKey:
+        """The public key that `meshca log verify` checks checkpoints with."""
+        data = _read(self.log_public_key, KeyPolicyError)
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError:
+            raise KeyPolicyError(f"{self.log_public_key} is not a PEM public key") from None
+        if not isinstance(key, PublicKey):
+            raise KeyPolicyError(f"{self.log_public_key} is not an EC or RSA public key")
+        return key
+
     def mark_development(self) -> None:
         """Marks a development CA (anchor key beside the issuer): `meshca serve` says so at every start."""
         atomic_write(
@@ -94,6 +147,7 @@ class TrustDir:
             issuer_lifetime=issuer_lifetime,
         )
         bundle = self.write(made, trust_domain, passphrase=passphrase, overwrite=force)
+        self.ensure_log_key(passphrase)
         return Issuer([made.issuer], made.issuer_key, bundle)
 
     def write(
@@ -115,19 +169,20 @@ class TrustDir:
         return bundle
 
     def load_bundle(self) -> TrustBundle:
-        try:
-            data = self.bundle.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"cannot read {self.bundle}: {exc.strerror}") from exc
-        return TrustBundle.from_pem(data)
+        return TrustBundle.from_pem(_read(self.bundle, BundleError))
 
     def load_issuer(self, bundle: TrustBundle | None = None, passphrase: bytes | None = None) -> Issuer:
         """The issuer in this directory, checked against ``bundle`` (default: DIR/bundle.pem)."""
         if bundle is None:
             bundle = self.load_bundle()
-        try:
-            chain_pem = self.issuer_cert.read_bytes()
-            key_pem = self.issuer_key.read_bytes()
-        except OSError as exc:
-            raise IssuerUnavailable(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        chain_pem = _read(self.issuer_cert, IssuerUnavailable)
+        key_pem = _read(self.issuer_key, IssuerUnavailable)
         return Issuer.from_pem(chain_pem, key_pem, bundle, passphrase)
+
+
+def _read(path: Path, error: type[MeshcaError]) -> bytes:
+    """A file of the layout; a missing or unreadable one is ``error`` naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror}") from exc

@@ -15,6 +15,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from meshca.pki._errors import MeshcaError
 from meshca.pki._issuer import Issuer
+from meshca.pki._keys import PrivateKey
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server import api
@@ -56,6 +57,7 @@ class IdentityServer:
 
     ``multiprocess_metrics`` is set by the workers of `serve --workers N`
     (Prometheus multiprocess mode), never read from the environment.
+    ``log_key`` signs the issuance log's checkpoints of the store it opens.
     """
 
     def __init__(
@@ -66,12 +68,15 @@ class IdentityServer:
         store: Store | None = None,
         multiprocess_metrics: bool = False,
         last_good: Issuer | None = None,
+        log_key: PrivateKey | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.tdir = TrustDir.at(config.dir)
         self.metrics = Metrics(multiprocess=multiprocess_metrics)
-        self.store: Store = store if store is not None else SqliteStore(store_path(self.tdir))
+        self.store: Store = (
+            store if store is not None else SqliteStore(store_path(self.tdir), log_key=log_key, clock=clock)
+        )
         try:
             self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase, last_good=last_good)
             td = self.state.issuer.trust_domain

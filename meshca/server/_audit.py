@@ -6,10 +6,13 @@ writer W stores ``prev`` (the hash of W's record n-1, or `GENESIS`) and
 ``hash = SHA-256(canonical(record, W) || prev)``; ``seq`` numbers the
 records in the order the writer claims. Periodically the writer signs a
 checkpoint (writer, seq, head hash, time) with the log key, as Certificate
-Transparency signs tree heads. `verify_log` walks each chain back from its
-latest checkpoint and names the first record that was edited, deleted,
-inserted or reordered. What it proves and what it cannot is in SECURITY.md
-(docs/architecture.md, Issuance log).
+Transparency signs tree heads; a writer signs a first checkpoint (seq 0)
+before it writes, so a chain whose writer never signed one is forged. Records
+from before the chain existed were chained at migration under the writer
+`LEGACY`. `verify_log` walks each chain back from its latest checkpoint and
+names the first record that was edited, deleted, inserted or reordered. What
+it proves and what it cannot is in SECURITY.md (docs/architecture.md,
+Issuance log).
 """
 
 from __future__ import annotations
@@ -20,27 +23,33 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca.pki._keys import PrivateKey, PublicKey, signature_hash
-from meshca.server._store import IssuanceRecord
+
+if TYPE_CHECKING:  # the store imports this module to chain what it writes
+    from meshca.server._store import IssuanceRecord
 
 __all__ = [
     "GENESIS",
+    "LEGACY",
     "Checkpoint",
     "ChainLink",
     "ChainWriter",
     "Finding",
     "LogReport",
     "LoggedRecord",
+    "legacy_links",
     "record_hash",
     "sign_checkpoint",
     "verify_log",
 ]
 
 GENESIS = "0" * 64
+LEGACY = "legacy"  # the writer of records logged before chains existed (schema version 1)
 _CONTEXT = b"meshca-log-v1\x00"
 _CHECKPOINT_CONTEXT = b"meshca-log-checkpoint-v1\x00"
 
@@ -95,14 +104,33 @@ class ChainWriter:
         self.seq = 0
         self.head = GENESIS
 
-    def link(self, record: IssuanceRecord) -> ChainLink:
-        """The chain fields of the next record; the head moves only when `commit` is called."""
-        seq = self.seq + 1
-        return ChainLink(self.writer, seq, self.head, record_hash(record, self.writer, self.head))
+    def link(self, record: IssuanceRecord, after: ChainLink | None = None) -> ChainLink:
+        """The chain fields of ``record`` placed after ``after`` (default: the head).
+
+        The head moves only when `commit` is called, so a transaction links its
+        records one after another and commits the last one it kept.
+        """
+        seq, prev = (after.seq, after.hash) if after is not None else (self.seq, self.head)
+        return ChainLink(self.writer, seq + 1, prev, record_hash(record, self.writer, prev))
 
     def commit(self, link: ChainLink) -> None:
         """Moves the head to ``link`` once its record is durable (a rolled-back record never joins)."""
         self.seq, self.head = link.seq, link.hash
+
+    def resume(self, seq: int, head: str) -> None:
+        """Sets the head as the store holds it (after a transaction whose outcome is unknown)."""
+        self.seq, self.head = seq, head
+
+
+def legacy_links(records: Iterable[IssuanceRecord]) -> list[ChainLink]:
+    """The chain the migration gives records that predate chains, in log order."""
+    chain = ChainWriter(LEGACY)
+    links = []
+    for record in records:
+        link = chain.link(record)
+        chain.commit(link)
+        links.append(link)
+    return links
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +177,8 @@ class Finding:
     detail: str
 
     def __str__(self) -> str:
-        where = f"writer {self.writer} record {self.seq}" + (f" (serial {self.serial})" if self.serial else "")
-        return f"{self.kind}: {where}: {self.detail}"
+        serial = f" (serial {self.serial})" if self.serial else ""
+        return f"{self.kind}: writer {self.writer or '(none)'} record {self.seq}{serial}: {self.detail}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +188,7 @@ class LogReport:
     checkpoints: int
     unchecked: int  # records after their writer's last checkpoint: chained, not yet signed
     findings: tuple[Finding, ...]
+    legacy: int = 0  # records that predate chains (writer LEGACY)
 
     @property
     def ok(self) -> bool:
@@ -185,12 +214,25 @@ def verify_log(records: Iterable[LoggedRecord], checkpoints: Iterable[Checkpoint
             heads[checkpoint.writer] = checkpoint
     unchecked = 0
     for writer in sorted(chains.keys() | heads.keys()):
-        chain_findings, chain_unchecked = _verify_chain(writer, chains.get(writer, []), heads.get(writer))
+        chain = chains.get(writer, [])
+        head = heads.get(writer)
+        chain_findings, chain_unchecked = _verify_chain(writer, chain, head)
+        first = min(chain, key=lambda i: i.link.seq, default=None)
+        if head is None and first is not None and writer != LEGACY:
+            # Every writer signs a checkpoint before its first record: this chain was made without the key
+            # (named before what its links show: the sort below keeps this order for one record).
+            findings.append(_finding("inserted", first, "its writer never signed a checkpoint"))
+        elif head is not None and writer == LEGACY:
+            # The legacy chain is sealed once and never grows: anything past its checkpoint was added.
+            late = min((i for i in chain if i.link.seq > head.seq), key=lambda i: i.link.seq, default=None)
+            if late is not None:
+                findings.append(_finding("inserted", late, "it follows the sealed legacy chain"))
         findings.extend(chain_findings)
         unchecked += chain_unchecked
     findings.sort(key=lambda f: (f.writer, f.seq))
     total = sum(len(c) for c in chains.values())
-    return LogReport(total, len(chains), count, unchecked, tuple(findings))
+    legacy = len(chains.get(LEGACY, ()))
+    return LogReport(total, len(chains), count, unchecked, tuple(findings), legacy)
 
 
 def _verify_chain(writer: str, chain: list[LoggedRecord], checkpoint: Checkpoint | None) -> tuple[list[Finding], int]:

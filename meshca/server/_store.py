@@ -13,6 +13,10 @@ recorded and its certificate is never returned.
 `open_store` picks the store from ``--store URL``: SQLite here, PostgreSQL in
 `_store_pg`. Both record their schema version and migrate at open (see
 docs/architecture.md, Store contract).
+
+Every store object that writes chains its records (`IssuanceChain`, a chain
+of its own, so replicas need no global lock) and, given the log key, signs
+checkpoints of its chain (docs/architecture.md, Issuance log).
 """
 
 from __future__ import annotations
@@ -26,15 +30,31 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import structlog
 
 from meshca.pki._errors import StoreError, TokenUsedUp
+from meshca.pki._keys import PrivateKey
 from meshca.pki._spiffe import SpiffeId
+from meshca.pki._time import Clock, system_clock
+from meshca.server._audit import (
+    GENESIS,
+    LEGACY,
+    ChainLink,
+    ChainWriter,
+    Checkpoint,
+    LoggedRecord,
+    legacy_links,
+    sign_checkpoint,
+)
 from meshca.server._metrics import StoreMetrics
 
 __all__ = [
+    "CHECKPOINT_INTERVAL",
+    "IssuanceChain",
     "IssuanceRecord",
     "JoinToken",
     "SqliteStore",
@@ -43,6 +63,8 @@ __all__ = [
     "new_token",
     "open_store",
 ]
+
+log = structlog.get_logger("meshca.server")
 
 TOKEN_PREFIX = "mtok_"  # noqa: S105 - a prefix that marks join tokens, not a secret
 
@@ -84,6 +106,8 @@ class Store(Protocol):
     def issuances(
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
     ) -> list[IssuanceRecord]: ...
+    def log_records(self) -> list[LoggedRecord]: ...
+    def log_checkpoints(self) -> list[Checkpoint]: ...
     def close(self) -> None: ...
 
 
@@ -99,23 +123,43 @@ def schema_too_new(found: int, known: int) -> StoreError:
     return StoreError(f"store schema version {found} is newer than this meshca (knows {known}): upgrade meshca")
 
 
-def open_store(url: str | None, directory: Path, *, writer: bool = True, metrics: StoreMetrics | None = None) -> Store:
+def open_store(
+    url: str | None,
+    directory: Path,
+    *,
+    writer: bool = True,
+    metrics: StoreMetrics | None = None,
+    log_key: PrivateKey | None = None,
+    clock: Clock = system_clock,
+    checkpoint_interval: timedelta | None = None,
+) -> Store:
     """The store ``--store URL`` (or ``MESHCA_STORE``) names; None: SQLite at ``DIR/meshca.db``.
 
     ``postgresql://`` and ``postgres://`` URLs are libpq's (the password may
     also come from PGPASSWORD or a passfile); ``sqlite:///ABSOLUTE/PATH`` names
     a SQLite file. The URL is never echoed in an error: it may hold a password.
+    ``log_key`` signs the checkpoints of what this store object writes.
     """
     if not url:
-        return SqliteStore(Path(directory) / "meshca.db", writer=writer, metrics=metrics)
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme.lower() in ("postgresql", "postgres"):
-        from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
+        path = str(Path(directory) / "meshca.db")
+    else:
+        scheme, sep, path = url.partition("://")
+        if sep and scheme.lower() in ("postgresql", "postgres"):
+            from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
 
-        return PostgresStore(url, writer=writer, metrics=metrics)
-    if sep and scheme.lower() == "sqlite" and rest.startswith("/"):
-        return SqliteStore(rest, writer=writer, metrics=metrics)
-    raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
+            return PostgresStore(
+                url,
+                writer=writer,
+                metrics=metrics,
+                log_key=log_key,
+                clock=clock,
+                checkpoint_interval=checkpoint_interval,
+            )
+        if not (sep and scheme.lower() == "sqlite" and path.startswith("/")):
+            raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
+    return SqliteStore(
+        path, writer=writer, metrics=metrics, log_key=log_key, clock=clock, checkpoint_interval=checkpoint_interval
+    )
 
 
 # SQLite keeps its schema version in PRAGMA user_version (0: a store from before
@@ -138,8 +182,153 @@ CREATE TABLE IF NOT EXISTS issuances (
 );
 CREATE INDEX IF NOT EXISTS issuances_by_id ON issuances (spiffe_id, issued_at);
 """
-_SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(s.strip() for s in _SCHEMA.split(";") if s.strip()),)
+
+
+def chain_legacy(rows: Sequence[Sequence[Any]], when: Callable[[Any], datetime]) -> list[tuple[Any, ...]]:
+    """Migration to version 2: (writer, seq, prev, hash, serial) for the records of a version 1 log, in log order."""
+    records = [IssuanceRecord(r[0], r[1], when(r[2]), r[3], r[4], when(r[5])) for r in rows]
+    links = legacy_links(records)
+    return [(ln.writer, ln.seq, ln.prev, ln.hash, r.serial) for r, ln in zip(records, links, strict=True)]
+
+
+def _chain_legacy_sqlite(conn: sqlite3.Connection) -> None:
+    rows = conn.execute(
+        "SELECT serial, spiffe_id, not_after, principal, api, issued_at FROM issuances ORDER BY issued_at, rowid"
+    ).fetchall()
+    conn.executemany(
+        "UPDATE issuances SET writer = ?, seq = ?, prev = ?, hash = ? WHERE serial = ?", chain_legacy(rows, _dt)
+    )
+
+
+_Migration = str | Callable[[sqlite3.Connection], None]
+_SQLITE_MIGRATIONS: tuple[tuple[_Migration, ...], ...] = (
+    tuple(s.strip() for s in _SCHEMA.split(";") if s.strip()),
+    (
+        "ALTER TABLE issuances ADD COLUMN writer TEXT",
+        "ALTER TABLE issuances ADD COLUMN seq INTEGER",
+        "ALTER TABLE issuances ADD COLUMN prev TEXT",
+        "ALTER TABLE issuances ADD COLUMN hash TEXT",
+        _chain_legacy_sqlite,
+        "CREATE UNIQUE INDEX issuances_chain ON issuances (writer, seq)",
+        """CREATE TABLE log_checkpoints (
+            writer TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            head TEXT NOT NULL,
+            at REAL NOT NULL,
+            signature BLOB NOT NULL,
+            PRIMARY KEY (writer, seq)
+        )""",
+    ),
+)
 SQLITE_SCHEMA_VERSION = len(_SQLITE_MIGRATIONS)
+
+# The head of an unsigned legacy chain (writer LEGACY): the first store object with the key seals it.
+UNSIGNED_LEGACY_QUERY = (
+    "SELECT seq, hash FROM issuances WHERE writer = 'legacy'"
+    " AND NOT EXISTS (SELECT 1 FROM log_checkpoints WHERE writer = 'legacy') ORDER BY seq DESC LIMIT 1"
+)
+
+
+def logged_record(row: Sequence[Any], when: Callable[[Any], datetime]) -> LoggedRecord:
+    """A row of (serial, spiffe_id, not_after, principal, api, issued_at, writer, seq, prev, hash).
+
+    Chain fields are NULL only in a row written by hand: it reads as writer "", which never signed.
+    """
+    record = IssuanceRecord(row[0], row[1], when(row[2]), row[3], row[4], when(row[5]))
+    return LoggedRecord(record, ChainLink(row[6] or "", row[7] or 0, row[8] or "", row[9] or ""))
+
+
+def logged_checkpoint(row: Sequence[Any], when: Callable[[Any], datetime]) -> Checkpoint:
+    return Checkpoint(row[0], row[1], row[2], when(row[3]), bytes(row[4]))
+
+
+CHECKPOINT_INTERVAL = timedelta(seconds=10)
+
+
+class IssuanceChain:
+    """A writing store object's own chain in the issuance log, and the checkpoints it signs.
+
+    A transaction that appends holds ``lock`` from its first link to its
+    commit, so links follow commit order. With the log key, a first
+    checkpoint (seq 0) is signed at once, then one every ``interval`` while
+    the head moved, and one at `close`; ``save`` writes a checkpoint row, and
+    each is logged as ``log.checkpoint``: the copy outside the store
+    (docs/architecture.md, Issuance log).
+    """
+
+    def __init__(
+        self,
+        key: PrivateKey | None,
+        save: Callable[[Checkpoint], None],
+        *,
+        clock: Clock,
+        interval: timedelta | None,
+        legacy_head: tuple[int, str] | None = None,
+    ) -> None:
+        self.writer = ChainWriter()
+        self.lock = threading.Lock()
+        self.stale = False  # a transaction failed: its outcome may be unknown, so the head is read back
+        self._key = key
+        self._save = save
+        self._clock = clock
+        self._signed = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if key is None:
+            return
+        if legacy_head is not None:
+            self._sign(LEGACY, *legacy_head)
+        self.checkpoint()
+        seconds = (interval or CHECKPOINT_INTERVAL).total_seconds()
+        self._thread = threading.Thread(target=self._loop, args=(seconds,), name="meshca-log-checkpoints", daemon=True)
+        self._thread.start()
+
+    def begin(self, newest: Callable[[str], tuple[int, str] | None]) -> None:
+        """Inside a transaction, before the first link: after a failed one, the head is read back."""
+        if self.stale:
+            self.writer.resume(*(newest(self.writer.writer) or (0, GENESIS)))
+            self.stale = False
+
+    def checkpoint(self) -> None:
+        """Signs and saves the head if it moved since the last checkpoint."""
+        if self._key is None:
+            return
+        with self.lock:
+            if self.stale or self.writer.seq == self._signed:
+                return
+            self._sign(self.writer.writer, self.writer.seq, self.writer.head)
+            self._signed = self.writer.seq
+
+    def _sign(self, writer: str, seq: int, head: str) -> None:
+        assert self._key is not None
+        checkpoint = sign_checkpoint(self._key, writer, seq, head, self._clock())
+        self._save(checkpoint)
+        log.info(
+            "log.checkpoint",
+            writer=writer,
+            seq=seq,
+            head=head,
+            at=checkpoint.at.isoformat(),
+            signature=checkpoint.signature.hex(),
+        )
+
+    def _loop(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            self._checkpoint_logged()
+
+    def _checkpoint_logged(self) -> None:
+        try:
+            self.checkpoint()
+        except StoreError as exc:  # the next one covers these records too
+            log.warning("log.checkpoint_failed", writer=self.writer.writer, reason=str(exc))
+
+    def close(self) -> None:
+        """Stops the timer and signs the final head; call it after the store's last commit."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._checkpoint_logged()
+
 
 _Item = tuple[IssuanceRecord, str | None, concurrent.futures.Future[None]]
 Batch = Sequence[tuple[IssuanceRecord, str | None]]  # records to commit in one transaction, with token hashes
@@ -209,17 +398,37 @@ def duplicate_serial(record: IssuanceRecord) -> StoreError:
 
 
 class SqliteStore:
-    """SQLite in WAL mode, synchronous=FULL; safe to share between processes on one machine."""
+    """SQLite in WAL mode, synchronous=FULL; safe to share between processes on one machine.
 
-    def __init__(self, path: str | Path, *, writer: bool = True, metrics: StoreMetrics | None = None) -> None:
+    ``log_key`` signs checkpoints of the records this object writes (see `IssuanceChain`).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        writer: bool = True,
+        metrics: StoreMetrics | None = None,
+        log_key: PrivateKey | None = None,
+        clock: Clock = system_clock,
+        checkpoint_interval: timedelta | None = None,
+    ) -> None:
         self.path = Path(path)
         self._metrics = metrics or StoreMetrics()
         try:
             self._read = self._connect()
             self._migrate(self._read)
+            legacy = self._read.execute(UNSIGNED_LEGACY_QUERY).fetchone() if log_key is not None else None
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._read_lock = threading.Lock()
+        try:
+            self._chain = IssuanceChain(
+                log_key, self._save_checkpoint, clock=clock, interval=checkpoint_interval, legacy_head=legacy
+            )
+        except StoreError:
+            self._read.close()
+            raise
         self._direct: sqlite3.Connection | None = None
         self._direct_lock = threading.Lock()
         self._writer: GroupCommitter | None = None
@@ -245,7 +454,10 @@ class SqliteStore:
                 raise schema_too_new(found, SQLITE_SCHEMA_VERSION)
             for step in _SQLITE_MIGRATIONS[found:]:
                 for statement in step:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         finally:
@@ -327,6 +539,38 @@ class SqliteStore:
                 raise StoreError(f"cannot read the issuance log: {exc}") from exc
         return [IssuanceRecord(r[0], r[1], _dt(r[2]), r[3], r[4], _dt(r[5])) for r in rows]
 
+    def log_records(self) -> list[LoggedRecord]:
+        """Every record with its chain fields, for `meshca log verify`."""
+        rows = self._read_all(
+            "log_records",
+            "SELECT serial, spiffe_id, not_after, principal, api, issued_at, writer, seq, prev, hash"
+            " FROM issuances ORDER BY rowid",
+        )
+        return [logged_record(row, _dt) for row in rows]
+
+    def log_checkpoints(self) -> list[Checkpoint]:
+        rows = self._read_all("log_checkpoints", "SELECT writer, seq, head, at, signature FROM log_checkpoints")
+        return [logged_checkpoint(row, _dt) for row in rows]
+
+    def _read_all(self, op: str, sql: str) -> list[Any]:
+        with self._read_lock, self._metrics.timed(op):
+            try:
+                return self._read.execute(sql).fetchall()
+            except sqlite3.Error as exc:
+                self._metrics.error(op, exc)
+                raise StoreError(f"cannot read the issuance log: {exc}") from exc
+
+    def _save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self._read_lock, self._metrics.timed("checkpoint"):
+            try:
+                self._read.execute(
+                    "INSERT INTO log_checkpoints VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (checkpoint.writer, checkpoint.seq, checkpoint.head, _ts(checkpoint.at), checkpoint.signature),
+                )
+            except sqlite3.Error as exc:
+                self._metrics.error("checkpoint", exc)
+                raise StoreError(f"cannot store a log checkpoint: {exc}") from exc
+
     def commit_now(self, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
         """Commits ``items`` in one transaction on the calling thread; one outcome per item.
 
@@ -348,9 +592,22 @@ class SqliteStore:
     def _apply_timed(
         self, conn: sqlite3.Connection, items: Sequence[tuple[IssuanceRecord, str | None]]
     ) -> list[StoreError | None]:
+        with self._chain.lock:
+            return self._apply_chained(conn, items)
+
+    def _apply_chained(
+        self, conn: sqlite3.Connection, items: Sequence[tuple[IssuanceRecord, str | None]]
+    ) -> list[StoreError | None]:
         outcomes: list[StoreError | None] = []
+        chain = self._chain
+        last: ChainLink | None = None  # the link of the last record kept: a refused record takes none
         try:
             conn.execute("BEGIN IMMEDIATE")
+            chain.begin(
+                lambda writer: conn.execute(
+                    "SELECT seq, hash FROM issuances WHERE writer = ? ORDER BY seq DESC LIMIT 1", (writer,)
+                ).fetchone()
+            )
             for record, token_hash in items:
                 if token_hash is not None:
                     used = conn.execute(
@@ -361,8 +618,10 @@ class SqliteStore:
                     if used == 0:
                         outcomes.append(TokenUsedUp("join token has no use left"))
                         continue
+                link = chain.writer.link(record, last)
                 inserted = conn.execute(
-                    "INSERT INTO issuances VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
+                    "INSERT INTO issuances (serial, spiffe_id, not_after, principal, api, issued_at,"
+                    " writer, seq, prev, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
                     (
                         record.serial,
                         record.spiffe_id,
@@ -370,6 +629,10 @@ class SqliteStore:
                         record.principal,
                         record.api,
                         _ts(record.issued_at),
+                        link.writer,
+                        link.seq,
+                        link.prev,
+                        link.hash,
                     ),
                 ).rowcount
                 if inserted == 0:  # refused alone, and the token use it took is given back
@@ -380,20 +643,26 @@ class SqliteStore:
                     self._metrics.errors.labels("commit", "constraint").inc()
                     outcomes.append(duplicate_serial(record))
                     continue
+                last = link
                 outcomes.append(None)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            chain.stale = True
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             self._metrics.error("commit", exc)
             return [StoreError(f"cannot record issuance: {exc}")] * len(items)
+        if last is not None:
+            chain.writer.commit(last)
         return outcomes
 
     def close(self) -> None:
         """Commits what is queued, then stops the writer."""
         if self._writer is not None:
             self._writer.close()
+        self._chain.close()
+        if self._writer is not None:
             self._writer_conn.close()
         with self._read_lock:
             self._read.close()

@@ -19,8 +19,9 @@ import concurrent.futures
 import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple
+from datetime import UTC, datetime, timedelta
 from typing import Any, LiteralString
 
 import psycopg
@@ -28,20 +29,40 @@ import psycopg.conninfo
 from psycopg_pool import ConnectionPool
 
 from meshca.pki._errors import StoreError, TokenUsedUp
+from meshca.pki._keys import PrivateKey
 from meshca.pki._spiffe import SpiffeId
+from meshca.pki._time import Clock, system_clock
+from meshca.server._audit import ChainLink, Checkpoint, LoggedRecord
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import (
+    UNSIGNED_LEGACY_QUERY,
     GroupCommitter,
+    IssuanceChain,
     IssuanceRecord,
     JoinToken,
+    chain_legacy,
     duplicate_serial,
+    logged_checkpoint,
+    logged_record,
     schema_too_new,
 )
 
 __all__ = ["PG_SCHEMA_VERSION", "PostgresStore"]
 
+
+def _chain_legacy(conn: psycopg.Connection[Any]) -> None:
+    rows = conn.execute(
+        "SELECT serial, spiffe_id, not_after, principal, api, issued_at FROM issuances ORDER BY issued_at, row_id"
+    ).fetchall()
+    with conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE issuances SET writer = %s, seq = %s, prev = %s, hash = %s WHERE serial = %s",
+            chain_legacy(rows, _utc),
+        )
+
+
 # _MIGRATIONS[n] takes a database from schema version n to n + 1; the version is in meshca_schema.
-_MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
+_MIGRATIONS: tuple[tuple[LiteralString | Callable[[psycopg.Connection[Any]], None], ...], ...] = (
     (
         """CREATE TABLE join_tokens (
             token_hash text PRIMARY KEY,
@@ -60,6 +81,22 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
         )""",
         "CREATE INDEX issuances_by_id ON issuances (spiffe_id, issued_at)",
     ),
+    (
+        # Version 2, the chained log: the insertion counter makes way for the chain's own seq.
+        "ALTER TABLE issuances RENAME COLUMN seq TO row_id",
+        "ALTER TABLE issuances ADD COLUMN writer text, ADD COLUMN seq bigint, ADD COLUMN prev text,"
+        " ADD COLUMN hash text",
+        _chain_legacy,
+        "CREATE UNIQUE INDEX issuances_chain ON issuances (writer, seq)",
+        """CREATE TABLE log_checkpoints (
+            writer text NOT NULL,
+            seq bigint NOT NULL,
+            head text NOT NULL,
+            at timestamptz NOT NULL,
+            signature bytea NOT NULL,
+            PRIMARY KEY (writer, seq)
+        )""",
+    ),
 )
 PG_SCHEMA_VERSION = len(_MIGRATIONS)
 _MIGRATION_LOCK = 0x6D657368_63610001  # pg_advisory_xact_lock key: "meshca" and 1
@@ -69,9 +106,10 @@ _TAKE_USE: LiteralString = (
     " WHERE token_hash = %s AND uses_left > 0 AND expires_at > %s RETURNING uses_left"
 )
 _INSERT: LiteralString = (
-    "INSERT INTO issuances (serial, spiffe_id, not_after, principal, api, issued_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (serial) DO NOTHING RETURNING serial"
+    "INSERT INTO issuances (serial, spiffe_id, not_after, principal, api, issued_at, writer, seq, prev, hash)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (serial) DO NOTHING RETURNING serial"
 )
+_RELINK: LiteralString = "UPDATE issuances SET seq = %s, prev = %s, hash = %s WHERE serial = %s"
 _GIVE_BACK: LiteralString = "UPDATE join_tokens SET uses_left = uses_left + 1 WHERE token_hash = %s"
 
 
@@ -105,15 +143,16 @@ _LOG_QUERY = (
     "SELECT serial, spiffe_id, not_after, principal, api, issued_at FROM issuances"
     " WHERE %(sid)s::text IS NULL OR spiffe_id = %(sid)s::text ORDER BY {} LIMIT %(limit)s"
 )
-_OLDEST_FIRST = _LOG_QUERY.format("issued_at, seq")
-_NEWEST_FIRST = _LOG_QUERY.format("issued_at DESC, seq DESC")
+_OLDEST_FIRST = _LOG_QUERY.format("issued_at, row_id")
+_NEWEST_FIRST = _LOG_QUERY.format("issued_at DESC, row_id DESC")
 
 
 class PostgresStore:
     """PostgreSQL through a psycopg connection pool; several replicas may share one database.
 
     ``timeout`` bounds how long an operation waits for a connection (and a
-    connection attempt) before it fails with `StoreError`.
+    connection attempt) before it fails with `StoreError`. ``log_key`` signs
+    checkpoints of the records this object writes (see `IssuanceChain`).
     """
 
     def __init__(
@@ -124,6 +163,9 @@ class PostgresStore:
         metrics: StoreMetrics | None = None,
         timeout: float = 5.0,
         pool_size: int = 4,
+        log_key: PrivateKey | None = None,
+        clock: Clock = system_clock,
+        checkpoint_interval: timedelta | None = None,
     ) -> None:
         self.target = describe(url)
         self._secrets = _secrets(url)
@@ -157,6 +199,18 @@ class PostgresStore:
             reconnect_timeout=max(30.0, timeout),  # then a new attempt at the next request: backoff stays short
         )
         self._pool.open(wait=False)
+        try:
+            legacy = self._query("open", "read the issuance log", UNSIGNED_LEGACY_QUERY) if log_key else []
+            self._chain = IssuanceChain(
+                log_key,
+                self._save_checkpoint,
+                clock=clock,
+                interval=checkpoint_interval,
+                legacy_head=(legacy[0][0], legacy[0][1]) if legacy else None,
+            )
+        except StoreError:
+            self._pool.close()
+            raise
         self._writer = GroupCommitter(self.commit_now) if writer else None
 
     def __repr__(self) -> str:
@@ -185,7 +239,10 @@ class PostgresStore:
                 return
             for step in _MIGRATIONS[found:]:
                 for statement in step:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
             conn.execute("DELETE FROM meshca_schema")
             conn.execute("INSERT INTO meshca_schema (version) VALUES (%s)", (PG_SCHEMA_VERSION,))
 
@@ -259,24 +316,59 @@ class PostgresStore:
         )
         return [IssuanceRecord(r[0], r[1], _utc(r[2]), r[3], r[4], _utc(r[5])) for r in rows]
 
+    def log_records(self) -> list[LoggedRecord]:
+        """Every record with its chain fields, for `meshca log verify`."""
+        sql: LiteralString = (
+            "SELECT serial, spiffe_id, not_after, principal, api, issued_at, writer, seq, prev, hash"
+            " FROM issuances ORDER BY row_id"
+        )
+        return [logged_record(row, _utc) for row in self._query("log_records", "read the issuance log", sql)]
+
+    def log_checkpoints(self) -> list[Checkpoint]:
+        sql: LiteralString = "SELECT writer, seq, head, at, signature FROM log_checkpoints"
+        return [logged_checkpoint(row, _utc) for row in self._query("log_checkpoints", "read the issuance log", sql)]
+
+    def _save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._query(
+            "checkpoint",
+            "store a log checkpoint",
+            "INSERT INTO log_checkpoints (writer, seq, head, at, signature) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (checkpoint.writer, checkpoint.seq, checkpoint.head, checkpoint.at, checkpoint.signature),
+        )
+
     def commit_now(self, items: Sequence[tuple[IssuanceRecord, str | None]]) -> list[StoreError | None]:
-        """Commits ``items`` in one transaction on the calling thread; one outcome per item."""
+        """Commits ``items`` in one transaction on the calling thread; one outcome per item.
+
+        The store's chain is held from the first link to the commit, so its
+        transactions run one at a time (a chain has one order).
+        """
         self._metrics.batch.observe(len(items))
-        with self._metrics.timed("commit"):
+        with self._metrics.timed("commit"), self._chain.lock:
             try:
                 with self._pool.connection() as conn:
-                    return self._apply(conn, items)
+                    outcomes, last = self._apply(conn, items)
             except psycopg.Error as exc:
+                self._chain.stale = True
                 self._metrics.error("commit", exc)
                 return [StoreError(f"cannot record issuance in {self.target}: {self._scrub(exc)}")] * len(items)
             finally:
                 self._pool_gauges()
+            if last is not None:
+                self._chain.writer.commit(last)
+            return outcomes
 
     def _apply(
         self, conn: psycopg.Connection[Any], items: Sequence[tuple[IssuanceRecord, str | None]]
-    ) -> list[StoreError | None]:
+    ) -> tuple[list[StoreError | None], ChainLink | None]:
         outcomes: list[StoreError | None] = [None] * len(items)
+        chain = self._chain
         with conn.transaction(), conn.cursor() as cur:
+            chain.begin(
+                lambda writer: conn.execute(
+                    "SELECT seq, hash FROM issuances WHERE writer = %s ORDER BY seq DESC LIMIT 1", (writer,)
+                ).fetchone()
+            )
             # Token uses first, in token order: every replica locks token rows in the
             # same order, so two batches never deadlock. One pipelined round trip.
             uses = sorted(
@@ -288,9 +380,10 @@ class PostgresStore:
                 if not used:
                     outcomes[i] = TokenUsedUp("join token has no use left")
             paid = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            links = self._links([items[i][0] for i in paid])
             rows = [
-                (r.serial, r.spiffe_id, r.not_after, r.principal, r.api, r.issued_at)
-                for r, _ in (items[i] for i in paid)
+                (r.serial, r.spiffe_id, r.not_after, r.principal, r.api, r.issued_at, *astuple(ln))
+                for (r, _), ln in zip((items[i] for i in paid), links, strict=True)
             ]
             refunds = []
             for i, inserted in zip(paid, _each(cur, _INSERT, rows), strict=True):
@@ -302,12 +395,32 @@ class PostgresStore:
                         refunds.append((token,))
             if refunds:
                 cur.executemany(_GIVE_BACK, refunds)
-        return outcomes
+            kept = [i for i in paid if outcomes[i] is None]
+            if len(kept) < len(paid):  # a refused record takes no link: the ones after it are linked again
+                first = dict(zip(paid, links, strict=True))
+                links = self._links([items[i][0] for i in kept])
+                cur.executemany(
+                    _RELINK,
+                    [
+                        (ln.seq, ln.prev, ln.hash, items[i][0].serial)
+                        for i, ln in zip(kept, links, strict=True)
+                        if ln != first[i]
+                    ],
+                )
+        return outcomes, links[-1] if links else None
+
+    def _links(self, records: Sequence[IssuanceRecord]) -> list[ChainLink]:
+        """Links ``records`` one after another from the head (which stays until the commit)."""
+        links: list[ChainLink] = []
+        for record in records:
+            links.append(self._chain.writer.link(record, links[-1] if links else None))
+        return links
 
     def close(self) -> None:
         """Commits what is queued, then stops the writer and closes the pool."""
         if self._writer is not None:
             self._writer.close()
+        self._chain.close()
         self._pool.close()
 
 

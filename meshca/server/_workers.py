@@ -45,8 +45,10 @@ import structlog
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._errors import MeshcaError, StoreError, TokenUsedUp
 from meshca.pki._issuer import Issuer
+from meshca.pki._keys import PrivateKey
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
+from meshca.server._audit import Checkpoint, LoggedRecord
 from meshca.server._config import ServerConfig
 from meshca.server._metrics import MetricsServer
 from meshca.server._ports import claim, release
@@ -112,6 +114,12 @@ class PipeStore:
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
     ) -> list[IssuanceRecord]:
         return self._reader.issuances(spiffe_id, limit, newest_first=newest_first)
+
+    def log_records(self) -> list[LoggedRecord]:
+        return self._reader.log_records()
+
+    def log_checkpoints(self) -> list[Checkpoint]:
+        return self._reader.log_checkpoints()
 
     def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -275,7 +283,9 @@ def _worker_main(
 _MAX_RESTART_DELAY = 30.0
 
 
-def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_clock) -> int:
+def run_supervisor(
+    config: ServerConfig, workers: int, *, clock: Clock = system_clock, log_key: PrivateKey | None = None
+) -> int:
     """Runs ``workers`` serving processes until SIGTERM or SIGINT; returns the exit code.
 
     The gRPC and metrics addresses are claimed first (see _ports): a taken
@@ -284,6 +294,7 @@ def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_
     makes the whole server exit 1 (its reason is in its log line): a broken
     configuration fails once, loudly. A worker that dies later is restarted,
     with backoff, from the last good issuer.
+    The supervisor is the one writer of the issuance log: ``log_key`` signs its checkpoints.
     """
     from meshca.server._app import _split_hostport, store_path
 
@@ -298,7 +309,10 @@ def run_supervisor(config: ServerConfig, workers: int, *, clock: Clock = system_
         metrics_dir = tempfile.mkdtemp(prefix="meshca-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         metrics_server = _metrics_server(config, metrics_dir, procs)
-        store = SqliteStore(store_path(TrustDir.at(config.dir)), writer=False)  # commit_now only
+        # commit_now only: the supervisor batches its workers' records itself
+        store = SqliteStore(
+            store_path(TrustDir.at(config.dir)), writer=False, log_key=log_key, clock=clock
+        )  # commit_now
         listen = f"{config.listen.rpartition(':')[0]}:{port}"
         return _supervise(
             config,

@@ -10,8 +10,10 @@ import pytest
 from meshca import generate_key
 from meshca.server._audit import (
     GENESIS,
+    LEGACY,
     ChainWriter,
     LoggedRecord,
+    legacy_links,
     record_hash,
     sign_checkpoint,
     verify_log,
@@ -126,11 +128,45 @@ def test_tampering_is_named_at_the_first_damaged_record(kind: str, finding: str,
 def test_a_forged_checkpoint_is_refused() -> None:
     chain = _chain(5)
     (good,) = _signed(chain)
+    opening = sign_checkpoint(KEY, "w1", 0, GENESIS, T0)  # what every writer signs before its first record
     forged = dataclasses.replace(good, seq=4, head=chain[3].link.hash)
-    report = verify_log(chain, [forged], KEY.public_key())
-    assert [f.kind for f in report.findings] == ["checkpoint"]
+    report = verify_log(chain, [opening, forged], KEY.public_key())
+    assert [(f.kind, f.seq) for f in report.findings] == [("checkpoint", 4)]
     other_key = generate_key()
     assert not verify_log(chain, [good], other_key.public_key()).ok
+
+
+def test_a_chain_whose_writer_never_signed_is_forged() -> None:
+    real = _chain(3)
+    made_up = _chain(4, "w2")  # anyone can hash a chain; only the key holder can sign one
+    report = verify_log([*real, *made_up], _signed(real), KEY.public_key())
+    assert [(f.kind, f.writer, f.seq) for f in report.findings] == [("inserted", "w2", 1)]
+    assert "never signed" in report.findings[0].detail
+
+
+def test_legacy_records_are_counted_and_sealed() -> None:
+    records = [_record(i) for i in range(1, 6)]
+    legacy = [LoggedRecord(r, ln) for r, ln in zip(records, legacy_links(records), strict=True)]
+    unsealed = verify_log(legacy, [], KEY.public_key())
+    assert unsealed.ok and (unsealed.legacy, unsealed.unchecked) == (5, 5)
+    seal = sign_checkpoint(KEY, LEGACY, 5, legacy[-1].link.hash, T0)
+    sealed = verify_log(legacy, [seal], KEY.public_key())
+    assert sealed.ok and (sealed.legacy, sealed.unchecked) == (5, 0)
+    # The legacy chain never grows: a record hashed onto it after the seal is forged.
+    forged = _record(6)
+    link = ChainWriter(LEGACY).link(forged, legacy[-1].link)
+    report = verify_log([*legacy, LoggedRecord(forged, link)], [seal], KEY.public_key())
+    assert [(f.kind, f.seq) for f in report.findings] == [("inserted", 6)]
+
+
+def test_a_batch_links_records_one_after_another_from_the_head() -> None:
+    writer = ChainWriter("w")
+    first = writer.link(_record(1))
+    second = writer.link(_record(2), first)
+    assert (second.seq, second.prev) == (2, first.hash)
+    assert (writer.seq, writer.head) == (0, GENESIS)  # nothing joined the chain before the commit
+    writer.commit(second)
+    assert (writer.seq, writer.head) == (2, second.hash)
 
 
 def test_the_head_moves_only_on_commit() -> None:

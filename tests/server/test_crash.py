@@ -102,3 +102,10 @@ def test_sigkill_during_issuance_loses_no_issued_certificate(d: Path, server_ca:
         assert spent == len(records)
     finally:
         reopened.close()
+    # serve made the log key it was missing; the killed writer's last records are chained but
+    # unsigned (counted as unchecked), which is not tampering: the log verifies, as two writers.
+    assert (d / "log-signing.key").exists()
+    verified = run_meshca("log", "verify", "--dir", d, "--json")
+    assert verified.returncode == 0, verified
+    report = json.loads(verified.stdout)
+    assert report["findings"] == [] and report["writers"] == 2

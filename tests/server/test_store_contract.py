@@ -7,6 +7,7 @@ import contextlib
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
-from meshca import SpiffeId, StoreError
+from meshca import SpiffeId, StoreError, generate_key
+from meshca.server._audit import GENESIS, record_hash, verify_log
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import (
     SQLITE_SCHEMA_VERSION,
@@ -247,6 +250,66 @@ def test_close_commits_what_is_queued(backend: Backend) -> None:
     assert not closer.is_alive()
     assert [outcome(f) for f in futures] == ["ok"] * 50
     assert len(backend.open(writer=False).issuances()) == 50
+
+
+def test_chained_records_read_back_with_their_links(backend: Backend) -> None:
+    key = generate_key()
+    store = backend.open(log_key=key)
+    t = token(uses=1)
+    store.add_token(t)
+    first = rec()
+    store.record(first).result(timeout=60)
+    # One transaction: a token used up and a serial logged already are refused, and take no link.
+    batch = [(rec(), None), (rec(), t.token_hash), (rec(), t.token_hash), (rec(serial=first.serial), None)]
+    batch.append((rec(), None))
+    outcomes = store.commit_now(batch)  # type: ignore[attr-defined]
+    assert [o is None for o in outcomes] == [True, True, False, False, True]
+    store.close()
+    reader = backend.open(writer=False)
+    logged = reader.log_records()
+    assert [item.record for item in logged] == [first, batch[0][0], batch[1][0], batch[4][0]]
+    writer = logged[0].link.writer
+    prev = GENESIS
+    for seq, item in enumerate(logged, start=1):
+        assert (item.link.writer, item.link.seq, item.link.prev) == (writer, seq, prev)
+        assert item.link.hash == record_hash(item.record, writer, prev)
+        prev = item.link.hash
+    checkpoints = reader.log_checkpoints()
+    assert sorted((c.writer, c.seq, c.head) for c in checkpoints) == [(writer, 0, GENESIS), (writer, 4, prev)]
+    report = verify_log(logged, checkpoints, key.public_key())
+    assert report.ok and (report.records, report.unchecked) == (4, 0)
+
+
+def test_replicas_keep_chains_of_their_own(backend: Backend) -> None:
+    key = generate_key()
+    replicas = [backend.open(log_key=key), backend.open(log_key=key)]
+    for i in range(6):
+        replicas[i % 2].record(rec()).result(timeout=60)
+    for replica in replicas:
+        replica.close()
+    logged = backend.open(writer=False).log_records()
+    writers = {item.link.writer for item in logged}
+    assert len(writers) == 2
+    assert sorted(item.link.seq for item in logged) == [1, 1, 2, 2, 3, 3]
+    report = verify_log(logged, backend.open(writer=False).log_checkpoints(), key.public_key())
+    assert report.ok and report.writers == 2
+
+
+def test_a_moved_head_is_signed_within_the_interval_and_logged(backend: Backend) -> None:
+    key = generate_key()
+    with capture_logs() as logs:
+        store = backend.open(log_key=key, checkpoint_interval=timedelta(milliseconds=100))
+        store.record(rec()).result(timeout=60)
+        deadline = time.monotonic() + 20
+        while max(c.seq for c in store.log_checkpoints()) < 1:
+            assert time.monotonic() < deadline, "no checkpoint of the moved head"
+            time.sleep(0.05)
+        time.sleep(0.3)  # a head that stays is not signed again, not even at close
+        store.close()
+    assert sorted(c.seq for c in backend.open(writer=False).log_checkpoints()) == [0, 1]
+    logged = [e for e in logs if e["event"] == "log.checkpoint"]
+    assert [e["seq"] for e in logged] == [0, 1]
+    assert logged[1]["head"] == backend.open(writer=False).log_records()[0].link.hash
 
 
 def test_schema_version_is_recorded_and_a_newer_one_refused(backend: Backend) -> None:

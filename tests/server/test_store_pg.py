@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,12 +17,13 @@ from prometheus_client import CollectorRegistry
 from support import pg
 from support.poll import eventually_sync
 
-from meshca import StoreError
+from meshca import StoreError, generate_key
+from meshca.server._audit import verify_log
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import open_store
-from meshca.server._store_pg import PG_SCHEMA_VERSION, PostgresStore
+from meshca.server._store_pg import _MIGRATIONS, PG_SCHEMA_VERSION, PostgresStore
 
-from .test_store_contract import rec
+from .test_store_contract import NOW, rec
 
 
 def without_password(url: str) -> tuple[str, str]:
@@ -113,6 +115,9 @@ def test_outage_fails_fast_and_the_same_store_recovers(pg_cluster: pg.Cluster) -
         after = rec()
         store.record(after).result(timeout=30)
         assert [r.serial for r in store.issuances()] == [before.serial, after.serial]  # the lost one is not logged
+        # The failed transaction took no link: the chain goes on from what the database holds.
+        first, second = store.log_records()
+        assert (second.link.seq, second.link.prev) == (2, first.link.hash)
     finally:
         store.close()
 
@@ -133,6 +138,35 @@ def test_migrations_racing_on_open_connections_take_turns(pg_database: str) -> N
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_version_1_database_is_chained_as_legacy_and_sealed(pg_database: str) -> None:
+    old = [rec(at=NOW + timedelta(seconds=i)) for i in range(3)]
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE meshca_schema (version integer NOT NULL)")
+        for statement in _MIGRATIONS[0]:
+            assert isinstance(statement, str)
+            conn.execute(statement)
+        conn.execute("INSERT INTO meshca_schema VALUES (1)")
+        for r in old:
+            conn.execute(
+                "INSERT INTO issuances (serial, spiffe_id, not_after, principal, api, issued_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (r.serial, r.spiffe_id, r.not_after, r.principal, r.api, r.issued_at),
+            )
+    key = generate_key()
+    store = PostgresStore(pg_database, log_key=key)  # migrates, then seals the legacy chain with the key
+    new = rec(at=NOW + timedelta(seconds=9))
+    store.record(new).result(timeout=30)
+    store.close()
+    reader = PostgresStore(pg_database, writer=False)
+    try:
+        report = verify_log(reader.log_records(), reader.log_checkpoints(), key.public_key())
+        assert report.ok, report.findings
+        assert (report.records, report.writers, report.legacy, report.unchecked) == (4, 2, 3, 0)
+        assert [r.serial for r in reader.issuances()] == [*(r.serial for r in old), new.serial]
+    finally:
+        reader.close()
 
 
 def test_ci_never_skips_postgresql() -> None:

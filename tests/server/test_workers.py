@@ -104,6 +104,16 @@ def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) 
             _issue(port, bundle, token)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert proc.terminate() == 0
+    # The supervisor chained every record and signed its head at exit: the untouched log verifies.
+    verified = run_meshca("log", "verify", "--dir", d, "--json")
+    assert verified.returncode == 0, verified
+    report = json.loads(verified.stdout)
+    assert report["ok"] and report["findings"] == []
+    assert report["records"] >= 42  # 40 workloads and each worker's own serving SVID
+    assert (report["writers"], report["unchecked"], report["legacy"]) == (1, 0, 0)
+    # Each checkpoint is also a log line: the copy outside the database.
+    logged = [e for e in proc.events if e.get("event") == "log.checkpoint"]
+    assert logged and logged[-1]["seq"] == report["records"]
 
 
 def test_a_single_use_token_pays_for_one_certificate_across_workers(d: Path, two_workers: ServeProcess) -> None:
