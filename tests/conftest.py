@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from certbuild import NOW
+from softhsm import SoftHsm, make_softhsm
 
 import meshca
 from meshca.testing import FrozenClock, TestCA
@@ -58,6 +59,17 @@ def live_ca() -> TestCA:
 @pytest.fixture(scope="session")
 def live_foreign_ca() -> TestCA:
     return TestCA("example.org")
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """A throwaway SoftHSM2 token labelled ``meshca`` for the whole session (tests/softhsm.py)."""
+    before = os.environ.get("SOFTHSM2_CONF")
+    yield make_softhsm(tmp_path_factory.mktemp("softhsm"))
+    if before is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = before
 
 
 @pytest.fixture(scope="session")
