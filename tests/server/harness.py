@@ -42,7 +42,7 @@ from meshca._proto import (
     meshca_identity_pb2_grpc,
 )
 from meshca.pki._proof import SvidProof
-from meshca.server import IdentityServer, JoinToken, ServerConfig, SqliteStore, hash_token, new_token
+from meshca.server import IdentityServer, JoinToken, ServerConfig, SqliteStore, hash_token, new_token, store_path
 from meshca.testing import TestCA
 
 pb = meshca_identity_pb2
@@ -161,6 +161,15 @@ def add_token(
     expires = (now or datetime.now(UTC)) + ttl
     store.add_token(JoinToken(hash_token(token), spiffe_id, expires, uses))
     return token
+
+
+def dir_token(d: Path, uses: int) -> str:
+    """A join token for WEB in the store of trust directory ``d`` (what `meshca token create` does)."""
+    store = SqliteStore(store_path(meshca.TrustDir.at(d)))
+    try:
+        return add_token(store, WEB, uses=uses)
+    finally:
+        store.close()
 
 
 # -- Kubernetes service-account JWTs

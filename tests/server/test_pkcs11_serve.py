@@ -15,23 +15,14 @@ from softhsm import PIN, SoftHsm
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.pki._pkcs11 import Pkcs11Uri
-from meshca.server import SqliteStore, store_path
 
-from .harness import WEB, add_token, http_get, native_request, spiffe_csr
+from .harness import dir_token, http_get, native_request, spiffe_csr
 from .procs import ServeProcess
 
 
 def _init_on_token(d: Path, softhsm: SoftHsm, name: str) -> None:
     uri = Pkcs11Uri.parse(softhsm.uri(name))
     meshca.TrustDir.at(d).init(meshca.TrustDomain("example.org"), now=meshca.system_clock(), issuer_key_uri=uri)
-
-
-def _token(d: Path, uses: int) -> str:
-    store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-    try:
-        return add_token(store, WEB, uses=uses)
-    finally:
-        store.close()
 
 
 def _issue(port: int, d: Path, token: str) -> x509.Certificate:
@@ -62,7 +53,7 @@ def test_two_workers_issue_through_the_token(d: Path, softhsm: SoftHsm) -> None:
     issuer_cert = x509.load_pem_x509_certificate((d / "issuer.crt").read_bytes())
     with ServeProcess(d, "--workers", "2") as proc:
         port = int(_wait_for(proc, 2, "server.started")[0]["port"])  # type: ignore[call-overload]
-        token = _token(d, uses=24)
+        token = dir_token(d, uses=24)
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             leaves = list(pool.map(lambda _: _issue(port, d, token), range(24)))
         for leaf in leaves:
@@ -77,7 +68,7 @@ def test_a_failing_token_makes_serve_unavailable_and_not_ready_until_it_returns(
     with ServeProcess(d, "--workers", "1") as proc:
         port = proc.wait_started()
         metrics_port = int(_wait_for(proc, 1, "server.started")[0]["metrics_port"])  # type: ignore[call-overload]
-        token = _token(d, uses=10)
+        token = dir_token(d, uses=10)
         _issue(port, d, token)
         assert http_get(metrics_port, "/readyz")[0] == 200
         with softhsm.removed():

@@ -16,9 +16,8 @@ from cryptography import x509
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
-from meshca.server import SqliteStore, store_path
 
-from .harness import WEB, add_token, http_get, native_request, sample_value, serial_hex, spiffe_csr
+from .harness import dir_token, http_get, native_request, sample_value, serial_hex, spiffe_csr
 from .procs import ServeProcess, run_meshca
 
 
@@ -35,14 +34,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "State:\tZ" not in status
-
-
-def _token(d: Path, uses: int) -> str:
-    store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-    try:
-        return add_token(store, WEB, uses=uses)
-    finally:
-        store.close()
 
 
 def _issue_response(port: int, bundle: bytes, token: str) -> Any:
@@ -78,7 +69,7 @@ def two_workers(d: Path) -> ServeProcess:
 def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, metrics_port = _started(proc, 2)
-        token = _token(d, uses=40)
+        token = dir_token(d, uses=40)
         bundle = (d / "bundle.pem").read_bytes()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             serials = list(pool.map(lambda _: _issue(port, bundle, token), range(40)))
@@ -104,7 +95,7 @@ def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) 
 def test_a_single_use_token_pays_for_one_certificate_across_workers(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, _ = _started(proc, 2)
-        token = _token(d, uses=1)
+        token = dir_token(d, uses=1)
         bundle = (d / "bundle.pem").read_bytes()
 
         def attempt(_: int) -> bool:
@@ -163,7 +154,7 @@ def test_a_bad_issuer_on_disk_neither_unreadies_nor_stops_the_workers(d: Path, t
     """The workers keep the last good issuer; so do /readyz and a worker restarted after a crash."""
     with two_workers as proc:
         port, metrics_port = _started(proc, 2)
-        token = _token(d, uses=10)
+        token = dir_token(d, uses=10)
         bundle = (d / "bundle.pem").read_bytes()
         # A new good issuer first, so "last good" is not simply the one the workers started with.
         tdir, staged = meshca.TrustDir.at(d), d.parent / "staged"
