@@ -132,11 +132,13 @@ def pct(values: list[float], q: float) -> float:
 class Meshca:
     name = "meshca"
 
-    def __init__(self, work: Path, workers: int, jwt: bool = False) -> None:
-        self.dir = work / f"meshca-{workers}{'-jwt' if jwt else ''}"
+    def __init__(self, work: Path, workers: int, jwt: bool = False, *, name: str = "meshca",
+                 init_args: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.dir = work / f"{name}-{workers}{'-jwt' if jwt else ''}"
         self.port, self.metrics_port = free_port(), free_port()
         meshca = [sys.executable, "-m", "meshca.cli"]
-        subprocess.run([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir)],
+        subprocess.run([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir), *init_args],
                        check=True, capture_output=True)
         argv = [*meshca, "serve", "--dir", str(self.dir), "--listen", f"127.0.0.1:{self.port}",
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--workers", str(workers)]

@@ -37,6 +37,7 @@ __all__ = [
     "Signer",
     "SigningKey",
     "as_signer",
+    "checked_signature",
     "is_key_uri",
     "load_signing_key",
     "sign_certificate",
@@ -100,6 +101,18 @@ def verify_signature(public_key: PublicKey, signature: bytes, data: bytes, algor
     return True
 
 
+def checked_signature(signer: Signer, data: bytes, algorithm: Hash) -> bytes:
+    """``signer``'s signature of ``data``, verified with its public key before anyone sees it.
+
+    For keys outside this process: a token that returns a faulty signature
+    (an RSA-CRT fault leaks the key) or signs with another key fails here.
+    """
+    signature = signer.sign(data, algorithm)
+    if not verify_signature(signer.public_key(), signature, data, algorithm):
+        raise KeyCustodyError(f"the signature of {signer!r} does not verify with its public key")
+    return signature
+
+
 @functools.cache
 def _draft_key(rsa_key: bool) -> PrivateKey:
     # Only gets cryptography's builder to write the TBSCertificate and the
@@ -123,10 +136,11 @@ def sign_certificate(builder: x509.CertificateBuilder, key: SigningKey) -> x509.
     draft = builder.sign(_draft_key(signer.key_type.is_rsa), algorithm)
     tbs = draft.tbs_certificate_bytes
     signature_algorithm = children(draft.public_bytes(serialization.Encoding.DER))[1]
-    signature = signer.sign(tbs, algorithm)
+    signature = checked_signature(signer, tbs, algorithm)
     certificate = x509.load_der_x509_certificate(certificate_der(tbs, signature_algorithm, signature))
-    if not verify_signature(public_key, certificate.signature, certificate.tbs_certificate_bytes, algorithm):
-        raise KeyCustodyError(f"the signature of {signer!r} does not verify with its public key")
+    # Read back by cryptography: the assembled certificate carries exactly the TBS and signature checked above.
+    if certificate.tbs_certificate_bytes != tbs or certificate.signature != signature:
+        raise KeyCustodyError("the certificate assembled from the token's signature does not read back")
     return certificate
 
 

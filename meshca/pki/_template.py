@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from meshca.pki._custody import MemoryKey, SigningKey, as_signer, sign_certificate
+from meshca.pki._custody import MemoryKey, SigningKey, as_signer, checked_signature, sign_certificate
 from meshca.pki._der import SEQUENCE, certificate_der, children, tlv
 from meshca.pki._keys import PublicKey, signature_hash
 from meshca.pki._profiles import LeafFields, leaf_builder, leaf_fields
@@ -84,7 +84,7 @@ class LeafTemplate:
         hash_ = signature_hash(signer.public_key())
         self._sign: Callable[[bytes], bytes]
         if not isinstance(signer, MemoryKey):
-            self._sign = lambda data: signer.sign(data, hash_)
+            self._sign = lambda data: checked_signature(signer, data, hash_)
         elif isinstance(private := signer.private_key, rsa.RSAPrivateKey):
             pkcs1 = padding.PKCS1v15()
             self._sign = lambda data: private.sign(data, pkcs1, hash_)
