@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from run import Meshca, Run, measure
+from run import Meshca, Run, alternate
 
 SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 
@@ -67,11 +67,7 @@ def main() -> int:
         try:
             print(f"warm-up; then {args.rounds} alternating rounds of {args.requests} requests; "
                   f"meshca --workers {args.workers}", flush=True)
-            for server in servers:
-                measure(server, "warm-up", warmup)
-            for r in range(args.rounds):
-                for server in servers[r % 2:] + servers[: r % 2]:
-                    runs.append(measure(server, f"round {r + 1}", args.requests))
+            runs += alternate(servers, args.rounds, args.requests, warmup)
         finally:
             for server in servers:
                 server.stop()
