@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
-from softhsm import PIN, SoftHsm
+from softhsm import PIN, SoftHsm, skip_or_fail
 
 import meshca
 from meshca.pki._custody import verify_signature
@@ -104,6 +106,8 @@ def test_a_key_generated_on_the_token_is_sensitive_and_not_extractable(
         private[secret]
 
     # And as OpenSC's pkcs11-tool reports it.
+    if shutil.which("pkcs11-tool") is None:
+        skip_or_fail("OpenSC's pkcs11-tool is not installed (apt-get install opensc)")
     tool = subprocess.run(
         ["pkcs11-tool", "--module", str(softhsm.module), "--token-label", "meshca", "--login", "--pin", PIN, "-O"],
         capture_output=True,
@@ -144,6 +148,24 @@ def test_a_token_that_goes_away_fails_with_the_pkcs11_error_and_recovers(softhsm
         with pytest.raises(KeyCustodyError, match="no such token"):
             key.sign(b"x", algorithm)
     assert verify_signature(key.public_key(), key.sign(b"x", algorithm), b"x", algorithm)
+
+
+def _sign_in_child(key: TokenKey, done: Any) -> None:
+    algorithm = signature_hash(key.public_key())
+    done.put(verify_signature(key.public_key(), key.sign(b"child", algorithm), b"child", algorithm))
+
+
+def test_a_forked_child_opens_its_own_session(softhsm: SoftHsm) -> None:
+    key = TokenKey.generate(Pkcs11Uri.parse(softhsm.uri("forked")), meshca.KeyType.EC_P256)
+    algorithm = signature_hash(key.public_key())
+    key.sign(b"parent", algorithm)  # the parent's session is open when it forks
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+    child = ctx.Process(target=_sign_in_child, args=(key, done))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0 and done.get(timeout=5) is True
+    assert verify_signature(key.public_key(), key.sign(b"parent", algorithm), b"parent", algorithm)
 
 
 # -- the CLI
