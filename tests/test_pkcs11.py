@@ -6,6 +6,7 @@ import multiprocessing
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,38 @@ def test_a_token_that_goes_away_fails_with_the_pkcs11_error_and_recovers(softhsm
         with pytest.raises(KeyCustodyError, match="no such token"):
             key.sign(b"x", algorithm)
     assert verify_signature(key.public_key(), key.sign(b"x", algorithm), b"x", algorithm)
+
+
+_LOCKOUT_SCRIPT = """
+import sys
+from meshca.pki._errors import KeyCustodyError
+from meshca.pki._pkcs11 import Pkcs11Uri, TokenKey
+uri, pin_file, pin = Pkcs11Uri.parse(sys.argv[1]), sys.argv[2], sys.argv[3]
+for _ in range(2):
+    try:
+        TokenKey.open(uri)
+    except KeyCustodyError as exc:
+        print(exc.pkcs11_error, exc)
+open(pin_file, "w").write(pin + "\\n")
+print("opened", TokenKey.open(uri).key_type)
+"""
+
+
+def test_a_refused_pin_file_is_not_tried_again_until_it_changes(softhsm: SoftHsm, tmp_path: Path) -> None:
+    """A login is per process, so a process of its own: the second attempt does not reach the token."""
+    TokenKey.generate(Pkcs11Uri.parse(softhsm.uri("lockout")), meshca.KeyType.EC_P256)
+    pin = tmp_path / "pin"
+    pin.write_text("0000-wrong\n")
+    uri = softhsm.uri("lockout", pin_file=pin)
+    run = subprocess.run(
+        [sys.executable, "-c", _LOCKOUT_SCRIPT, uri, str(pin), PIN], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    first, second, opened = run.stdout.splitlines()
+    assert first.startswith("PinIncorrect ") and "not tried again" not in first
+    assert second.startswith("PinIncorrect ") and f"not tried again until {pin} changes" in second
+    assert opened == "opened ec-p256"
+    assert PIN not in first + second
 
 
 def _sign_in_child(key: TokenKey, done: Any) -> None:

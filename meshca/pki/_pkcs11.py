@@ -11,12 +11,13 @@ The PIN is read from the ``pin-source`` file each time a session is opened
 and is never kept, logged or put in a message; ``pin-value`` is refused,
 because the URI is recorded in the trust directory and printed.
 
-Sessions: one per key per process, opened in the process that signs (the
-workers of `serve --workers N` are spawned, so each opens its own; a forked
-child initializes the module again before its first session). After an
-error the session is dropped, and the next use initializes the module again
-and opens a new one: that is how a token that went away and came back (or
-a corrected PIN file) is picked up.
+Sessions: one per token per process (a PKCS#11 login belongs to the
+process), opened in the process that signs: the workers of `serve --workers
+N` are spawned, so each opens its own, and a forked child initializes the
+module again before its first session. After an error the module is
+initialized again at the next use and a new session opened: that is how a
+token that went away and came back is picked up. A PIN the token refused is
+not tried again until its file changes, so retries never lock the token.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class _Module:
     lib: Any  # pkcs11.lib
     pid: int
     generation: int = 0
+    failed: bool = False  # an error since the last initialization: initialize again before the next use
     # One session per token: a PKCS#11 login belongs to the process, not the session, and
     # closing a session can log out the others, so every key on a token shares this one.
     sessions: dict[tuple[int, bytes], Any] = field(default_factory=dict)
@@ -176,10 +178,21 @@ class _Module:
 
 _LOCK = threading.RLock()  # a PKCS#11 session runs one operation at a time; gRPC threads sign too
 _MODULES: dict[Path, _Module] = {}
+# PIN files a token refused, by their stat: a retry with the same file would only count
+# towards the token's PIN lockout, so the next login waits for the file to change.
+_REFUSED_PINS: dict[Path, tuple[int, int, int] | None] = {}
 
 
-def _module(path: Path, *, again: bool) -> _Module:
-    """The loaded module at ``path``, initialized in this process; ``again`` after an error."""
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _module(path: Path) -> _Module:
+    """The loaded module at ``path``, initialized in this process, and again after an error."""
     import pkcs11
 
     module = _MODULES.get(path)
@@ -188,13 +201,14 @@ def _module(path: Path, *, again: bool) -> _Module:
             if not path.is_file():
                 raise KeyCustodyError(f"PKCS#11 module-path {path}: no such file")
             module = _MODULES[path] = _Module(pkcs11.lib(str(path)), os.getpid())
-        elif again or module.pid != os.getpid():
+        elif module.failed or module.pid != os.getpid():
             # A forked child must initialize the module itself; after an error, initializing
             # again is what makes a module look for its tokens again (SoftHSM2 does not otherwise).
             module.sessions.clear()  # C_Finalize closed them
             module.lib.reinitialize()
             module.pid = os.getpid()
             module.generation += 1
+            module.failed = False
     except pkcs11.exceptions.PKCS11Error as exc:
         raise KeyCustodyError(
             f"cannot load the PKCS#11 module {path}: {type(exc).__name__} {exc}".rstrip(), type(exc).__name__
@@ -202,24 +216,42 @@ def _module(path: Path, *, again: bool) -> _Module:
     return module
 
 
-def _session(uri: Pkcs11Uri, *, again: bool) -> tuple[Any, int]:
+def _session(uri: Pkcs11Uri) -> tuple[Any, int]:
     """The session on the token ``uri`` names, logged in with its PIN; and the module's generation."""
+
+    module = _module(uri.module_path)
+    try:
+        return _logged_in(uri, module), module.generation
+    except KeyCustodyError:
+        module.failed = True
+        raise
+
+
+def _logged_in(uri: Pkcs11Uri, module: _Module) -> Any:
     import pkcs11
 
-    module = _module(uri.module_path, again=again)
     token = _find_token(uri, module)
     ident = (token.slot.slot_id, token.serial)
     session = module.sessions.get(ident)
     if session is None:
+        pin_stamp = _stamp(uri.pin_source)
+        if uri.pin_source is not None and pin_stamp is not None and _REFUSED_PINS.get(uri.pin_source) == pin_stamp:
+            raise KeyCustodyError(
+                f"PKCS#11 error PinIncorrect logging in to {uri.describe()}: not tried again until "
+                f"{uri.pin_source} changes (every wrong PIN counts towards the token's lockout)",
+                "PinIncorrect",
+            )
         try:
             try:
                 session = token.open(rw=True, user_pin=uri.read_pin())
             except pkcs11.exceptions.UserAlreadyLoggedIn:
                 session = token.open(rw=True)  # logged in by an earlier session of this process
         except pkcs11.exceptions.PKCS11Error as exc:
+            if isinstance(exc, pkcs11.exceptions.PinIncorrect) and uri.pin_source is not None:
+                _REFUSED_PINS[uri.pin_source] = pin_stamp
             raise _failure(exc, uri, "logging in to") from None
         module.sessions[ident] = session
-    return session, module.generation
+    return session
 
 
 # -- a key on a token
@@ -246,7 +278,7 @@ class TokenKey:
     def open(cls, uri: Pkcs11Uri) -> TokenKey:
         key = cls(uri)
         with _LOCK:
-            key._connect(again=False)
+            key._connect()
         return key
 
     @classmethod
@@ -277,7 +309,7 @@ class TokenKey:
         }
         caps = MechanismFlag.SIGN | MechanismFlag.VERIFY
         with _LOCK:
-            session, _ = _session(uri, again=False)
+            session, _ = _session(uri)
             try:
                 for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
                     if list(session.get_objects(_search(uri, object_class))):
@@ -300,6 +332,7 @@ class TokenKey:
                     )
                     params.generate_keypair(public_template=public, private_template=private, **names)
             except pkcs11.exceptions.PKCS11Error as exc:
+                _MODULES[uri.module_path].failed = True
                 raise _failure(exc, uri, "generating a key on") from None
         return cls.open(uri)
 
@@ -325,9 +358,9 @@ class TokenKey:
                 or module is None
                 or (module.generation, module.pid) != (self._generation, os.getpid())
             ):
-                # No session after an error: initialize the module again. A module another key
-                # initialized again (or a fork): only a new session.
-                self._connect(again=self._key is None)
+                # After an error (here or with another key of the module), a new
+                # initialization (or a fork): a new session.
+                self._connect()
             try:
                 if self.key_type.is_rsa:
                     sha384 = isinstance(algorithm, hashes.SHA384)
@@ -338,18 +371,20 @@ class TokenKey:
                 # CKM_ECDSA on the digest: every token has it (SoftHSM2 lacks CKM_ECDSA_SHA256).
                 raw = bytes(self._key.sign(digest.finalize(), mechanism=Mechanism.ECDSA))
             except pkcs11.exceptions.PKCS11Error as exc:
-                self._key = None  # the next use initializes the module again and opens a new session
+                self._key = None
+                _MODULES[self.uri.module_path].failed = True  # initialize again, then a new session
                 raise _failure(exc, self.uri, "signing with") from None
         half = len(raw) // 2  # PKCS#11 gives r || s; X.509 wants DER SEQUENCE { r, s }
         return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
     # -- sessions
 
-    def _connect(self, *, again: bool) -> None:
+    def _connect(self) -> None:
         import pkcs11
         from pkcs11 import ObjectClass
 
-        session, generation = _session(self.uri, again=again)
+        self._key = None
+        session, generation = _session(self.uri)
         try:
             key = _one(session, self.uri, ObjectClass.PRIVATE_KEY)
             public_key = _public_key(_one(session, self.uri, ObjectClass.PUBLIC_KEY))
@@ -358,6 +393,7 @@ class TokenKey:
             key_type = key_type_of(public_key)
         except (pkcs11.exceptions.PKCS11Error, KeyCustodyError, ValueError) as exc:
             if isinstance(exc, pkcs11.exceptions.PKCS11Error):
+                _MODULES[self.uri.module_path].failed = True
                 raise _failure(exc, self.uri, "reading the key from") from None
             if isinstance(exc, KeyCustodyError):
                 raise
