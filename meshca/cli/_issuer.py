@@ -8,7 +8,7 @@ from meshca.cli._keypair import add_outputs, cert_and_key_out, new_key, save_key
 from meshca.cli._options import CliError, add_trust_domain, emit, passphrase, read
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem, load_certificates, spiffe_ids_of
-from meshca.pki._custody import as_signer, load_signing_key
+from meshca.pki._custody import as_signer, is_key_uri, load_signing_key
 from meshca.pki._files import atomic_write
 from meshca.pki._inspect import describe_certificate
 from meshca.pki._profiles import ISSUER_LIFETIME, build_issuer
@@ -41,7 +41,7 @@ def create(args: argparse.Namespace, clock: Clock) -> int:
         signer = load_certificates(read(args.anchor_cert))[0]
     except ValueError as exc:
         raise CliError(f"{args.anchor_cert}: {exc}") from exc
-    anchor_key = args.anchor_key.encode() if args.anchor_key.startswith("pkcs11:") else read(args.anchor_key)
+    anchor_key = args.anchor_key.encode() if is_key_uri(args.anchor_key) else read(args.anchor_key)
     signer_key = load_signing_key(anchor_key, passphrase(args))
     if as_signer(signer_key).public_key() != signer.public_key():
         raise CliError(f"{args.anchor_key} is not the key of {args.anchor_cert}")
