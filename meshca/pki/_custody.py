@@ -21,15 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from meshca.pki._der import certificate_der, children
 from meshca.pki._errors import KeyCustodyError
-from meshca.pki._keys import (
-    KeyType,
-    PrivateKey,
-    PublicKey,
-    generate_key,
-    key_type_of,
-    load_private_key,
-    signature_hash,
-)
+from meshca.pki._keys import KeyType, PrivateKey, PublicKey, generate_key, key_type_of, load_private_key, signature_hash
 
 __all__ = [
     "Hash",
