@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,11 +133,13 @@ def pct(values: list[float], q: float) -> float:
 class Meshca:
     name = "meshca"
 
-    def __init__(self, work: Path, workers: int, jwt: bool = False) -> None:
-        self.dir = work / f"meshca-{workers}{'-jwt' if jwt else ''}"
+    def __init__(self, work: Path, workers: int, jwt: bool = False, *, name: str = "meshca",
+                 init_args: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.dir = work / f"{name}-{workers}{'-jwt' if jwt else ''}"
         self.port, self.metrics_port = free_port(), free_port()
         meshca = [sys.executable, "-m", "meshca.cli"]
-        subprocess.run([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir)],
+        subprocess.run([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir), *init_args],
                        check=True, capture_output=True)
         argv = [*meshca, "serve", "--dir", str(self.dir), "--listen", f"127.0.0.1:{self.port}",
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--workers", str(workers)]
@@ -316,6 +319,20 @@ def measure(server: Meshca | Cfssl, label: str, requests: int, connections: int 
     return run
 
 
+def alternate(servers: list[Meshca | Cfssl], rounds: int, requests: int, warmup: int,
+              between: Callable[[], object] = lambda: None) -> list[Run]:
+    """A warm-up for each server, then ``rounds`` rounds with the order rotating (A B C, B C A, ...)."""
+    for server in servers:
+        measure(server, "warm-up", warmup)
+    runs = []
+    for r in range(rounds):
+        turn = r % len(servers)
+        for server in servers[turn:] + servers[:turn]:
+            runs.append(measure(server, f"round {r + 1}", requests))
+        between()
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5,000 requests")
@@ -345,13 +362,9 @@ def main() -> int:
         try:
             print(f"warm-up; then {args.rounds} rounds of {args.requests} requests, {CONNECTIONS} connections, "
                   f"order rotating; meshca --workers {args.workers}", flush=True)
-            for server in servers:
-                measure(server, "warm-up", warmup)
-            for r in range(args.rounds):
-                for server in servers[r % 3:] + servers[: r % 3]:
-                    runs.append(measure(server, f"round {r + 1}", args.requests))
-                # The crypto limit, between rounds so it sees the same machine state as they do.
-                speed.append(openssl_speed(1 if args.smoke else 3))
+            # The crypto limit, between rounds so it sees the same machine state as they do.
+            runs += alternate(servers, args.rounds, args.requests, warmup,
+                              between=lambda: speed.append(openssl_speed(1 if args.smoke else 3)))
             for server in servers:
                 runs.append(measure(server, "sequential (1 client)", max(300, args.requests // 10), 1))
             if args.soak:

@@ -96,16 +96,17 @@ class TestCA:
     ) -> None:
         self.trust_domain = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(trust_domain)
         self.now = now or system_clock()
+        self.anchor_key = generate_key(key_type)
+        self.issuer_key = generate_key(key_type)
         self._made = new_trust_domain(
             self.trust_domain,
             now=self.now,
-            key_type=key_type,
+            anchor_key=self.anchor_key,
+            issuer_key=self.issuer_key,
             anchor_lifetime=anchor_lifetime,
             issuer_lifetime=issuer_lifetime,
         )
-        self.anchor_key = self._made.anchor_key
         self.anchor = self._made.anchor
-        self.issuer_key = self._made.issuer_key
         self.issuer_certificate = self._made.issuer
         self.bundle = TrustBundle(self.trust_domain, (self.anchor,))
         self.issuer = Issuer([self.issuer_certificate], self.issuer_key, self.bundle)

@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/debian-packages.sh openssl:openssl certtool:gnutls-bin sqlite3:sqlite3 psql:postgresql-client
+# The PKCS#11 tests use a throwaway SoftHSM2 token and OpenSC's pkcs11-tool: installed
+# as root; otherwise they skip locally (and fail in CI).
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/debian-packages.sh softhsm2-util:softhsm2 pkcs11-tool:opensc
+fi
 
 # The PostgreSQL store tests need a server: as root, install Debian's postgresql
 # if its programs are missing and start a throwaway cluster (stopped at exit).

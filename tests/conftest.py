@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import pytest
 from support import procs
 from support.certbuild import NOW
+from support.softhsm import SoftHsm, make_softhsm
 
 import meshca
 from meshca.testing import FrozenClock, TestCA
@@ -68,6 +70,17 @@ def live_ca() -> TestCA:
 @pytest.fixture(scope="session")
 def live_foreign_ca() -> TestCA:
     return TestCA("example.org")
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """A throwaway SoftHSM2 token labelled ``meshca`` for the whole session (tests/softhsm.py)."""
+    before = os.environ.get("SOFTHSM2_CONF")
+    yield make_softhsm(tmp_path_factory.mktemp("softhsm"))
+    if before is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = before
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from meshca.cli._keypair import add_outputs, cert_and_key_out
-from meshca.cli._options import add_trust_domain, emit, refuse_existing, write_key
+from meshca.cli._keypair import add_outputs, cert_and_key_out, new_key, save_key
+from meshca.cli._options import add_trust_domain, emit
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
 from meshca.pki._files import atomic_write
 from meshca.pki._inspect import describe_certificate
-from meshca.pki._keys import generate_key
 from meshca.pki._profiles import ANCHOR_LIFETIME, build_anchor
 from meshca.pki._time import Clock
 from meshca.pki._trustdir import TrustDir
@@ -30,12 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def create(args: argparse.Namespace, clock: Clock) -> int:
     cert_out, key_out = cert_and_key_out(args, CERT, KEY)
-    refuse_existing(key_out, args)
-    key = generate_key(args.key_type)
+    key = new_key(args)
     cert = build_anchor(key, args.trust_domain, now=clock(), lifetime=args.lifetime)
-    write_key(key_out, key, args)
+    written = save_key(key_out, key, args)
     atomic_write(cert_out, certificates_pem([cert]))
     if args.dir and not TrustDir.at(args.dir).bundle.exists():
         atomic_write(TrustDir.at(args.dir).bundle, TrustBundle(args.trust_domain, (cert,)).to_pem())
-    emit(args, describe_certificate(cert), f"wrote trust anchor {cert_out} and key {key_out}")
+    emit(args, describe_certificate(cert), f"wrote trust anchor {cert_out} and key {written}")
     return 0

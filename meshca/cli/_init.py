@@ -10,6 +10,7 @@ from meshca.cli._options import (
     add_duration,
     add_json,
     add_key_type,
+    add_key_uri,
     add_key_writing,
     add_leaf_ttl,
     add_trust_domain,
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_trust_domain(p, "the trust domain, e.g. example.org", required=True)
     add_dir(p, "directory to write the trust domain into (created if absent)")
     add_key_type(p, "the anchor and issuer keys")
+    add_key_uri(p, "--anchor-key-uri", "the trust anchor key")
+    add_key_uri(p, "--issuer-key-uri", "the issuer key")
     add_duration(p, "--anchor-lifetime", ANCHOR_LIFETIME, "lifetime of the trust anchor")
     add_duration(
         p,
@@ -59,16 +62,20 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
             issuer_lifetime=issuer_lifetime,
             force=args.force,
             passphrase=passphrase(args),
+            anchor_key_uri=args.anchor_key_uri,
+            issuer_key_uri=args.issuer_key_uri,
         )
     except FileExistsError as exc:
         raise CliError(str(exc)) from None
+    anchor_key = tdir.anchor_key_uri if args.anchor_key_uri else tdir.anchor_key
+    issuer_key = tdir.issuer_key_uri if args.issuer_key_uri else tdir.issuer_key
     files = [
         str(p)
         for p in (
             tdir.anchor_cert,
-            tdir.anchor_key,
+            anchor_key,
             tdir.issuer_cert,
-            tdir.issuer_key,
+            issuer_key,
             tdir.bundle,
             tdir.log_key,
             tdir.log_public_key,

@@ -9,10 +9,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from meshca.pki._keys import KeyType, PrivateKey, write_private_key
+from meshca.pki._custody import SigningKey
+from meshca.pki._keys import KeyType
+from meshca.pki._pkcs11 import Pkcs11Uri
 from meshca.pki._profiles import LEAF_TTL
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 from meshca.pki._time import DURATION_FORMAT, format_duration, parse_duration
+from meshca.pki._trustdir import write_key as trustdir_write_key
 
 __all__ = [
     "CliError",
@@ -20,6 +23,7 @@ __all__ = [
     "add_duration",
     "add_json",
     "add_key_type",
+    "add_key_uri",
     "add_key_writing",
     "add_leaf_ttl",
     "add_passphrase_file",
@@ -28,6 +32,7 @@ __all__ = [
     "duration",
     "emit",
     "key_type",
+    "key_uri",
     "passphrase",
     "read",
     "refuse_existing",
@@ -65,6 +70,7 @@ duration = _argument_type(parse_duration, "duration")
 trust_domain = _argument_type(TrustDomain.parse, "trust domain")
 spiffe_id = _argument_type(SpiffeId.parse, "SPIFFE ID")
 key_type = _argument_type(KeyType.parse, "key type")
+key_uri = _argument_type(Pkcs11Uri.parse, "PKCS#11 URI")
 
 
 # -- shared options
@@ -109,6 +115,16 @@ def add_key_type(p: argparse._ActionsContainer, what: str = "new keys") -> None:
     )
 
 
+def add_key_uri(p: argparse._ActionsContainer, flag: str, what: str) -> None:
+    p.add_argument(
+        flag,
+        type=key_uri,
+        metavar="URI",
+        help=f"generate {what} on a PKCS#11 token and record this RFC 7512 URI instead of a key file "
+        "(pkcs11:token=...;object=...?module-path=...&pin-source=file:...; see README, Keys in an HSM)",
+    )
+
+
 def add_trust_domain(p: argparse._ActionsContainer, help: str, **kwargs: Any) -> None:
     p.add_argument("--trust-domain", type=trust_domain, metavar="TD", help=help, **kwargs)
 
@@ -148,9 +164,10 @@ def refuse_existing(path: Path, args: argparse.Namespace) -> None:
         raise CliError(f"{path} exists; pass --force to replace it")
 
 
-def write_key(path: str | Path, key: PrivateKey, args: argparse.Namespace) -> None:
+def write_key(path: str | Path, key: SigningKey, args: argparse.Namespace) -> Path:
+    """Writes a key file, or ``path``.uri for a key on a token; returns the file written."""
     try:
-        write_private_key(path, key, passphrase=passphrase(args), overwrite=args.force)
+        return trustdir_write_key(Path(path), key, passphrase=passphrase(args), overwrite=args.force)
     except FileExistsError:
         raise CliError(f"{path} exists; pass --force to replace it") from None
 

@@ -3,6 +3,8 @@
 MeshcaError
  +-- InvalidSpiffeId (also ValueError)
  +-- KeyPolicyError (also ValueError)   a key type or size the policy does not allow
+ +-- KeyCustodyError  a CA key on a PKCS#11 token cannot be reached or used (names the PKCS#11 error)
+ |    +-- InvalidKeyUri (also ValueError)  a PKCS#11 URI meshca cannot use
  +-- InvalidCsr (also ValueError)       unparsable CSR or bad signature
  +-- CsrNameMismatch  the CSR asks for names the caller was not granted
  +-- BundleError (also ValueError)      a trust bundle that cannot be read or written
@@ -31,11 +33,13 @@ __all__ = [
     "CredentialCheckUnavailable",
     "CsrNameMismatch",
     "IdentityMismatch",
+    "InvalidKeyUri",
     "InvalidCsr",
     "InvalidRequest",
     "InvalidSpiffeId",
     "IssuanceError",
     "IssuerUnavailable",
+    "KeyCustodyError",
     "KeyPolicyError",
     "MeshcaError",
     "PermissionDenied",
@@ -58,6 +62,20 @@ class InvalidSpiffeId(MeshcaError, ValueError):
 
 class KeyPolicyError(MeshcaError, ValueError):
     """A key whose type or size is not allowed, or key material that cannot be read."""
+
+
+class KeyCustodyError(MeshcaError):
+    """A key held by a PKCS#11 token that cannot be reached or used: no such token or key, a wrong PIN,
+    or an error from the token. ``pkcs11_error`` names the PKCS#11 error (``PinIncorrect``,
+    ``TokenNotPresent``, ...) when there is one. Messages never hold a PIN."""
+
+    def __init__(self, message: str, pkcs11_error: str = "") -> None:
+        super().__init__(message)
+        self.pkcs11_error = pkcs11_error
+
+
+class InvalidKeyUri(KeyCustodyError, ValueError):
+    """A PKCS#11 URI (RFC 7512) meshca cannot use; the message names the attribute."""
 
 
 class InvalidCsr(MeshcaError, ValueError):

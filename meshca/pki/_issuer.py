@@ -28,8 +28,9 @@ from meshca.pki._certs import (
     load_certificates,
     subject_key_identifier,
 )
+from meshca.pki._custody import SigningKey, as_signer, load_signing_key, sign_certificate
 from meshca.pki._errors import IssuanceError, IssuerUnavailable, KeyPolicyError
-from meshca.pki._keys import PrivateKey, PublicKey, key_type_of, load_private_key, signature_hash
+from meshca.pki._keys import PublicKey, key_type_of, signature_hash
 from meshca.pki._profiles import LEAF_TTL, leaf_builder, leaf_fields
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 from meshca.pki._template import LeafTemplate
@@ -88,12 +89,14 @@ class Issuer:
         "intermediates",
     )
 
-    def __init__(self, chain: Sequence[x509.Certificate], key: PrivateKey, bundle: TrustBundle) -> None:
+    def __init__(self, chain: Sequence[x509.Certificate], key: SigningKey, bundle: TrustBundle) -> None:
+        """``key`` is a cryptography private key or any `Signer` (a key on a PKCS#11 token)."""
         if not chain:
             raise IssuerUnavailable("issuer chain is empty")
         certificate = chain[0]
-        key_type_of(key)
-        if key.public_key() != certificate.public_key():
+        public_key = as_signer(key).public_key()
+        key_type_of(public_key)
+        if public_key != certificate.public_key():
             raise IssuerUnavailable("issuer key does not match the issuer certificate")
         for cert in chain:
             if not is_signing_certificate(cert):
@@ -103,7 +106,7 @@ class Issuer:
         self.intermediates = tuple(chain)
         self.bundle = bundle
         self._key = key
-        self._hash = signature_hash(key)
+        self._hash = signature_hash(public_key)
         self._intermediates_der = tuple(c.public_bytes(_DER) for c in chain)
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key_identifier(certificate))
         # A leaf must never outlive anything in its chain, the anchor included.
@@ -114,12 +117,13 @@ class Issuer:
 
     @classmethod
     def from_pem(cls, chain_pem: bytes, key_pem: bytes, bundle: TrustBundle, passphrase: bytes | None = None) -> Issuer:
+        """``key_pem`` may also be a PKCS#11 URI (what `DIR/issuer.key.uri` holds): the token is opened now."""
         try:
             chain = load_certificates(chain_pem)
         except ValueError as exc:
             raise IssuerUnavailable(f"issuer certificate cannot be read: {exc}") from exc
         try:
-            key = load_private_key(key_pem, passphrase)
+            key = load_signing_key(key_pem, passphrase)
         except KeyPolicyError as exc:
             raise IssuerUnavailable(f"issuer key: {exc}") from exc
         return cls(chain, key, bundle)
@@ -201,7 +205,7 @@ class Issuer:
             der = self._template.sign(fields, public_key)
             leaf = x509.load_der_x509_certificate(der)
         else:
-            leaf = leaf_builder(self.certificate.subject, public_key, fields).sign(self._key, self._hash)
+            leaf = sign_certificate(leaf_builder(self.certificate.subject, public_key, fields), self._key)
             der = leaf.public_bytes(_DER)
         return IssuedSvid(spiffe_id, leaf, self.intermediates, self._intermediates_der, der)
 

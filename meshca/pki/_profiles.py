@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshca.pki._certs import subject_key_identifier
-from meshca.pki._keys import KeyType, PrivateKey, PublicKey, generate_key, signature_hash
+from meshca.pki._custody import SigningKey, as_signer, sign_certificate
+from meshca.pki._keys import KeyType, PublicKey, generate_key
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -110,7 +111,7 @@ def _ca_builder(
 
 
 def build_anchor(
-    key: PrivateKey,
+    key: SigningKey,
     trust_domain: TrustDomain,
     *,
     now: datetime,
@@ -118,17 +119,19 @@ def build_anchor(
 ) -> x509.Certificate:
     """A self-signed trust anchor for ``trust_domain`` (CA, pathlen 1, URI SAN ``spiffe://td``)."""
     subject = _ca_subject(trust_domain, "trust anchor")
-    builder = _ca_builder(subject, subject, key.public_key(), trust_domain, now - CLOCK_SKEW, now + lifetime, 1)
-    return builder.sign(key, signature_hash(key))
+    public_key = as_signer(key).public_key()
+    return sign_certificate(
+        _ca_builder(subject, subject, public_key, trust_domain, now - CLOCK_SKEW, now + lifetime, 1), key
+    )
 
 
 @dataclass(frozen=True)
 class NewTrustDomain:
     """A fresh anchor and an issuer signed by it. ``repr`` shows no key."""
 
-    anchor_key: PrivateKey = field(repr=False)
+    anchor_key: SigningKey = field(repr=False)
     anchor: x509.Certificate
-    issuer_key: PrivateKey = field(repr=False)
+    issuer_key: SigningKey = field(repr=False)
     issuer: x509.Certificate
 
 
@@ -139,13 +142,16 @@ def new_trust_domain(
     key_type: KeyType = KeyType.EC_P256,
     anchor_lifetime: timedelta = ANCHOR_LIFETIME,
     issuer_lifetime: timedelta = ISSUER_LIFETIME,
+    anchor_key: SigningKey | None = None,
+    issuer_key: SigningKey | None = None,
 ) -> NewTrustDomain:
-    """What `meshca init` (and `meshca.testing.TestCA`) start from."""
-    anchor_key = generate_key(key_type)
+    """What `meshca init` (and `meshca.testing.TestCA`) start from: new keys of ``key_type``
+    unless keys are given (made on a PKCS#11 token, say)."""
+    anchor_key = generate_key(key_type) if anchor_key is None else anchor_key
     anchor = build_anchor(anchor_key, trust_domain, now=now, lifetime=anchor_lifetime)
-    issuer_key = generate_key(key_type)
+    issuer_key = generate_key(key_type) if issuer_key is None else issuer_key
     issuer = build_issuer(
-        issuer_key.public_key(),
+        as_signer(issuer_key).public_key(),
         signer_certificate=anchor,
         signer_key=anchor_key,
         trust_domain=trust_domain,
@@ -159,7 +165,7 @@ def build_issuer(
     public_key: PublicKey,
     *,
     signer_certificate: x509.Certificate,
-    signer_key: PrivateKey,
+    signer_key: SigningKey,
     trust_domain: TrustDomain,
     now: datetime,
     lifetime: timedelta = ISSUER_LIFETIME,
@@ -180,7 +186,7 @@ def build_issuer(
         not_after,
         0,
     ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-    return builder.sign(signer_key, signature_hash(signer_key))
+    return sign_certificate(builder, signer_key)
 
 
 _LEAF_BASIC_CONSTRAINTS = x509.Extension(

@@ -21,45 +21,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from meshca.pki._keys import PrivateKey, PublicKey, signature_hash
+from meshca.pki._custody import MemoryKey, SigningKey, as_signer, checked_signature, sign_certificate
+from meshca.pki._der import SEQUENCE, certificate_der, children, tlv
+from meshca.pki._keys import PublicKey, signature_hash
 from meshca.pki._profiles import LeafFields, leaf_builder, leaf_fields
 from meshca.pki._spiffe import TrustDomain
 
 __all__ = ["LeafTemplate"]
 
-_SEQUENCE = 0x30
 _UTC_TIME_YEARS = range(1950, 2050)  # RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime after
 _PROTOTYPE_DNS = ("leaf-template.meshca.invalid",)
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes((tag, n)) + content
-    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(octets))) + octets + content
-
-
-def _children(der: bytes) -> list[bytes]:
-    """The TLVs inside one constructed DER element (single-octet tags, as in every X.509 field used here)."""
-    header = 2 if der[1] < 0x80 else 2 + (der[1] & 0x7F)
-    content = der[header:]
-    out = []
-    i = 0
-    while i < len(content):
-        first = content[i + 1]
-        if first < 0x80:
-            size, start = first, i + 2
-        else:
-            count = first & 0x7F
-            size, start = int.from_bytes(content[i + 2 : i + 2 + count], "big"), i + 2 + count
-        out.append(content[i : start + size])
-        i = start + size
-    return out
-
-
 def _integer(value: int) -> bytes:
-    return _tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+    return tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
 
 
 def _time(at: datetime) -> bytes:
@@ -69,8 +44,8 @@ def _time(at: datetime) -> bytes:
     utc = at if at.tzinfo is None else at.astimezone(UTC)
     clock = (utc.month, utc.day, utc.hour, utc.minute, utc.second)
     if utc.year in _UTC_TIME_YEARS:  # bytes formatting: datetime.strftime costs about 10 us here
-        return _tlv(0x17, b"%02d%02d%02d%02d%02d%02dZ" % (utc.year % 100, *clock))
-    return _tlv(0x18, b"%04d%02d%02d%02d%02d%02dZ" % (utc.year, *clock))
+        return tlv(0x17, b"%02d%02d%02d%02d%02d%02dZ" % (utc.year % 100, *clock))
+    return tlv(0x18, b"%04d%02d%02d%02d%02d%02dZ" % (utc.year, *clock))
 
 
 def _oid(oid: x509.ObjectIdentifier) -> bytes:
@@ -83,7 +58,7 @@ def _oid(oid: x509.ObjectIdentifier) -> bytes:
             chunk.append(0x80 | (arc & 0x7F))
             arc >>= 7
         body += bytes(reversed(chunk))
-    return _tlv(0x06, bytes(body))
+    return tlv(0x06, bytes(body))
 
 
 _CRITICAL = b"\x01\x01\xff"
@@ -94,30 +69,33 @@ class LeafTemplate:
 
     __slots__ = ("_constant", "_head", "_mid", "_oids", "_sign", "_signature_algorithm")
 
-    def __init__(self, issuer_key: PrivateKey, prototype: x509.Certificate, fields: LeafFields) -> None:
-        tbs = _children(prototype.tbs_certificate_bytes)
+    def __init__(self, issuer_key: SigningKey, prototype: x509.Certificate, fields: LeafFields) -> None:
+        tbs = children(prototype.tbs_certificate_bytes)
         self._head = tbs[0]  # [0] EXPLICIT version v3
         self._mid = tbs[2] + tbs[3]  # signature algorithm, issuer name
-        self._signature_algorithm = _children(prototype.public_bytes(serialization.Encoding.DER))[1]
+        self._signature_algorithm = children(prototype.public_bytes(serialization.Encoding.DER))[1]
         self._oids: dict[x509.ObjectIdentifier, bytes] = {}
         # The profile hands out the same extension value objects for every leaf
         # of this issuer (basic constraints, key usage, EKU, the issuer's AKI):
         # those are encoded once, by identity; the entry keeps the object alive.
         self._constant: dict[tuple[int, bool], tuple[x509.ExtensionType, bytes]] = {}
         self._constant = {(id(e.value), e.critical): (e.value, self._extension(e)) for e in fields.extensions}
-        hash_ = signature_hash(issuer_key)
+        signer = as_signer(issuer_key)
+        hash_ = signature_hash(signer.public_key())
         self._sign: Callable[[bytes], bytes]
-        if isinstance(issuer_key, rsa.RSAPrivateKey):
+        if not isinstance(signer, MemoryKey):
+            self._sign = lambda data: checked_signature(signer, data, hash_)
+        elif isinstance(private := signer.private_key, rsa.RSAPrivateKey):
             pkcs1 = padding.PKCS1v15()
-            self._sign = lambda data: issuer_key.sign(data, pkcs1, hash_)
+            self._sign = lambda data: private.sign(data, pkcs1, hash_)
         else:
             ecdsa = ec.ECDSA(hash_)
-            self._sign = lambda data: issuer_key.sign(data, ecdsa)
+            self._sign = lambda data: private.sign(data, ecdsa)
 
     @classmethod
     def make(
         cls,
-        issuer_key: PrivateKey,
+        issuer_key: SigningKey,
         issuer_subject: x509.Name,
         trust_domain: TrustDomain,
         authority_key_identifier: x509.AuthorityKeyIdentifier,
@@ -128,7 +106,7 @@ class LeafTemplate:
         The prototype leaf (for the issuer's own public key and a reserved
         SPIFFE ID, valid for no time at all) exists only in memory here.
         """
-        public_key = issuer_key.public_key()
+        public_key = as_signer(issuer_key).public_key()
         fields = leaf_fields(
             public_key,
             trust_domain.spiffe_id("/meshca/leaf-template"),
@@ -138,7 +116,7 @@ class LeafTemplate:
             not_after=now - timedelta(seconds=1),
             not_before_floor=now,
         )
-        prototype = leaf_builder(issuer_subject, public_key, fields).sign(issuer_key, signature_hash(issuer_key))
+        prototype = sign_certificate(leaf_builder(issuer_subject, public_key, fields), issuer_key)
         template = cls(issuer_key, prototype, fields)
         if template.tbs(fields, public_key) != prototype.tbs_certificate_bytes:
             return None
@@ -147,17 +125,17 @@ class LeafTemplate:
     def tbs(self, fields: LeafFields, public_key: PublicKey) -> bytes:
         """The DER TBSCertificate of ``fields`` for ``public_key``, as the builder encodes it."""
         spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return _tlv(
-            _SEQUENCE,
+        return tlv(
+            SEQUENCE,
             b"".join(
                 (
                     self._head,
                     _integer(fields.serial),
                     self._mid,
-                    _tlv(_SEQUENCE, _time(fields.not_before) + _time(fields.not_after)),
+                    tlv(SEQUENCE, _time(fields.not_before) + _time(fields.not_after)),
                     fields.subject.public_bytes(),
                     spki,
-                    _tlv(0xA3, _tlv(_SEQUENCE, b"".join(self._extension(e) for e in fields.extensions))),
+                    tlv(0xA3, tlv(SEQUENCE, b"".join(self._extension(e) for e in fields.extensions))),
                 )
             ),
         )
@@ -170,10 +148,10 @@ class LeafTemplate:
         if oid is None:
             oid = self._oids[extension.oid] = _oid(extension.oid)
         critical = _CRITICAL if extension.critical else b""
-        return _tlv(_SEQUENCE, oid + critical + _tlv(0x04, extension.value.public_bytes()))
+        return tlv(SEQUENCE, oid + critical + tlv(0x04, extension.value.public_bytes()))
 
     def sign(self, fields: LeafFields, public_key: PublicKey) -> bytes:
         """The DER certificate: TBSCertificate, signature algorithm, signature."""
         tbs = self.tbs(fields, public_key)
         signature = self._sign(tbs)
-        return _tlv(_SEQUENCE, tbs + self._signature_algorithm + _tlv(0x03, b"\x00" + signature))
+        return certificate_der(tbs, self._signature_algorithm, signature)

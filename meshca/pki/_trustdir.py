@@ -1,9 +1,9 @@
 """The on-disk layout of a trust domain directory, as `meshca init` writes it.
 
 DIR/trust-anchor.crt   self-signed anchor (absent when the anchor is held elsewhere)
-DIR/trust-anchor.key   its key, 0600
+DIR/trust-anchor.key   its key, 0600 (or trust-anchor.key.uri: the PKCS#11 URI of a key on a token)
 DIR/issuer.crt         the issuer, then any intermediates up to the anchor
-DIR/issuer.key         its key, 0600
+DIR/issuer.key         its key, 0600 (or issuer.key.uri: the PKCS#11 URI of a key on a token)
 DIR/bundle.pem         every anchor clients should trust
 DIR/DEVELOPMENT        present when `meshca serve` made this directory as a development CA
 DIR/log-signing.key    the issuance log's checkpoint key (EC P-256), 0600
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
+from meshca.pki._custody import MemoryKey, SigningKey, as_signer
 from meshca.pki._errors import BundleError, IssuerUnavailable, KeyPolicyError, MeshcaError
 from meshca.pki._files import atomic_write
 from meshca.pki._issuer import Issuer
@@ -34,10 +35,11 @@ from meshca.pki._keys import (
     load_private_key,
     write_private_key,
 )
+from meshca.pki._pkcs11 import Pkcs11Uri, TokenKey
 from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, NewTrustDomain, new_trust_domain
 from meshca.pki._spiffe import TrustDomain
 
-__all__ = ["TrustDir"]
+__all__ = ["TrustDir", "write_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +59,25 @@ class TrustDir:
         return self.path / "trust-anchor.key"
 
     @property
+    def anchor_key_uri(self) -> Path:
+        return self.path / "trust-anchor.key.uri"
+
+    @property
     def issuer_cert(self) -> Path:
         return self.path / "issuer.crt"
 
     @property
     def issuer_key(self) -> Path:
         return self.path / "issuer.key"
+
+    @property
+    def issuer_key_uri(self) -> Path:
+        return self.path / "issuer.key.uri"
+
+    @property
+    def issuer_key_source(self) -> Path:
+        """Where the issuer key is: the URI file when there is one, else the key file."""
+        return self.issuer_key_uri if self.issuer_key_uri.exists() else self.issuer_key
 
     @property
     def bundle(self) -> Path:
@@ -121,7 +136,7 @@ class TrustDir:
         )
 
     def is_initialized(self) -> bool:
-        return self.issuer_cert.exists() and self.issuer_key.exists() and self.bundle.exists()
+        return self.issuer_cert.exists() and self.issuer_key_source.exists() and self.bundle.exists()
 
     def init(
         self,
@@ -133,10 +148,15 @@ class TrustDir:
         issuer_lifetime: timedelta = ISSUER_LIFETIME,
         force: bool = False,
         passphrase: bytes | None = None,
+        anchor_key_uri: Pkcs11Uri | None = None,
+        issuer_key_uri: Pkcs11Uri | None = None,
     ) -> Issuer:
-        """Creates an anchor, an issuer signed by it, and the bundle. Keys are written first, 0600, atomically."""
+        """Creates an anchor, an issuer signed by it, and the bundle. Keys are written first, 0600, atomically.
+
+        A key given a URI is generated on its PKCS#11 token instead, and the URI is recorded.
+        """
         if not force:
-            for existing in (self.anchor_key, self.issuer_key):
+            for existing in (self.anchor_key, self.anchor_key_uri, self.issuer_key, self.issuer_key_uri):
                 if existing.exists():
                     raise FileExistsError(f"{existing} exists; pass --force to replace it")
         made = new_trust_domain(
@@ -145,6 +165,8 @@ class TrustDir:
             key_type=key_type,
             anchor_lifetime=anchor_lifetime,
             issuer_lifetime=issuer_lifetime,
+            anchor_key=TokenKey.generate(anchor_key_uri, key_type) if anchor_key_uri else None,
+            issuer_key=TokenKey.generate(issuer_key_uri, key_type) if issuer_key_uri else None,
         )
         bundle = self.write(made, trust_domain, passphrase=passphrase, overwrite=force)
         self.ensure_log_key(passphrase)
@@ -160,8 +182,8 @@ class TrustDir:
     ) -> TrustBundle:
         """Writes the layout for ``made``: keys first (0600, atomically), then certificates and bundle."""
         self.path.mkdir(parents=True, exist_ok=True)
-        write_private_key(self.anchor_key, made.anchor_key, passphrase=passphrase, overwrite=overwrite)
-        write_private_key(self.issuer_key, made.issuer_key, passphrase=passphrase, overwrite=overwrite)
+        write_key(self.anchor_key, made.anchor_key, passphrase=passphrase, overwrite=overwrite)
+        write_key(self.issuer_key, made.issuer_key, passphrase=passphrase, overwrite=overwrite)
         atomic_write(self.anchor_cert, certificates_pem([made.anchor]))
         atomic_write(self.issuer_cert, certificates_pem([made.issuer]))
         bundle = TrustBundle(trust_domain, (made.anchor,))
@@ -175,8 +197,10 @@ class TrustDir:
         """The issuer in this directory, checked against ``bundle`` (default: DIR/bundle.pem)."""
         if bundle is None:
             bundle = self.load_bundle()
+        if self.issuer_key.exists() and self.issuer_key_uri.exists():
+            raise IssuerUnavailable(f"both {self.issuer_key} and {self.issuer_key_uri} exist: remove one")
         chain_pem = _read(self.issuer_cert, IssuerUnavailable)
-        key_pem = _read(self.issuer_key, IssuerUnavailable)
+        key_pem = _read(self.issuer_key_source, IssuerUnavailable)
         return Issuer.from_pem(chain_pem, key_pem, bundle, passphrase)
 
 
@@ -186,3 +210,20 @@ def _read(path: Path, error: type[MeshcaError]) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def write_key(path: Path, key: SigningKey, *, passphrase: bytes | None = None, overwrite: bool = False) -> Path:
+    """Writes a key file (0600), or for a key on a token its URI to ``path``.uri; removes the other
+    kind on ``overwrite``, so the directory names one key. Returns the file written."""
+    uri_path = path.with_name(path.name + ".uri")
+    signer = as_signer(key)
+    if isinstance(signer, TokenKey):
+        written, other = uri_path, path
+        atomic_write(uri_path, f"{signer.uri}\n".encode(), mode=0o600, overwrite=overwrite)
+    else:
+        assert isinstance(signer, MemoryKey), f"cannot record {signer!r}"
+        written, other = path, uri_path
+        write_private_key(path, signer.private_key, passphrase=passphrase, overwrite=overwrite)
+    if overwrite:
+        other.unlink(missing_ok=True)
+    return written

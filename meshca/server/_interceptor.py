@@ -30,6 +30,7 @@ from meshca.pki._errors import (
     InvalidSpiffeId,
     IssuanceError,
     IssuerUnavailable,
+    KeyCustodyError,
     KeyPolicyError,
     MeshcaError,
     PermissionDenied,
@@ -64,6 +65,7 @@ STATUS: StatusTable = {
     CsrNameMismatch: C.PERMISSION_DENIED,
     IssuanceError: C.FAILED_PRECONDITION,
     IssuerUnavailable: C.UNAVAILABLE,
+    KeyCustodyError: C.UNAVAILABLE,  # the issuer's token is missing, locked or failing: retry
     StoreError: C.UNAVAILABLE,
     RateLimited: C.RESOURCE_EXHAUSTED,
     RequestTooLarge: C.RESOURCE_EXHAUSTED,

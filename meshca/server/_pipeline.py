@@ -21,7 +21,7 @@ from cryptography import x509
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._csr import check_csr
-from meshca.pki._errors import IdentityMismatch, InvalidRequest, RateLimited
+from meshca.pki._errors import IdentityMismatch, InvalidRequest, KeyCustodyError, RateLimited
 from meshca.pki._issuer import IssuedSvid
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock
@@ -171,7 +171,12 @@ class Pipeline:
         issuer, bundle = state.issuer, state.bundle
         anchor = issuer.anchor
         now = self.clock()
-        svid = issuer.sign(checked.public_key, spiffe_id, now=now, ttl=ttl, dns_names=checked.dns_names)
+        state.check_key()
+        try:
+            svid = issuer.sign(checked.public_key, spiffe_id, now=now, ttl=ttl, dns_names=checked.dns_names)
+        except KeyCustodyError as exc:
+            state.key_failed(exc)
+            raise
         serial = format(svid.serial, "x")
         record = IssuanceRecord(serial, str(spiffe_id), svid.not_after, principal.name, request.api, now)
         await self._completions.watch(self.store.record(record, token_hash=principal.token_hash))

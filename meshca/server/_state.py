@@ -26,7 +26,7 @@ import structlog
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import fingerprint
-from meshca.pki._errors import MeshcaError, StoreError
+from meshca.pki._errors import KeyCustodyError, MeshcaError, StoreError
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import generate_key, private_key_pem
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time
@@ -102,7 +102,7 @@ class IssuerState:
         self._passphrase = passphrase
         self._renewal = renewal
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
-        self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
+        self._paths = (tdir.issuer_cert, tdir.issuer_key_source, tdir.bundle)
         self._stamp = file_stamp(self._paths)
         try:
             issuer = tdir.load_issuer(passphrase=passphrase)
@@ -119,6 +119,7 @@ class IssuerState:
         self.bundle: TrustBundle = issuer.bundle
         self._changed = asyncio.Event()
         self._usable = True
+        self._key_failure: KeyCustodyError | None = None
         self._serving: ServingSvid | None = None
         self._serving_lock = threading.Lock()
         self._metrics.serving.set(1)
@@ -180,12 +181,32 @@ class IssuerState:
         self._export_expiry()
         return True
 
+    def key_failed(self, exc: KeyCustodyError) -> None:
+        """A signature through the issuer's PKCS#11 token failed: unusable until a probe signs again (`poll`)."""
+        if self._key_failure is None:
+            log.error("issuer.key_failed", reason=str(exc), pkcs11_error=exc.pkcs11_error)
+        self._key_failure = exc
+        self._usable = False
+        self._metrics.serving.set(0)
+
+    def check_key(self) -> None:
+        """Raises while the issuer's token is failing, so requests do not queue up on it."""
+        failure = self._key_failure
+        if failure is not None:
+            raise KeyCustodyError(str(failure), failure.pkcs11_error)
+
     def _refresh_usable(self) -> None:
         try:
             self.issuer.check(self._clock())
+            if self._key_failure is not None:
+                validate(self.issuer, self._clock)  # a probe signature through the token
+                log.info("issuer.key_recovered", issuer=fingerprint(self.issuer.certificate)[:23])
+                self._key_failure = None
             usable = True
         except MeshcaError as exc:
             usable = False
+            if isinstance(exc, KeyCustodyError):
+                self._key_failure = exc
             if self._usable:
                 log.error("issuer.unusable", reason=str(exc))
         self._usable = usable

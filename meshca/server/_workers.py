@@ -218,7 +218,7 @@ class _LastGood:
     """
 
     def __init__(self, tdir: TrustDir, passphrase: bytes | None, clock: Clock) -> None:
-        self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
+        self._paths = (tdir.issuer_cert, tdir.issuer_key_source, tdir.bundle)
         self._passphrase = passphrase
         self._clock = clock
         self._stamp: object = None

@@ -24,7 +24,6 @@ from support.tokens import add_token
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
-from meshca.server import SqliteStore, store_path
 
 
 def _children(pid: int) -> set[int]:
@@ -40,14 +39,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "State:\tZ" not in status
-
-
-def _token(d: Path, uses: int) -> str:
-    store = SqliteStore(store_path(meshca.TrustDir.at(d)))
-    try:
-        return add_token(store, WEB, uses=uses)
-    finally:
-        store.close()
 
 
 def _issue_response(port: int, bundle: bytes, token: str) -> Any:
@@ -83,7 +74,7 @@ def two_workers(d: Path) -> ServeProcess:
 def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, metrics_port = _started(proc, 2)
-        token = _token(d, uses=40)
+        token = add_token(d, WEB, uses=40)
         bundle = (d / "bundle.pem").read_bytes()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             serials = list(pool.map(lambda _: _issue(port, bundle, token), range(40)))
@@ -119,7 +110,7 @@ def test_workers_share_the_port_and_the_log(d: Path, two_workers: ServeProcess) 
 def test_a_single_use_token_pays_for_one_certificate_across_workers(d: Path, two_workers: ServeProcess) -> None:
     with two_workers as proc:
         port, _ = _started(proc, 2)
-        token = _token(d, uses=1)
+        token = add_token(d, WEB, uses=1)
         bundle = (d / "bundle.pem").read_bytes()
 
         start = threading.Barrier(8)
@@ -186,7 +177,7 @@ def test_a_bad_issuer_on_disk_neither_unreadies_nor_stops_the_workers(d: Path, t
     """The workers keep the last good issuer; so do /readyz and a worker restarted after a crash."""
     with two_workers as proc:
         port, metrics_port = _started(proc, 2)
-        token = _token(d, uses=10)
+        token = add_token(d, WEB, uses=10)
         bundle = (d / "bundle.pem").read_bytes()
         # A new good issuer first, so "last good" is not simply the one the workers started with.
         tdir, staged = meshca.TrustDir.at(d), d.parent / "staged"
