@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -144,6 +145,16 @@ def sample_procs(pid: int) -> ProcSample:
         threads += p_threads
         fds += p_fds
     return ProcSample(tuple(sorted(pids)), rss, threads, fds)
+
+
+def thread_names(pid: int) -> dict[str, int]:
+    """How many threads of each name run in the server's processes: which pool grew, when threads did."""
+    names: collections.Counter[str] = collections.Counter()
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                names[(task / "comm").read_text().strip()] += 1
+    return dict(sorted(names.items()))
 
 
 class Server:
@@ -531,6 +542,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             run_seconds = args.minutes * 60
             await load.prepare(token, cluster, timedelta(seconds=args.probe_seconds + run_seconds + 600))
             first = sample_procs(server.proc.pid)
+            names_first = thread_names(server.proc.pid)
             say(f"meshca serve --workers {args.workers}: {len(first.pids)} processes, pid {server.proc.pid}")
             if args.rate:
                 maximum, rate = None, args.rate
@@ -593,6 +605,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "expected": EXPECTED,
             "unexpected": {f"{kind} {code}": n for (kind, code), n in sorted(unexpected.items())},
             "shed": total.shed,
+            "thread_names": {"start": names_first, "end": thread_names(server.proc.pid)},
             "failures": failures,
         }
     finally:
