@@ -7,6 +7,11 @@ now, and a probe leaf it signs verifies) and only then swapped in; a bad
 replacement is refused, logged and counted, and the last good issuer keeps
 serving.
 
+A set written ahead of its NotBefore (cert-manager stages the next issuer
+before the current one expires) is validated as of that NotBefore, kept, and
+swapped in at the first poll once it is valid: the files do not change
+again, so waiting for a change would let the current issuer expire.
+
 The server's own SVID (``spiffe://TD/meshca/identity``) renews by the same
 rotation policy as the clients, and is recorded in the issuance log (api
 ``self``, principal ``meshca``) before it is used. The probe leaf is never
@@ -105,6 +110,7 @@ class IssuerState:
         validate(issuer, clock)
         self._sequence = 1
         self.issuer: Issuer = issuer
+        self._staged: Issuer | None = None  # valid, waiting for its NotBefore
         self.bundle: TrustBundle = issuer.bundle
         self._changed = asyncio.Event()
         self._usable = True
@@ -134,22 +140,51 @@ class IssuerState:
     # -- reload
 
     def poll(self) -> bool:
-        """Reloads if the files changed; refreshes usability. Returns True when a new issuer was swapped in."""
+        """Reloads if the files changed, or takes over a staged issuer now valid; refreshes usability.
+
+        Returns True when a new issuer was swapped in.
+        """
         stamp = file_stamp(self._paths)
         swapped = False
         if stamp != self._stamp:
             self._stamp = stamp
+            self._staged = None  # the files it came from are gone
             swapped = self._reload()
+        elif self._staged is not None and self._clock() >= self._staged.not_before:
+            staged, self._staged = self._staged, None
+            swapped = self._adopt(staged)
         self._refresh_usable()
         return swapped
 
     def _reload(self) -> bool:
         try:
             issuer = self._tdir.load_issuer(passphrase=self._passphrase)
+            if self._clock() < issuer.not_before:
+                validate(issuer, lambda: issuer.not_before)  # everything else must hold when it takes over
+                self._staged = issuer
+                self._metrics.reloads.labels("staged").inc()
+                log.info(
+                    "issuer.staged",
+                    issuer=fingerprint(issuer.certificate)[:23],
+                    takes_over=issuer.not_before.isoformat(),
+                    serving=fingerprint(self.issuer.certificate)[:23],
+                )
+                return False
+        except (MeshcaError, ValueError, OSError) as exc:
+            self._refuse(exc)
+            return False
+        return self._adopt(issuer)
+
+    def _refuse(self, exc: Exception) -> None:
+        self._metrics.reloads.labels("failure").inc()
+        log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(self.issuer.certificate)[:23])
+
+    def _adopt(self, issuer: Issuer) -> bool:
+        """Validates ``issuer`` now and swaps it in; the server SVID follows at its next use."""
+        try:
             validate(issuer, self._clock)
         except (MeshcaError, ValueError, OSError) as exc:
-            self._metrics.reloads.labels("failure").inc()
-            log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(self.issuer.certificate)[:23])
+            self._refuse(exc)
             return False
         old_bundle = self.bundle
         self.issuer = issuer

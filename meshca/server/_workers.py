@@ -346,21 +346,29 @@ def _start_metrics(config: ServerConfig, tdir: TrustDir, metrics_dir: str, clock
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
     paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
-    loaded: dict[object, Any] = {}
+    loaded: dict[object, Any] = {}  # the issuers of the last two versions of the files
 
     def ready() -> bool:
-        # Ready while the issuer on disk can sign now (what every worker checks too);
+        # Ready while the issuer on disk can sign now (what every worker checks too), or, while
+        # it is staged ahead of its NotBefore, the one before it (which the workers keep serving);
         # the issuer is loaded again only when its files change.
         try:
             stamp = file_stamp(paths)
             if stamp not in loaded:
-                loaded.clear()
-                loaded[stamp] = tdir.load_issuer(passphrase=config.passphrase)
-            loaded[stamp].check(clock())
+                issuer = tdir.load_issuer(passphrase=config.passphrase)
+                for old in list(loaded)[:-1]:
+                    del loaded[old]
+                loaded[stamp] = issuer
+            now = clock()
+            issuer = loaded[stamp]
+            if now < issuer.not_before and len(loaded) == 2:
+                issuer = next(iter(loaded.values()))
+            issuer.check(now)
         except Exception:  # noqa: BLE001 - anything wrong means not ready
             return False
         return True
 
+    ready()  # loads the issuer the workers start with, to fall back on while a next one is staged
     host, port = _split_hostport(config.metrics_listen)
     server = MetricsServer(registry, host, port, ready)
     server.start()

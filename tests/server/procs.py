@@ -89,6 +89,18 @@ class ServeProcess:
                 self.port = int(json.loads(line)["port"])
                 return self.port
 
+    def wait_workers(self, workers: int, timeout: float = 30) -> tuple[int, int]:
+        """With ``--workers N``: waits for N started workers; the port and the supervisor's metrics port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = self.events
+            started = [e for e in events if e.get("event") == "server.started"]
+            sup = [e for e in events if e.get("event") == "supervisor.started"]
+            if len(started) >= workers and sup:
+                return int(started[0]["port"]), int(sup[0]["metrics_port"])
+            time.sleep(0.1)
+        raise AssertionError("workers did not start:\n" + "\n".join(self.lines))
+
     def terminate(self, timeout: float = 15) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)

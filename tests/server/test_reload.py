@@ -7,34 +7,44 @@ import itertools
 import os
 import shutil
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
+from structlog.testing import capture_logs
 
 import meshca
 from meshca._proto import meshca_identity_pb2_grpc
 from meshca.pki._certs import certificates_pem
-from meshca.pki._profiles import build_issuer
-from meshca.testing import TestCA
+from meshca.pki._files import atomic_write
+from meshca.pki._profiles import CLOCK_SKEW, build_issuer
+from meshca.pki._time import system_clock
+from meshca.server import SqliteStore
+from meshca.server._metrics import Metrics
+from meshca.server._state import IssuerState
+from meshca.testing import FrozenClock, TestCA
 
 from .harness import (
     TD,
     WEB,
     Harness,
     MovableClock,
+    add_token,
     cert,
     code_of,
     hpb,
+    http_get,
     native_request,
+    p256,
     sample_value,
     serving,
     signed_by,
     spiffe_csr,
 )
+from .procs import ServeProcess
 
 _stamps = itertools.count()
 
@@ -223,3 +233,120 @@ async def test_a_new_issuer_restores_service_after_expiry(d: Path, server_ca: Te
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert await _issuer_of_next_leaf(h, token) == renewed
+
+
+# -- an issuer staged ahead of its NotBefore (cert-manager's rotation)
+
+
+def issuer_from(ca: TestCA, not_before: datetime, lifetime: timedelta) -> tuple[x509.Certificate, meshca.PrivateKey]:
+    """Another issuer of ``ca``'s anchor whose NotBefore is ``not_before``."""
+    key = meshca.generate_key()
+    certificate = build_issuer(
+        key.public_key(),
+        signer_certificate=ca.anchor,
+        signer_key=ca.anchor_key,
+        trust_domain=meshca.TrustDomain(TD),
+        now=not_before + CLOCK_SKEW,  # build_issuer backdates NotBefore by the skew
+        lifetime=lifetime,
+    )
+    assert certificate.not_valid_before_utc == not_before
+    return certificate, key
+
+
+def write_issuer(d: Path, certificate: x509.Certificate, key: meshca.PrivateKey) -> None:
+    meshca.write_private_key(d / "issuer.key", key, overwrite=True)
+    atomic_write(d / "issuer.crt", certificates_pem([certificate]))
+
+
+def test_an_issuer_staged_ahead_takes_over_at_its_not_before(d: Path, tmp_path: Path) -> None:
+    clock = FrozenClock()
+    ca = TestCA(TD, now=clock(), issuer_lifetime=timedelta(minutes=1))  # a minute left
+    metrics = Metrics()
+    store = SqliteStore(tmp_path / "meshca.db")
+    with capture_logs() as logs:
+        state = IssuerState(ca.write(d), clock, metrics, store)
+        takes_over = clock() + timedelta(seconds=15)
+        staged, staged_key = issuer_from(ca, takes_over, timedelta(days=1))
+        write_issuer(d, staged, staged_key)
+        assert not state.poll()
+        for _ in range(14):  # not valid yet: retried at every poll, quietly
+            clock.advance(timedelta(seconds=1))
+            assert not state.poll()
+            assert state.issuer.certificate == ca.issuer_certificate
+        clock.advance(timedelta(seconds=1))
+        assert state.poll()
+        assert state.issuer.certificate == staged
+        # the server's own TLS certificate moves to the new issuer
+        svid = state.serving_svid(("localhost",), timedelta(hours=1))
+        assert svid.issuer_fingerprint == staged.fingerprint(hashes.SHA256()).hex(":")
+        # and the service outlives the old issuer
+        clock.advance(timedelta(minutes=2))
+        state.poll()
+        assert state.usable
+        leaf = cert(state.issuer.sign(p256().public_key(), WEB, now=clock()).leaf_der())
+        assert signed_by(leaf, staged)
+    store.close()
+    events = [e["event"] for e in logs if e["event"].startswith("issuer.")]
+    assert events == ["issuer.staged", "issuer.reloaded"]
+    [staged_event] = [e for e in logs if e["event"] == "issuer.staged"]
+    assert staged_event["takes_over"] == takes_over.isoformat()
+    value = metrics.registry.get_sample_value
+    assert value("meshca_issuer_reloads_total", {"result": "failure"}) is None
+    assert value("meshca_issuer_reloads_total", {"result": "staged"}) == 1
+    assert value("meshca_issuer_reloads_total", {"result": "success"}) == 1
+
+
+def test_a_staged_set_is_checked_now_and_dropped_when_replaced(d: Path, tmp_path: Path) -> None:
+    clock = FrozenClock()
+    ca = TestCA(TD, now=clock())
+    store = SqliteStore(tmp_path / "meshca.db")
+    with capture_logs() as logs:
+        state = IssuerState(ca.write(d), clock, Metrics(), store)
+        # not valid yet, and wrong for another reason: refused at once, as any bad set
+        staged, _ = issuer_from(ca, clock() + timedelta(seconds=15), timedelta(days=1))
+        write_issuer(d, staged, meshca.generate_key())
+        assert not state.poll()
+        assert [e["event"] for e in logs if e["event"].startswith("issuer.")] == ["issuer.reload_failed"]
+        # a good staged set, then another write before it is due: the later set decides
+        write_issuer(d, *issuer_from(ca, clock() + timedelta(seconds=15), timedelta(days=1)))
+        assert not state.poll()
+        later, later_key = issuer_from(ca, clock() + timedelta(seconds=30), timedelta(days=1))
+        write_issuer(d, later, later_key)
+        assert not state.poll()
+        clock.advance(timedelta(seconds=20))
+        assert not state.poll()
+        assert state.issuer.certificate == ca.issuer_certificate
+        clock.advance(timedelta(seconds=10))
+        assert state.poll()
+        assert state.issuer.certificate == later
+    store.close()
+
+
+def test_a_real_server_switches_to_a_staged_issuer_without_a_failure(d: Path) -> None:
+    """`meshca serve`, its issuer expiring in ~9 s and the next one staged to start in ~5 s: nothing fails."""
+    start = system_clock().replace(microsecond=0)  # certificates keep whole seconds
+    ca = TestCA(TD, now=start, issuer_lifetime=timedelta(seconds=9))
+    volume = _volume(d, ca)
+    store = SqliteStore(d / "meshca.db")
+    token = add_token(store, uses=1000)
+    store.close()
+    with ServeProcess(d, "--workers", "2") as server:
+        port, metrics_port = server.wait_workers(2)
+        staged, staged_key = issuer_from(ca, start + timedelta(seconds=5), timedelta(days=1))
+        volume.swap(issuer_files(staged, staged_key, ca.bundle))
+        issuers = set()
+        while system_clock() < start + timedelta(seconds=11):
+            # a new connection each time: a TLS handshake against the server's current certificate
+            with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca.bundle.to_pem())) as ch:
+                response = meshca_identity_pb2_grpc.IdentityStub(ch).IssueSVID(
+                    native_request(spiffe_csr(WEB)[1], join_token=token), timeout=5
+                )
+            meshca.verify_chain([response.leaf, *response.intermediates], ca.bundle, at=system_clock())
+            issuers.add(cert(response.intermediates[0]))
+            assert http_get(metrics_port, "/readyz")[0] == 200  # staged is not unready
+            time.sleep(0.1)
+        assert issuers == {ca.issuer_certificate, staged}
+        server.terminate()
+    events = [e for e in server.events if e["event"].startswith("issuer.")]
+    assert {e["event"] for e in events} == {"issuer.staged", "issuer.reloaded"}  # each worker: staged, then taken
+    assert len(events) == 4
