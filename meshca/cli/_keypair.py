@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from meshca.cli._options import CliError, add_duration, add_json, add_key_type, add_key_writing
+from meshca.pki._files import make_dirs
 
 
 def add_outputs(p: argparse.ArgumentParser, what: str, cert_name: str, key_name: str, lifetime: timedelta) -> None:
@@ -26,7 +27,7 @@ def cert_and_key_out(args: argparse.Namespace, cert_name: str, key_name: str) ->
     if args.dir:
         if args.cert_out or args.key_out:
             raise CliError("give either --dir or --cert-out/--key-out, not both", 2)
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        make_dirs(args.dir)  # 0700 whatever the umask: it holds keys
         return Path(args.dir) / cert_name, Path(args.dir) / key_name
     if not (args.cert_out and args.key_out):
         raise CliError("give --dir, or both --cert-out and --key-out", 2)

@@ -133,6 +133,7 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     config = server_config(args, tdir.path)
     configure_logging()
     made = _prepare(tdir, args, clock)
+    tdir.check_private()  # before any banner: one line saying which path others could write
     if tdir.dev_marker.exists():
         _dev_banner(tdir, config, made)
     elif tdir.anchor_key.exists():

@@ -17,8 +17,9 @@ MeshcaError
  |    +-- CredentialCheckUnavailable  the credential cannot be checked now (retry)
  +-- PermissionDenied     a valid credential that does not grant this identity
  |    +-- IdentityMismatch  the request names another identity than the credential grants
- +-- RateLimited          one principal exceeded its request rate
+ +-- RateLimited          one principal exceeded its request rate, or a peer its open streams
  +-- RequestTooLarge      a request above the configured size
+ +-- UnsafePermissions    a file or directory that other users could replace
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "RequestTooLarge",
     "StoreError",
     "TokenUsedUp",
+    "UnsafePermissions",
     "VerificationError",
 ]
 
@@ -122,8 +124,12 @@ class InvalidRequest(MeshcaError, ValueError):
 
 
 class RateLimited(MeshcaError):
-    """One principal exceeded its request rate."""
+    """One principal exceeded its request rate, or a peer (or the server) its open WatchBundle streams."""
 
 
 class RequestTooLarge(MeshcaError):
     """A request above the configured size (gRPC's own limit is higher, so this one is logged)."""
+
+
+class UnsafePermissions(MeshcaError):
+    """A file, or a directory above it, writable by other users or owned by one: they could replace it."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
 from meshca.pki._errors import BundleError, IssuerUnavailable
-from meshca.pki._files import atomic_write
+from meshca.pki._files import atomic_write, check_private, make_dirs
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import KeyType, write_private_key
 from meshca.pki._profiles import ANCHOR_LIFETIME, ISSUER_LIFETIME, NewTrustDomain, new_trust_domain
@@ -105,7 +105,7 @@ class TrustDir:
         overwrite: bool = False,
     ) -> TrustBundle:
         """Writes the layout for ``made``: keys first (0600, atomically), then certificates and bundle."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)  # 0700: nobody else may add or rename files in it
         write_private_key(self.anchor_key, made.anchor_key, passphrase=passphrase, overwrite=overwrite)
         write_private_key(self.issuer_key, made.issuer_key, passphrase=passphrase, overwrite=overwrite)
         atomic_write(self.anchor_cert, certificates_pem([made.anchor]))
@@ -113,6 +113,16 @@ class TrustDir:
         bundle = TrustBundle(trust_domain, (made.anchor,))
         atomic_write(self.bundle, bundle.to_pem())
         return bundle
+
+    def check_private(self) -> None:
+        """Raises `UnsafePermissions` when another user could replace DIR, the issuer or the bundle.
+
+        `meshca serve` checks this at start and before every reload: it would
+        otherwise sign with an attacker's issuer and hand out their anchor.
+        """
+        for path in (self.path, self.issuer_cert, self.issuer_key, self.bundle):
+            if path.exists():  # a missing file is the loader's error to report
+                check_private(path)
 
     def load_bundle(self) -> TrustBundle:
         try:

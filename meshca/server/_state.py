@@ -5,7 +5,8 @@ symlink swap is seen like an in-place replace). A changed set is loaded,
 validated (the issuer matches its key, chains to the new bundle, is valid
 now, and a probe leaf it signs verifies) and only then swapped in; a bad
 replacement is refused, logged and counted, and the last good issuer keeps
-serving.
+serving. Files that other users could replace are refused like a bad set
+(`TrustDir.check_private`).
 
 A set written ahead of its NotBefore (cert-manager stages the next issuer
 before the current one expires) is validated as of that NotBefore, kept, and
@@ -49,7 +50,7 @@ SELF_API = "self"
 SELF_PRINCIPAL = "meshca"
 _RECORD_TIMEOUT = 30.0  # seconds; a store slower than this fails the renewal, the current SVID stays
 
-_Stamp = tuple[tuple[str, int, int, int], ...]
+_Stamp = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +69,10 @@ def file_stamp(paths: tuple[os.PathLike[str], ...]) -> _Stamp:
         try:
             real = os.path.realpath(p)
             st = os.stat(real)
-            out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
+            # the mode too: `chmod go-w` on a refused file is a change worth a reload
+            out.append((real, st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode))
         except OSError:
-            out.append((str(p), -1, -1, -1))
+            out.append((str(p), -1, -1, -1, -1))
     return tuple(out)
 
 
@@ -106,6 +108,7 @@ class IssuerState:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._paths = (tdir.issuer_cert, tdir.issuer_key, tdir.bundle)
         self._stamp = file_stamp(self._paths)
+        tdir.check_private()
         issuer = tdir.load_issuer(passphrase=passphrase)
         validate(issuer, clock)
         self._sequence = 1
@@ -158,6 +161,7 @@ class IssuerState:
 
     def _reload(self) -> bool:
         try:
+            self._tdir.check_private()
             issuer = self._tdir.load_issuer(passphrase=self._passphrase)
             if self._clock() < issuer.not_before:
                 validate(issuer, lambda: issuer.not_before)  # everything else must hold when it takes over

@@ -26,7 +26,7 @@ def meshca_exe() -> str:
 class ServeProcess:
     """``meshca serve --dir DIR`` on ephemeral 127.0.0.1 ports; stderr is collected line by line."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    def __init__(self, directory: Path, *extra: str, umask: int | None = None) -> None:
         args = [
             meshca_exe(),
             "serve",
@@ -38,7 +38,9 @@ class ServeProcess:
             "127.0.0.1:0",
             *extra,
         ]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            with_umask(args, umask), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         self.lines: list[str] = []
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._readers = [
@@ -123,5 +125,15 @@ class ServeProcess:
         self.kill()
 
 
-def run_meshca(*args: str | os.PathLike[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([meshca_exe(), *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False)
+def with_umask(args: list[str], umask: int | None) -> list[str]:
+    """``args`` run under ``umask`` (None: the parent's), by a shell that then execs them (same pid)."""
+    if umask is None:
+        return args
+    return ["/bin/sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *args]
+
+
+def run_meshca(
+    *args: str | os.PathLike[str], timeout: float = 30, umask: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = with_umask([meshca_exe(), *map(str, args)], umask)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)

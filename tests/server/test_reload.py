@@ -350,3 +350,24 @@ def test_a_real_server_switches_to_a_staged_issuer_without_a_failure(d: Path) ->
     events = [e for e in server.events if e["event"].startswith("issuer.")]
     assert {e["event"] for e in events} == {"issuer.staged", "issuer.reloaded"}  # each worker: staged, then taken
     assert len(events) == 4
+
+
+async def test_a_reload_from_a_key_others_can_write_is_refused(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        token = h.token(uses=10)
+        replacement, key = new_issuer(server_ca)
+        loose_key = d / ".issuer.key.new"
+        loose_key.write_bytes(meshca.private_key_pem(key))
+        os.chmod(loose_key, 0o660)
+        atomic_write(d / "issuer.crt", certificates_pem([replacement]))
+        os.replace(loose_key, d / "issuer.key")
+        unsafe = f"{(d / 'issuer.key').resolve()} is writable by other users (mode 0660)"
+        await h.wait_for(
+            lambda: any(unsafe in e["reason"] for e in h.events("issuer.reload_failed")), what="the refusal"
+        )
+        assert await _issuer_of_next_leaf(h, token) == server_ca.issuer_certificate
+        assert h.events("issuer.reloaded") == []
+        # `chmod go-w`, as the refusal says, is a change: the set is taken
+        os.chmod(d / "issuer.key", 0o600)
+        await h.wait_for(lambda: bool(h.events("issuer.reloaded")), what="the reload")
+        assert await _issuer_of_next_leaf(h, token) == replacement
