@@ -84,6 +84,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PER_SECOND",
         help="per-principal request rate limit (default off)",
     )
+    p.add_argument(
+        "--max-watch-streams",
+        type=int,
+        default=DEFAULTS.max_watch_streams,
+        metavar="N",
+        help="open WatchBundle streams a serving process keeps, per process; more are refused "
+        f"(default {DEFAULTS.max_watch_streams})",
+    )
+    p.add_argument(
+        "--max-watch-streams-per-peer",
+        type=int,
+        default=DEFAULTS.max_watch_streams_per_peer,
+        metavar="N",
+        help="open WatchBundle streams one client IP address may keep, per serving process "
+        f"(default {DEFAULTS.max_watch_streams_per_peer})",
+    )
     add_passphrase_file(p)
     p.add_argument(
         "--workers",
@@ -122,6 +138,8 @@ def server_config(args: argparse.Namespace, directory: Path) -> ServerConfig:
         k8s_jwt=k8s_jwt,
         token_review=token_review,
         rate_limit=args.rate_limit,
+        max_watch_streams=args.max_watch_streams,
+        max_watch_streams_per_peer=args.max_watch_streams_per_peer,
         passphrase=read_passphrase(args),
     )
 
