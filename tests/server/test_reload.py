@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -92,18 +95,24 @@ def issuer_files(certificate: x509.Certificate, key: meshca.PrivateKey, bundle: 
 
 
 def new_issuer(
-    ca: TestCA, *, lifetime: timedelta = timedelta(days=30), age: timedelta = timedelta()
+    ca: TestCA,
+    *,
+    lifetime: timedelta = timedelta(days=30),
+    age: timedelta = timedelta(),
+    not_before: datetime | None = None,
 ) -> tuple[x509.Certificate, meshca.PrivateKey]:
-    """Another issuer signed by ``ca``'s anchor."""
+    """Another issuer signed by ``ca``'s anchor, made ``age`` ago or valid from ``not_before``."""
     key = meshca.generate_key()
     certificate = build_issuer(
         key.public_key(),
         signer_certificate=ca.anchor,
         signer_key=ca.anchor_key,
         trust_domain=meshca.TrustDomain(TD),
-        now=MovableClock()() - age,
+        # build_issuer backdates NotBefore by the skew
+        now=MovableClock()() - age if not_before is None else not_before + CLOCK_SKEW,
         lifetime=lifetime,
     )
+    assert not_before is None or certificate.not_valid_before_utc == not_before
     return certificate, key
 
 
@@ -238,35 +247,31 @@ async def test_a_new_issuer_restores_service_after_expiry(d: Path, server_ca: Te
 # -- an issuer staged ahead of its NotBefore (cert-manager's rotation)
 
 
-def issuer_from(ca: TestCA, not_before: datetime, lifetime: timedelta) -> tuple[x509.Certificate, meshca.PrivateKey]:
-    """Another issuer of ``ca``'s anchor whose NotBefore is ``not_before``."""
-    key = meshca.generate_key()
-    certificate = build_issuer(
-        key.public_key(),
-        signer_certificate=ca.anchor,
-        signer_key=ca.anchor_key,
-        trust_domain=meshca.TrustDomain(TD),
-        now=not_before + CLOCK_SKEW,  # build_issuer backdates NotBefore by the skew
-        lifetime=lifetime,
-    )
-    assert certificate.not_valid_before_utc == not_before
-    return certificate, key
-
-
 def write_issuer(d: Path, certificate: x509.Certificate, key: meshca.PrivateKey) -> None:
     meshca.write_private_key(d / "issuer.key", key, overwrite=True)
     atomic_write(d / "issuer.crt", certificates_pem([certificate]))
 
 
-def test_an_issuer_staged_ahead_takes_over_at_its_not_before(d: Path, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def state_on(
+    d: Path, ca: TestCA, clock: FrozenClock, metrics: Metrics
+) -> Iterator[tuple[IssuerState, list[dict[str, Any]]]]:
+    """An `IssuerState` on ``ca`` written to ``d``, under ``clock``, and the log events of its life."""
+    store = SqliteStore(d / "meshca.db")
+    try:
+        with capture_logs() as logs:
+            yield IssuerState(ca.write(d), clock, metrics, store), logs
+    finally:
+        store.close()
+
+
+def test_an_issuer_staged_ahead_takes_over_at_its_not_before(d: Path) -> None:
     clock = FrozenClock()
     ca = TestCA(TD, now=clock(), issuer_lifetime=timedelta(minutes=1))  # a minute left
     metrics = Metrics()
-    store = SqliteStore(tmp_path / "meshca.db")
-    with capture_logs() as logs:
-        state = IssuerState(ca.write(d), clock, metrics, store)
+    with state_on(d, ca, clock, metrics) as (state, logs):
         takes_over = clock() + timedelta(seconds=15)
-        staged, staged_key = issuer_from(ca, takes_over, timedelta(days=1))
+        staged, staged_key = new_issuer(ca, not_before=takes_over, lifetime=timedelta(days=1))
         write_issuer(d, staged, staged_key)
         assert not state.poll()
         for _ in range(14):  # not valid yet: retried at every poll, quietly
@@ -285,7 +290,6 @@ def test_an_issuer_staged_ahead_takes_over_at_its_not_before(d: Path, tmp_path: 
         assert state.usable
         leaf = cert(state.issuer.sign(p256().public_key(), WEB, now=clock()).leaf_der())
         assert signed_by(leaf, staged)
-    store.close()
     events = [e["event"] for e in logs if e["event"].startswith("issuer.")]
     assert events == ["issuer.staged", "issuer.reloaded"]
     [staged_event] = [e for e in logs if e["event"] == "issuer.staged"]
@@ -296,21 +300,19 @@ def test_an_issuer_staged_ahead_takes_over_at_its_not_before(d: Path, tmp_path: 
     assert value("meshca_issuer_reloads_total", {"result": "success"}) == 1
 
 
-def test_a_staged_set_is_checked_now_and_dropped_when_replaced(d: Path, tmp_path: Path) -> None:
+def test_a_staged_set_is_checked_now_and_dropped_when_replaced(d: Path) -> None:
     clock = FrozenClock()
     ca = TestCA(TD, now=clock())
-    store = SqliteStore(tmp_path / "meshca.db")
-    with capture_logs() as logs:
-        state = IssuerState(ca.write(d), clock, Metrics(), store)
+    with state_on(d, ca, clock, Metrics()) as (state, logs):
         # not valid yet, and wrong for another reason: refused at once, as any bad set
-        staged, _ = issuer_from(ca, clock() + timedelta(seconds=15), timedelta(days=1))
+        staged, _ = new_issuer(ca, not_before=clock() + timedelta(seconds=15), lifetime=timedelta(days=1))
         write_issuer(d, staged, meshca.generate_key())
         assert not state.poll()
         assert [e["event"] for e in logs if e["event"].startswith("issuer.")] == ["issuer.reload_failed"]
         # a good staged set, then another write before it is due: the later set decides
-        write_issuer(d, *issuer_from(ca, clock() + timedelta(seconds=15), timedelta(days=1)))
+        write_issuer(d, *new_issuer(ca, not_before=clock() + timedelta(seconds=15), lifetime=timedelta(days=1)))
         assert not state.poll()
-        later, later_key = issuer_from(ca, clock() + timedelta(seconds=30), timedelta(days=1))
+        later, later_key = new_issuer(ca, not_before=clock() + timedelta(seconds=30), lifetime=timedelta(days=1))
         write_issuer(d, later, later_key)
         assert not state.poll()
         clock.advance(timedelta(seconds=20))
@@ -319,7 +321,6 @@ def test_a_staged_set_is_checked_now_and_dropped_when_replaced(d: Path, tmp_path
         clock.advance(timedelta(seconds=10))
         assert state.poll()
         assert state.issuer.certificate == later
-    store.close()
 
 
 def test_a_real_server_switches_to_a_staged_issuer_without_a_failure(d: Path) -> None:
@@ -332,7 +333,7 @@ def test_a_real_server_switches_to_a_staged_issuer_without_a_failure(d: Path) ->
     store.close()
     with ServeProcess(d, "--workers", "2") as server:
         port, metrics_port = server.wait_workers(2)
-        staged, staged_key = issuer_from(ca, start + timedelta(seconds=5), timedelta(days=1))
+        staged, staged_key = new_issuer(ca, not_before=start + timedelta(seconds=5), lifetime=timedelta(days=1))
         volume.swap(issuer_files(staged, staged_key, ca.bundle))
         issuers = set()
         while system_clock() < start + timedelta(seconds=11):
