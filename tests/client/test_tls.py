@@ -64,7 +64,8 @@ def test_authorizers_other_than_one_id(pair: Pair) -> None:
     with TlsEcho(pair.web.server_ssl_context(meshca.authorize_if(lambda sid: False, "nobody"))) as echo:
         assert refused(client_ctx, echo.port)
         assert echo.accepted == []
-        assert "expected nobody" in str(echo.errors[0])
+    # read after the server thread is joined: the client may see the refusal before the server records it
+    assert "expected nobody" in str(echo.errors[0])
 
 
 def test_peers_from_another_ca_are_refused_by_openssl_itself(pair: Pair, trust: Trust) -> None:

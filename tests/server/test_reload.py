@@ -323,20 +323,33 @@ def test_a_staged_set_is_checked_now_and_dropped_when_replaced(d: Path) -> None:
         assert state.issuer.certificate == later
 
 
+def _wait_for_events(server: ServeProcess, name: str, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(e["event"] == name for e in server.events) < count:
+        assert time.monotonic() < deadline, f"no {count} {name} events:\n" + "\n".join(server.lines)
+        time.sleep(0.05)
+
+
 def test_a_real_server_switches_to_a_staged_issuer_without_a_failure(d: Path) -> None:
-    """`meshca serve`, its issuer expiring in ~9 s and the next one staged to start in ~5 s: nothing fails."""
-    start = system_clock().replace(microsecond=0)  # certificates keep whole seconds
-    ca = TestCA(TD, now=start, issuer_lifetime=timedelta(seconds=9))
+    """`meshca serve --workers 2`, its issuer expiring in ~10 s and the next one staged ~3 s ahead: nothing fails."""
+    ca = TestCA(TD)
     volume = _volume(d, ca)
     store = SqliteStore(d / "meshca.db")
     token = add_token(store, uses=1000)
     store.close()
     with ServeProcess(d, "--workers", "2") as server:
         port, metrics_port = server.wait_workers(2)
-        staged, staged_key = new_issuer(ca, not_before=start + timedelta(seconds=5), lifetime=timedelta(days=1))
+        # The issuer about to expire goes in once the workers run, so a slow start cannot eat its life.
+        expiring, expiring_key = new_issuer(ca, lifetime=timedelta(seconds=10))
+        volume.swap(issuer_files(expiring, expiring_key, ca.bundle))
+        _wait_for_events(server, "issuer.reloaded", 2)
+        assert http_get(metrics_port, "/readyz")[0] == 200
+        takes_over = system_clock().replace(microsecond=0) + timedelta(seconds=3)  # certificates keep whole seconds
+        assert takes_over < expiring.not_valid_after_utc - timedelta(seconds=2), "the first reload took too long"
+        staged, staged_key = new_issuer(ca, not_before=takes_over, lifetime=timedelta(days=1))
         volume.swap(issuer_files(staged, staged_key, ca.bundle))
         issuers = set()
-        while system_clock() < start + timedelta(seconds=11):
+        while system_clock() < expiring.not_valid_after_utc + timedelta(seconds=2):
             # a new connection each time: a TLS handshake against the server's current certificate
             with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(ca.bundle.to_pem())) as ch:
                 response = meshca_identity_pb2_grpc.IdentityStub(ch).IssueSVID(
@@ -344,13 +357,13 @@ def test_a_real_server_switches_to_a_staged_issuer_without_a_failure(d: Path) ->
                 )
             meshca.verify_chain([response.leaf, *response.intermediates], ca.bundle, at=system_clock())
             issuers.add(cert(response.intermediates[0]))
-            assert http_get(metrics_port, "/readyz")[0] == 200  # staged is not unready
+            assert http_get(metrics_port, "/readyz")[0] == 200  # a staged issuer does not make the service unready
             time.sleep(0.1)
-        assert issuers == {ca.issuer_certificate, staged}
+        assert issuers == {expiring, staged}
         server.terminate()
-    events = [e for e in server.events if e["event"].startswith("issuer.")]
-    assert {e["event"] for e in events} == {"issuer.staged", "issuer.reloaded"}  # each worker: staged, then taken
-    assert len(events) == 4
+    events = [e["event"] for e in server.events if e["event"].startswith("issuer.")]
+    # each worker: the expiring issuer taken, the next one staged, then taken
+    assert sorted(events) == ["issuer.reloaded"] * 4 + ["issuer.staged"] * 2
 
 
 async def test_a_reload_from_a_key_others_can_write_is_refused(d: Path, server_ca: TestCA) -> None:
