@@ -150,8 +150,10 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     tdir = TrustDir.at(args.dir or DEFAULT_DIR)
     config = server_config(args, tdir.path)
     configure_logging()
+    if tdir.path.exists():
+        tdir.check_private()  # before a development CA is written into it
     made = _prepare(tdir, args, clock)
-    tdir.check_private()  # before any banner: one line saying which path others could write
+    tdir.check_private()  # one line naming the path others could write, before any banner
     if tdir.dev_marker.exists():
         _dev_banner(tdir, config, made)
     elif tdir.anchor_key.exists():

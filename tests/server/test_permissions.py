@@ -67,3 +67,13 @@ def test_serve_refuses_a_dir_or_file_other_users_can_write(d: Path, name: str, u
             f"meshca: error: {unsafe} is writable by other users (mode {unsafe_mode:04o}): chmod go-w {unsafe}"
         ]
     assert not (d / "meshca.db").exists()  # refused before anything was opened
+
+
+def test_serve_writes_no_development_ca_into_a_dir_others_can_write(d: Path) -> None:
+    os.chmod(d, 0o777)
+    result = run_meshca("serve", "--dir", d, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--workers", "1")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"meshca: error: {d.resolve()} is writable by other users (mode 0777): chmod go-w {d.resolve()}"
+    ]
+    assert list(d.iterdir()) == []
