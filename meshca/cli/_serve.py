@@ -89,8 +89,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         default=DEFAULTS.max_watch_streams,
         metavar="N",
-        help="open WatchBundle streams a serving process keeps, per process; more are refused "
-        f"(default {DEFAULTS.max_watch_streams})",
+        help=f"open WatchBundle streams per serving process; more are refused (default {DEFAULTS.max_watch_streams})",
     )
     p.add_argument(
         "--max-watch-streams-per-peer",
