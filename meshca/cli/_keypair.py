@@ -17,6 +17,7 @@ from meshca.cli._options import (
     write_key,
 )
 from meshca.pki._custody import SigningKey
+from meshca.pki._files import make_dirs
 from meshca.pki._keys import generate_key
 from meshca.pki._pkcs11 import TokenKey
 
@@ -40,7 +41,7 @@ def cert_and_key_out(args: argparse.Namespace, cert_name: str, key_name: str) ->
     if args.dir:
         if args.cert_out or args.key_out:
             raise CliError("give either --dir or --cert-out/--key-out, not both", 2)
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        make_dirs(args.dir)  # 0700 whatever the umask: it holds keys
         key_out = Path(args.dir) / key_name
     elif args.key_uri:
         if not args.cert_out or args.key_out:

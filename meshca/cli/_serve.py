@@ -84,6 +84,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PER_SECOND",
         help="per-principal request rate limit (default off)",
     )
+    p.add_argument(
+        "--max-watch-streams",
+        type=int,
+        default=DEFAULTS.max_watch_streams,
+        metavar="N",
+        help=f"open WatchBundle streams per serving process; more are refused (default {DEFAULTS.max_watch_streams})",
+    )
+    p.add_argument(
+        "--max-watch-streams-per-peer",
+        type=int,
+        default=DEFAULTS.max_watch_streams_per_peer,
+        metavar="N",
+        help="open WatchBundle streams one client IP address may keep, per serving process "
+        f"(default {DEFAULTS.max_watch_streams_per_peer})",
+    )
     add_passphrase_file(p)
     p.add_argument(
         "--workers",
@@ -122,6 +137,8 @@ def server_config(args: argparse.Namespace, directory: Path) -> ServerConfig:
         k8s_jwt=k8s_jwt,
         token_review=token_review,
         rate_limit=args.rate_limit,
+        max_watch_streams=args.max_watch_streams,
+        max_watch_streams_per_peer=args.max_watch_streams_per_peer,
         passphrase=read_passphrase(args),
     )
 
@@ -132,7 +149,10 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     tdir = TrustDir.at(args.dir or DEFAULT_DIR)
     config = server_config(args, tdir.path)
     configure_logging()
+    if tdir.path.exists():
+        tdir.check_private()  # before a development CA is written into it
     made = _prepare(tdir, args, clock)
+    tdir.check_private()  # one line naming the path others could write, before any banner
     log_key = tdir.ensure_log_key(config.passphrase)  # signs the issuance log's checkpoints
     if tdir.dev_marker.exists():
         _dev_banner(tdir, config, made)

@@ -4,7 +4,8 @@
     DIR/svid.key     PKCS#8 private key, 0600
     DIR/svid.pem     leaf then intermediates
 
-Each file is replaced atomically. The bundle goes first (a new anchor must be
+DIR (and any missing parent) is created 0700 whatever the umask. Each file
+is replaced atomically. The bundle goes first (a new anchor must be
 trusted before anything chains to it), then the key, then the certificate.
 """
 
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 
 from meshca.client._core import Snapshot
-from meshca.pki._files import atomic_write
+from meshca.pki._files import atomic_write, make_dirs
 
 __all__ = ["FileSink"]
 
@@ -40,7 +41,7 @@ class FileSink:
         """Writes what changed since the last call; returns the paths written."""
         if snapshot.svid is None:
             return []
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.directory)  # 0700 whatever the umask: it holds the key, and a proxy trusts bundle.pem
         files = [
             (self.bundle_path, snapshot.bundle.to_pem(), 0o644),
             (self.key_path, snapshot.svid.key_pem(), 0o600),

@@ -19,9 +19,10 @@ MeshcaError
  |    +-- CredentialCheckUnavailable  the credential cannot be checked now (retry)
  +-- PermissionDenied     a valid credential that does not grant this identity
  |    +-- IdentityMismatch  the request names another identity than the credential grants
- +-- RateLimited          one principal exceeded its request rate
+ +-- RateLimited          one principal exceeded its request rate, or a peer its open streams
  +-- RequestTooLarge      a request above the configured size
  +-- RequestRefused   the identity service refused a client's request; retrying will not help
+ +-- UnsafePermissions    a file or directory that other users could replace
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "RequestTooLarge",
     "StoreError",
     "TokenUsedUp",
+    "UnsafePermissions",
     "VerificationError",
 ]
 
@@ -142,7 +144,7 @@ class InvalidRequest(MeshcaError, ValueError):
 
 
 class RateLimited(MeshcaError):
-    """One principal exceeded its request rate."""
+    """One principal exceeded its request rate, or a peer (or the server) its open WatchBundle streams."""
 
 
 class RequestTooLarge(MeshcaError):
@@ -160,3 +162,7 @@ class RequestRefused(MeshcaError):
         super().__init__(message)
         self.code = code
         self.details = details
+
+
+class UnsafePermissions(MeshcaError):
+    """A file, or a directory above it, writable by other users or owned by one: they could replace it."""

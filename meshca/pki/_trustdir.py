@@ -24,7 +24,7 @@ from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
 from meshca.pki._custody import MemoryKey, SigningKey, as_signer
 from meshca.pki._errors import BundleError, IssuerUnavailable, KeyPolicyError, MeshcaError
-from meshca.pki._files import atomic_write
+from meshca.pki._files import atomic_write, check_private, make_dirs
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import (
     KeyType,
@@ -181,7 +181,7 @@ class TrustDir:
         overwrite: bool = False,
     ) -> TrustBundle:
         """Writes the layout for ``made``: keys first (0600, atomically), then certificates and bundle."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)  # 0700: nobody else may add or rename files in it
         write_key(self.anchor_key, made.anchor_key, passphrase=passphrase, overwrite=overwrite)
         write_key(self.issuer_key, made.issuer_key, passphrase=passphrase, overwrite=overwrite)
         atomic_write(self.anchor_cert, certificates_pem([made.anchor]))
@@ -189,6 +189,16 @@ class TrustDir:
         bundle = TrustBundle(trust_domain, (made.anchor,))
         atomic_write(self.bundle, bundle.to_pem())
         return bundle
+
+    def check_private(self) -> None:
+        """Raises `UnsafePermissions` when another user could replace DIR, the issuer or the bundle.
+
+        `meshca serve` checks this at start and before every reload: it would
+        otherwise sign with an attacker's issuer and hand out their anchor.
+        """
+        for path in (self.path, self.issuer_cert, self.issuer_key, self.issuer_key_uri, self.bundle):
+            if path.exists():  # a missing file is the loader's error to report
+                check_private(path)
 
     def load_bundle(self) -> TrustBundle:
         return TrustBundle.from_pem(_read(self.bundle, BundleError))

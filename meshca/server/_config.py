@@ -58,6 +58,9 @@ class ServerConfig:
     drain_grace: timedelta = timedelta(seconds=10)
     passphrase: bytes | None = field(default=None, repr=False)
     reuse_port: bool = False  # set for the workers of `serve --workers N`, which share the port
+    # Open WatchBundle streams, counted by each serving process (each worker of `serve --workers N`).
+    max_watch_streams: int = 10000
+    max_watch_streams_per_peer: int = 100  # per client IP address
 
     def __post_init__(self) -> None:
         # A library user cannot build a configuration the server would misread.
@@ -74,3 +77,5 @@ class ServerConfig:
             raise ValueError("request_timeout and reload_interval must be positive, drain_grace not negative")
         if self.max_message_bytes < 1:
             raise ValueError("max_message_bytes must be positive")
+        if self.max_watch_streams < 1 or self.max_watch_streams_per_peer < 1:
+            raise ValueError("max_watch_streams and max_watch_streams_per_peer must be at least 1")

@@ -1,7 +1,9 @@
 """The one wrapper around every RPC: request size, deadline, metrics, and errors mapped to status codes.
 
 Wire adapters declare their methods; `Boundary` turns each into a gRPC method
-handler. An error becomes a status through a table from exception class to
+handler. Server-streaming methods (WatchBundle) hold a slot of `StreamSlots`
+while open: a stream costs memory for as long as the client keeps it, so the
+open ones are capped per peer IP address and in total. An error becomes a status through a table from exception class to
 code, looked up along the class hierarchy; a service may override entries
 (Linkerd's FAILED_PRECONDITION for a name mismatch). An exception the table
 does not know is INTERNAL: logged at error level with its traceback, the
@@ -11,9 +13,11 @@ caller gets only a request id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -42,7 +46,7 @@ from meshca.pki._errors import (
 from meshca.server._config import ServerConfig
 from meshca.server._metrics import Children, Metrics
 
-__all__ = ["STATUS", "Boundary", "StatusTable", "status_for"]
+__all__ = ["STATUS", "Boundary", "StatusTable", "StreamSlots", "peer_address", "status_for"]
 
 log = structlog.get_logger("meshca.server")
 
@@ -81,6 +85,55 @@ def status_for(exc: BaseException, table: StatusTable = STATUS) -> grpc.StatusCo
     return None
 
 
+def peer_address(peer: str) -> str:
+    """The IP address in a gRPC peer (``ipv4:10.0.0.1:5000``, ``ipv6:[::1]:5000``, maybe %-encoded); else the peer."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
+class StreamSlots:
+    """Open streams by peer IP address and in total; one past either cap is `RateLimited` (RESOURCE_EXHAUSTED).
+
+    Counted per serving process, on its event loop (no lock needed).
+    """
+
+    def __init__(self, total: int, per_peer: int, metrics: Metrics) -> None:
+        self._total = total
+        self._per_peer = per_peer
+        self._by_peer: dict[str, int] = {}
+        self._open = 0
+        self._gauge = metrics.watch_streams
+        self._refused = metrics.watch_refused
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    @contextlib.contextmanager
+    def hold(self, peer: str) -> Iterator[None]:
+        address = peer_address(peer)
+        held = self._by_peer.get(address, 0)
+        if held >= self._per_peer:
+            self._refused.labels("peer").inc()
+            raise RateLimited(f"{address} has {held} open streams, the limit per peer")
+        if self._open >= self._total:
+            self._refused.labels("total").inc()
+            raise RateLimited(f"the server has {self._open} open streams, its limit")
+        self._by_peer[address] = held + 1
+        self._open += 1
+        self._gauge.inc()
+        try:
+            yield
+        finally:
+            self._open -= 1
+            self._gauge.dec()
+            left = self._by_peer.pop(address) - 1
+            if left:
+                self._by_peer[address] = left
+
+
 class Boundary:
     """Builds the method handlers of the wire adapters; holds what every request shares."""
 
@@ -89,6 +142,7 @@ class Boundary:
         self._timeout = config.request_timeout.total_seconds()
         self._metrics = metrics
         self._requests = Children(metrics.requests)
+        self.streams = StreamSlots(config.max_watch_streams, config.max_watch_streams_per_peer, metrics)
 
     def deserializer(self, message: type[Req]) -> Callable[[bytes], Req | MeshcaError]:
         """Parses a request body; a body too large or malformed becomes the error its handler raises.
@@ -157,16 +211,24 @@ class Boundary:
         request: type[Req],
         response: type[Resp],
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        """A server-streaming method: no deadline (a watch lasts), a malformed request still maps cleanly."""
+        """A server-streaming method: no deadline (a watch lasts), a slot of `streams` while open.
+
+        A malformed request, a stream past a cap and a meshca error while
+        streaming map to their status like a unary call's.
+        """
+        streams = self.streams
 
         async def handle(message: Req | MeshcaError, context: Context) -> AsyncIterator[Resp]:
-            if isinstance(message, MeshcaError):
-                code = status_for(message) or C.INTERNAL
-                log.warning("request.refused", service=service, method=method, code=code.name, reason=str(message))
-                await context.abort(code, str(message))
-            assert not isinstance(message, MeshcaError)
-            async for item in call(message, context):
-                yield item
+            try:
+                if isinstance(message, MeshcaError):
+                    raise message
+                with streams.hold(context.peer()):
+                    async for item in call(message, context):
+                        yield item
+            except MeshcaError as exc:
+                code = status_for(exc) or C.INTERNAL
+                log.warning("request.refused", service=service, method=method, code=code.name, reason=str(exc))
+                await context.abort(code, str(exc))
 
         return grpc.unary_stream_rpc_method_handler(
             handle,

@@ -68,6 +68,15 @@ class Metrics:
         self.serving = Gauge(
             "meshca_issuer_usable", "1 while the issuer can sign", registry=r, multiprocess_mode="livemin"
         )
+        self.watch_streams = Gauge(
+            "meshca_watch_streams", "Open WatchBundle streams", registry=r, multiprocess_mode="livesum"
+        )
+        self.watch_refused = Counter(
+            "meshca_watch_streams_refused",
+            "WatchBundle streams refused at a cap, by the cap that refused them (peer or total)",
+            ["limit"],
+            registry=r,
+        )
 
 
 class Children:

@@ -5,7 +5,13 @@ symlink swap is seen like an in-place replace). A changed set is loaded,
 validated (the issuer matches its key, chains to the new bundle, is valid
 now, and a probe leaf it signs verifies) and only then swapped in; a bad
 replacement is refused, logged and counted, and the last good issuer keeps
-serving.
+serving. Files that other users could replace are refused like a bad set
+(`TrustDir.check_private`).
+
+A set written ahead of its NotBefore (cert-manager stages the next issuer
+before the current one expires) is validated as of that NotBefore, kept, and
+swapped in at the first poll once it is valid: the files do not change
+again, so waiting for a change would let the current issuer expire.
 
 The server's own SVID (``spiffe://TD/meshca/identity``) renews by the same
 rotation policy as the clients, and is recorded in the issuance log (api
@@ -44,7 +50,7 @@ SELF_API = "self"
 SELF_PRINCIPAL = "meshca"
 _RECORD_TIMEOUT = 30.0  # seconds; a store slower than this fails the renewal, the current SVID stays
 
-_Stamp = tuple[tuple[str, int, int, int], ...]
+_Stamp = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +69,10 @@ def file_stamp(paths: tuple[os.PathLike[str], ...]) -> _Stamp:
         try:
             real = os.path.realpath(p)
             st = os.stat(real)
-            out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
+            # the mode too: `chmod go-w` on a refused file is a change worth a reload
+            out.append((real, st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode))
         except OSError:
-            out.append((str(p), -1, -1, -1))
+            out.append((str(p), -1, -1, -1, -1))
     return tuple(out)
 
 
@@ -105,6 +112,7 @@ class IssuerState:
         self._paths = (tdir.issuer_cert, tdir.issuer_key_source, tdir.bundle)
         self._stamp = file_stamp(self._paths)
         try:
+            tdir.check_private()
             issuer = tdir.load_issuer(passphrase=passphrase)
             validate(issuer, clock)
         except (MeshcaError, ValueError, OSError) as exc:
@@ -116,6 +124,7 @@ class IssuerState:
             issuer = last_good
         self._sequence = 1
         self.issuer: Issuer = issuer
+        self._staged: Issuer | None = None  # valid, waiting for its NotBefore
         self.bundle: TrustBundle = issuer.bundle
         self._changed = asyncio.Event()
         self._usable = True
@@ -146,22 +155,52 @@ class IssuerState:
     # -- reload
 
     def poll(self) -> bool:
-        """Reloads if the files changed; refreshes usability. Returns True when a new issuer was swapped in."""
+        """Reloads if the files changed, or takes over a staged issuer now valid; refreshes usability.
+
+        Returns True when a new issuer was swapped in.
+        """
         stamp = file_stamp(self._paths)
         swapped = False
         if stamp != self._stamp:
             self._stamp = stamp
+            self._staged = None  # the files it came from are gone
             swapped = self._reload()
+        elif self._staged is not None and self._clock() >= self._staged.not_before:
+            staged, self._staged = self._staged, None
+            swapped = self._adopt(staged)
         self._refresh_usable()
         return swapped
 
     def _reload(self) -> bool:
         try:
+            self._tdir.check_private()
             issuer = self._tdir.load_issuer(passphrase=self._passphrase)
+            if self._clock() < issuer.not_before:
+                validate(issuer, lambda: issuer.not_before)  # everything else must hold when it takes over
+                self._staged = issuer
+                self._metrics.reloads.labels("staged").inc()
+                log.info(
+                    "issuer.staged",
+                    issuer=fingerprint(issuer.certificate)[:23],
+                    takes_over=issuer.not_before.isoformat(),
+                    serving=fingerprint(self.issuer.certificate)[:23],
+                )
+                return False
+        except (MeshcaError, ValueError, OSError) as exc:
+            self._refuse(exc)
+            return False
+        return self._adopt(issuer)
+
+    def _refuse(self, exc: Exception) -> None:
+        self._metrics.reloads.labels("failure").inc()
+        log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(self.issuer.certificate)[:23])
+
+    def _adopt(self, issuer: Issuer) -> bool:
+        """Validates ``issuer`` now and swaps it in; the server SVID follows at its next use."""
+        try:
             validate(issuer, self._clock)
         except (MeshcaError, ValueError, OSError) as exc:
-            self._metrics.reloads.labels("failure").inc()
-            log.warning("issuer.reload_failed", reason=str(exc), serving=fingerprint(self.issuer.certificate)[:23])
+            self._refuse(exc)
             return False
         old_bundle = self.bundle
         self.issuer = issuer

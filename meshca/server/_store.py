@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import os
 import queue
 import secrets
 import sqlite3
@@ -397,6 +398,12 @@ def duplicate_serial(record: IssuanceRecord) -> StoreError:
     return StoreError(f"serial {record.serial} is already in the issuance log")
 
 
+def _create_private(path: Path) -> None:
+    """Creates the database file 0600 whatever the umask (it holds token hashes); -wal and -shm get its mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class SqliteStore:
     """SQLite in WAL mode, synchronous=FULL; safe to share between processes on one machine.
 
@@ -416,10 +423,11 @@ class SqliteStore:
         self.path = Path(path)
         self._metrics = metrics or StoreMetrics()
         try:
+            _create_private(self.path)
             self._read = self._connect()
             self._migrate(self._read)
             legacy = self._read.execute(UNSIGNED_LEGACY_QUERY).fetchone() if log_key is not None else None
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._read_lock = threading.Lock()
         try:

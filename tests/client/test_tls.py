@@ -68,7 +68,8 @@ def test_authorizers_other_than_one_id(pair: Pair) -> None:
         # TLS 1.3: the client may be done before the server has recorded its refusal.
         eventually_sync(lambda: echo.errors, 5, "the server's refusal")
         assert echo.accepted == []
-        assert "expected nobody" in str(echo.errors[0])
+    # read after the server thread is joined: the client may see the refusal before the server records it
+    assert "expected nobody" in str(echo.errors[0])
 
 
 def test_peers_from_another_ca_are_refused_by_openssl_itself(pair: Pair, trust: Trust) -> None:

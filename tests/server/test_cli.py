@@ -216,6 +216,10 @@ def test_serve_defaults_come_from_server_config() -> None:
     assert args.listen.startswith("127.0.0.1:")
     assert (args.leaf_ttl, args.max_leaf_ttl) == (defaults.leaf_ttl, defaults.max_leaf_ttl)
     assert args.linkerd_namespace == defaults.linkerd_namespace
+    assert (args.max_watch_streams, args.max_watch_streams_per_peer) == (
+        defaults.max_watch_streams,
+        defaults.max_watch_streams_per_peer,
+    )
 
 
 @pytest.mark.parametrize("anchor_key", [True, False], ids=["anchor-key-online", "anchor-key-offline"])

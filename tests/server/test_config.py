@@ -27,6 +27,8 @@ H = timedelta(hours=1)
         ({"reload_interval": -H}, "reload_interval"),
         ({"drain_grace": -H}, "drain_grace"),
         ({"max_message_bytes": 0}, "max_message_bytes"),
+        ({"max_watch_streams": 0}, "max_watch_streams"),
+        ({"max_watch_streams_per_peer": 0}, "max_watch_streams_per_peer"),
     ],
     ids=lambda v: ",".join(v) if isinstance(v, dict) else None,
 )
@@ -37,7 +39,14 @@ def test_invalid_configurations_are_refused(fields: dict[str, Any], message: str
 
 def test_edges_are_valid() -> None:
     config = ServerConfig(
-        dir=Path("/x"), leaf_ttl=H, max_leaf_ttl=H, rate_limit=0.5, rate_burst=1, drain_grace=timedelta()
+        dir=Path("/x"),
+        leaf_ttl=H,
+        max_leaf_ttl=H,
+        rate_limit=0.5,
+        rate_burst=1,
+        drain_grace=timedelta(),
+        max_watch_streams=1,
+        max_watch_streams_per_peer=1,
     )
     assert config.leaf_ttl == config.max_leaf_ttl
 

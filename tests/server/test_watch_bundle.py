@@ -8,12 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from support.calls import pb
+from support.calls import hpb, pb
 from support.ids import TD
+from support.metrics import sample_value
 from support.poll import eventually
-from support.serving import serving
+from support.serving import Harness, serving
 
+from meshca._proto import meshca_identity_pb2_grpc
+from meshca.pki._errors import RateLimited
+from meshca.server._interceptor import StreamSlots, peer_address
+from meshca.server._metrics import Metrics
 from meshca.server.api import NativeApi
 from meshca.testing import TestCA
 
@@ -94,3 +100,86 @@ async def test_watch_ends_cleanly_when_the_client_goes(d: Path, server_ca: TestC
         again = h.native.WatchBundle(pb.WatchBundleRequest())
         assert (await asyncio.wait_for(again.__aiter__().__anext__(), 2)).trust_domain == TD
         again.cancel()
+
+
+# -- the cap on open streams
+
+
+def open_streams(h: Harness) -> float | None:
+    return h.server.metrics.registry.get_sample_value("meshca_watch_streams")
+
+
+async def _open_watch(channel: grpc.aio.Channel) -> Any:
+    """A WatchBundle stream that has had its first message, so the server holds it open."""
+    call = meshca_identity_pb2_grpc.IdentityStub(channel).WatchBundle(pb.WatchBundleRequest())
+    assert (await asyncio.wait_for(call.read(), 5)).trust_domain == TD
+    return call
+
+
+async def _refusal(channel: grpc.aio.Channel) -> grpc.aio.AioRpcError:
+    call = meshca_identity_pb2_grpc.IdentityStub(channel).WatchBundle(pb.WatchBundleRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(call.read(), 5)
+    return refused.value
+
+
+async def test_open_streams_are_capped_per_peer_address(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca, metrics_listen="127.0.0.1:0", max_watch_streams_per_peer=3) as h:
+        # three connections, so three client ports: the cap counts the address
+        calls = [await _open_watch(h.new_channel()) for _ in range(3)]
+        refused = await _refusal(h.new_channel())
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.details() == "127.0.0.1 has 3 open streams, the limit per peer"
+        text = await h.scrape()
+        assert sample_value(text, "meshca_watch_streams") == 3
+        assert sample_value(text, "meshca_watch_streams_refused_total", limit="peer") == 1
+        # a closed stream frees its slot
+        calls.pop().cancel()
+        await h.wait_for(lambda: open_streams(h) == 2, what="the slot back")
+        calls.append(await _open_watch(h.channel))
+        assert sample_value(await h.scrape(), "meshca_watch_streams") == 3
+        # other calls are not limited
+        health = await h.health.Check(hpb.HealthCheckRequest(service=""))
+        assert health.status == hpb.HealthCheckResponse.SERVING
+        for call in calls:
+            call.cancel()
+        await h.wait_for(lambda: open_streams(h) == 0, what="every slot back")
+
+
+async def test_open_streams_are_capped_in_total(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca, metrics_listen="127.0.0.1:0", max_watch_streams=2) as h:
+        calls = [await _open_watch(h.channel) for _ in range(2)]
+        refused = await _refusal(h.channel)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.details() == "the server has 2 open streams, its limit"
+        assert sample_value(await h.scrape(), "meshca_watch_streams_refused_total", limit="total") == 1
+        for call in calls:
+            call.cancel()
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:10.1.2.3:50000", "10.1.2.3"),
+        ("ipv6:[::1]:50000", "::1"),
+        ("ipv6:%5B::1%5D:50000", "::1"),
+        ("ipv6:%5B%3A%3A1%5D:50000", "::1"),
+        ("unix:/run/meshca.sock", "unix:/run/meshca.sock"),
+    ],
+)
+def test_peer_address(peer: str, address: str) -> None:
+    assert peer_address(peer) == address
+
+
+def test_slots_count_by_address_not_port() -> None:
+    slots = StreamSlots(total=3, per_peer=2, metrics=Metrics())
+    with slots.hold("ipv4:10.0.0.1:1"), slots.hold("ipv4:10.0.0.1:2"):
+        with pytest.raises(RateLimited, match=r"^10\.0\.0\.1 has 2 open streams"), slots.hold("ipv4:10.0.0.1:3"):
+            pass
+        with slots.hold("ipv4:10.0.0.2:1"):
+            assert slots.open == 3
+            with pytest.raises(RateLimited, match="the server has 3 open streams"), slots.hold("ipv4:10.0.0.3:1"):
+                pass
+    assert slots.open == 0
+    with slots.hold("ipv4:10.0.0.1:4"):  # the address's slots came back too
+        assert slots.open == 1

@@ -54,15 +54,7 @@ def _issue(port: int, bundle: bytes, token: str) -> str:
 
 
 def _started(proc: ServeProcess, workers: int, timeout: float = 30) -> tuple[int, int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events = proc.events
-        started = [e for e in events if e.get("event") == "server.started"]
-        sup = [e for e in events if e.get("event") == "supervisor.started"]
-        if len(started) >= workers and (sup or workers == 1):  # `--workers 1` runs without a supervisor
-            return int(started[0]["port"]), int((sup or started)[0]["metrics_port"])
-        time.sleep(0.1)
-    raise AssertionError("workers did not start:\n" + "\n".join(proc.lines))
+    return proc.wait_workers(workers, timeout)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def meshca_exe() -> str:
 class ServeProcess:
     """``meshca serve --dir DIR`` on ephemeral 127.0.0.1 ports; stderr is collected line by line."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    def __init__(self, directory: Path, *extra: str, umask: int | None = None) -> None:
         args = [
             meshca_exe(),
             "serve",
@@ -39,7 +39,9 @@ class ServeProcess:
             "127.0.0.1:0",
             *extra,
         ]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            with_umask(args, umask), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         self.lines: list[str] = []
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._readers = [
@@ -90,6 +92,18 @@ class ServeProcess:
                 self.port = int(json.loads(line)["port"])
                 return self.port
 
+    def wait_workers(self, workers: int, timeout: float = 30) -> tuple[int, int]:
+        """Waits for N started workers; the port and the metrics port (the supervisor's, or the one process's)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = self.events
+            started = [e for e in events if e.get("event") == "server.started"]
+            sup = [e for e in events if e.get("event") == "supervisor.started"]
+            if len(started) >= workers and (sup or workers == 1):  # `--workers 1` runs without a supervisor
+                return int(started[0]["port"]), int((sup or started)[0]["metrics_port"])
+            time.sleep(0.1)
+        raise AssertionError("workers did not start:\n" + "\n".join(self.lines))
+
     def terminate(self, timeout: float = 15) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
@@ -112,12 +126,18 @@ class ServeProcess:
         self.kill()
 
 
+def with_umask(args: list[str], umask: int | None) -> list[str]:
+    """``args`` run under ``umask`` (None: the parent's), by a shell that then execs them (same pid)."""
+    if umask is None:
+        return args
+    return ["/bin/sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *args]
+
+
 def run_meshca(
-    *args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 30
+    *args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 30, umask: int | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [meshca_exe(), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False
-    )
+    command = with_umask([meshca_exe(), *map(str, args)], umask)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False)
 
 
 @dataclass(frozen=True)
