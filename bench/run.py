@@ -386,6 +386,22 @@ def median(runs: list[Run], server: str, label: str, field: str) -> float:
     return statistics.median(getattr(r, field) for r in runs if r.server == server and r.label.startswith(label))
 
 
+def table(runs: list[Run], names: tuple[str, ...], headers: list[str], ratios: list[tuple[int, int]]) -> None:
+    """The summary: each figure's median for every server in ``names``, then the ratios (index pairs)."""
+    print("\n| figure | " + " | ".join(headers) + " |")
+    print("|---" * (1 + len(headers)) + "|")
+    for label, field, name in (
+        ("round", "rps", f"issuances/s ({CONNECTIONS} conns)"),
+        ("round", "p50_ms", f"p50 ms ({CONNECTIONS} conns)"),
+        ("round", "p99_ms", f"p99 ms ({CONNECTIONS} conns)"),
+        ("sequential", "p50_ms", "sequential p50 ms"),
+        ("sequential", "p99_ms", "sequential p99 ms"),
+    ):
+        values = [median(runs, n, label, field) for n in names]
+        cells = [f"{v:,.2f}" for v in values] + [f"{values[a] / values[b]:.2f}" for a, b in ratios]
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
 def crypto_limit(speed: list[tuple[float, float]]) -> tuple[float, float, float]:
     """(signs/s, verifies/s per core, issuances/s on all cores) from the `openssl speed` medians."""
     signs = statistics.median(s for s, _ in speed)
@@ -401,26 +417,39 @@ def save(out: Path, meta: dict[str, object], runs: list[Run]) -> None:
     print(f"\nraw runs: {path}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark script here takes; `run_sizes` applies them."""
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5,000 requests")
     parser.add_argument("--smoke", action="store_true", help="1 round of 300 requests, no extras: checks the harness")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+
+
+def run_sizes(args: argparse.Namespace) -> int:
+    """Applies --quick and --smoke, checks the tools are installed; returns the warm-up run's size."""
+    for tool in ("h2load", "cfssl", "openssl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: run 'bash bench/setup.sh' (Debian nghttp2-client, golang-cfssl)")
+    if args.quick:
+        args.rounds, args.requests = 2, 5000
+    if args.smoke:
+        args.rounds, args.requests = 1, 300
+        return 100
+    return 2000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(parser)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--extra-workers", type=int, nargs="*", default=[1, 2 * (os.cpu_count() or 1)],
                         help="also measure meshca with these --workers counts (default: 1 and 2 x cores)")
     parser.add_argument("--soak", type=int, default=0, help="issuances for the RSS soak (e.g. 200000)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    warmup = 2000
-    if args.quick:
-        args.rounds, args.requests = 2, 5000
+    warmup = run_sizes(args)
     if args.smoke:
-        args.rounds, args.requests, args.extra_workers, warmup = 1, 300, [], 100
-    for tool in ("h2load", "cfssl", "openssl"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: run 'bash bench/setup.sh' (Debian nghttp2-client, golang-cfssl)")
+        args.extra_workers = []
 
     with tempfile.TemporaryDirectory(prefix="meshca-bench-") as tmp:
         work = Path(tmp)
@@ -458,17 +487,8 @@ def main() -> int:
         return median(runs, server, label, field)
 
     names = ("meshca", "cfssl", "cfssl-bare")
-    print("\n| figure | meshca | cfssl same work | cfssl bare | meshca/cfssl | meshca/cfssl-bare |")
-    print("|---|---|---|---|---|---|")
-    for label, field, name in (
-        ("round", "rps", f"issuances/s ({CONNECTIONS} conns)"),
-        ("round", "p50_ms", f"p50 ms ({CONNECTIONS} conns)"),
-        ("round", "p99_ms", f"p99 ms ({CONNECTIONS} conns)"),
-        ("sequential", "p50_ms", "sequential p50 ms"),
-        ("sequential", "p99_ms", "sequential p99 ms"),
-    ):
-        m, c, b = (med(n, label, field) for n in names)
-        print(f"| {name} | {m:,.2f} | {c:,.2f} | {b:,.2f} | {m / c:.2f} | {m / b:.2f} |")
+    table(runs, names, ["meshca", "cfssl same work", "cfssl bare", "meshca/cfssl", "meshca/cfssl-bare"],
+          [(0, 1), (0, 2)])
     growth = [med(n, "round", "rss_after_kib") / med(n, "round", "rss_before_kib") for n in names]
     print(f"| RSS after/before a run | {growth[0]:.2f} | {growth[1]:.2f} | {growth[2]:.2f} | - | - |")
 

@@ -39,12 +39,15 @@ from run import (
     Cfssl,
     Meshca,
     Run,
+    add_run_options,
     crypto_limit,
     free_port,
     measure,
     median,
     rounds,
+    run_sizes,
     save,
+    table,
 )
 
 # cfssl's PostgreSQL certdb: certdb/pg/migrations/001_CreateCertificates.sql of cfssl at the time of 1.2.0
@@ -129,22 +132,11 @@ def main() -> int:
     parser.add_argument("--postgres-url", help="a role that may create databases (default: a throwaway cluster)")
     parser.add_argument("--replicas", type=int, default=2, help="meshca serve processes sharing the database")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="--workers of the single replica")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 5,000 requests")
-    parser.add_argument("--smoke", action="store_true", help="1 round of 300 requests: checks the harness")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    add_run_options(parser)
     args = parser.parse_args()
-    warmup = 2000
-    if args.quick:
-        args.rounds, args.requests = 2, 5000
-    if args.smoke:
-        args.rounds, args.requests, warmup = 1, 300, 100
+    warmup = run_sizes(args)
     if not 1 <= args.replicas <= CONNECTIONS:
         raise SystemExit(f"--replicas must be 1 to {CONNECTIONS}")
-    for tool in ("h2load", "cfssl", "openssl"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: run 'bash bench/setup.sh' (Debian nghttp2-client, golang-cfssl)")
 
     cluster = None
     url = args.postgres_url
@@ -194,18 +186,8 @@ def main() -> int:
 
 def summary(runs: list[Run], speed: list[tuple[float, float]], replicas: int, workers: int) -> None:
     names = (f"meshca x{replicas}", "meshca x1", "cfssl")
-    print(f"\n| figure | meshca x{replicas} (--workers 1 each) | meshca x1 (--workers {workers}) | cfssl | "
-          f"x{replicas}/cfssl | x1/cfssl |")
-    print("|---|---|---|---|---|---|")
-    for label, field, name in (
-        ("round", "rps", f"issuances/s ({CONNECTIONS} conns)"),
-        ("round", "p50_ms", f"p50 ms ({CONNECTIONS} conns)"),
-        ("round", "p99_ms", f"p99 ms ({CONNECTIONS} conns)"),
-        ("sequential", "p50_ms", "sequential p50 ms"),
-        ("sequential", "p99_ms", "sequential p99 ms"),
-    ):
-        r, one, c = (median(runs, n, label, field) for n in names)
-        print(f"| {name} | {r:,.2f} | {one:,.2f} | {c:,.2f} | {r / c:.2f} | {one / c:.2f} |")
+    table(runs, names, [f"meshca x{replicas} (--workers 1 each)", f"meshca x1 (--workers {workers})", "cfssl",
+                        f"x{replicas}/cfssl", "x1/cfssl"], [(0, 2), (1, 2)])
     best = max(median(runs, n, "round", "rps") for n in names[:2]) / median(runs, "cfssl", "round", "rps")
     print(f"\nmeshca/cfssl on the same work: {best:.2f} (best meshca layout); target >= 2.0: "
           f"{'met' if best >= 2 else f'missed by {2 / best:.1f}x'}")
