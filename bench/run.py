@@ -144,6 +144,14 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def cli(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Runs a setup command; its stdout, or exit with what it said on stderr."""
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(argv[:4])} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
 class Meshca:
     """``meshca serve --workers N`` on a fresh trust domain; with ``replicas`` > 1, that many
     serve processes on their own ports sharing the trust directory and ``store`` (a URL)."""
@@ -154,16 +162,14 @@ class Meshca:
         self.dir = work / f"meshca-{workers}{'-jwt' if jwt else ''}{f'-x{replicas}' if replicas > 1 else ''}"
         meshca = [sys.executable, "-m", "meshca.cli"]
         store_args = [] if store is None else ["--store", store]
-        subprocess.run([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir)],
-                       check=True, capture_output=True)
+        cli([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir)])
         argv = [*meshca, "serve", "--dir", str(self.dir), "--workers", str(workers), *store_args]
         sid = "spiffe://bench.example/ns/bench/sa/load"
         if jwt:
             credential = self._jwt_setup(argv)
         else:
-            token = subprocess.run([*meshca, "token", "create", "--dir", str(self.dir), "--spiffe-id", sid,
-                                    "--uses", "100000000", "--ttl", "24h", *store_args],
-                                   check=True, capture_output=True, text=True, env=env).stdout.strip()
+            token = cli([*meshca, "token", "create", "--dir", str(self.dir), "--spiffe-id", sid,
+                         "--uses", "100000000", "--ttl", "24h", *store_args], env).strip()
             credential = ("join_token", token)
         self.body = self.dir / "request.bin"
         self.body.write_bytes(_grpc_request(sid, credential))
