@@ -174,14 +174,18 @@ class Meshca:
         self.body = self.dir / "request.bin"
         self.body.write_bytes(_grpc_request(sid, credential))
         self.procs, self.urls = [], []
-        for _ in range(replicas):
-            port, metrics_port = free_port(), free_port()
-            self.procs.append(subprocess.Popen(
-                [*argv, "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
-            wait_port(port)
-            wait_port(metrics_port)
-            self.urls.append(f"https://127.0.0.1:{port}/meshca.identity.v1.Identity/IssueSVID")
+        try:
+            for _ in range(replicas):
+                port, metrics_port = free_port(), free_port()
+                self.procs.append(subprocess.Popen(
+                    [*argv, "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+                wait_port(port)
+                wait_port(metrics_port)
+                self.urls.append(f"https://127.0.0.1:{port}/meshca.identity.v1.Identity/IssueSVID")
+        except BaseException:
+            self.stop()  # no replica outlives a failed start (it would hold its database open)
+            raise
         time.sleep(1)  # every worker has bound the port
         self.headers = ["content-type: application/grpc", "te: trailers"]
         self.h1 = False
