@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from run import Meshca, Run, alternate
+from run import Meshca, Run, rounds
 
 SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 
@@ -67,7 +67,7 @@ def main() -> int:
         try:
             print(f"warm-up; then {args.rounds} alternating rounds of {args.requests} requests; "
                   f"meshca --workers {args.workers}", flush=True)
-            runs += alternate(servers, args.rounds, args.requests, warmup)
+            runs += rounds(servers, count=args.rounds, requests=args.requests, warmup=warmup)[0]
         finally:
             for server in servers:
                 server.stop()

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 HERE = Path(__file__).resolve().parent
 CONNECTIONS = 32
@@ -102,26 +103,40 @@ class Run:
     rss_after_kib: int
 
 
-def h2load(url: str, body: Path, headers: list[str], *, requests: int, connections: int, h1: bool) -> tuple[float, list[float], int]:
-    """Runs h2load; returns (seconds, latencies in ms, 2xx count)."""
-    with tempfile.NamedTemporaryFile(suffix=".log") as log:
-        argv = ["h2load", "-n", str(requests), "-c", str(connections), "-t", "1", "-m", "1",
-                "-d", str(body), "--log-file", log.name]
-        for h in headers:
-            argv += ["-H", h]
-        if h1:
-            argv.append("--h1")
-        out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"finished in ([\d.]+)(m?s)", out)
-        if m is None:
-            raise SystemExit(f"h2load said:\n{out}")
-        seconds = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
-        ok = int(re.search(r"status codes: (\d+) 2xx", out).group(1))  # type: ignore[union-attr]
-        latencies = []
-        for line in Path(log.name).read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3:
-                latencies.append(int(parts[2]) / 1000)  # microseconds -> ms
+def h2load(urls: list[str], body: Path, headers: list[str], *, requests: int, connections: int,
+           h1: bool) -> tuple[float, list[float], int]:
+    """Runs one h2load per URL, all at once, sharing out requests and connections.
+
+    Returns (seconds of the slowest, latencies in ms, 2xx count). One h2load
+    reaches one host:port (it takes several URIs but connects to the first's),
+    so replicas on separate ports each get their own.
+    """
+    n = len(urls)
+    with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
+        started = []
+        for i, url in enumerate(urls):
+            log = Path(tmp) / f"{i}.log"
+            argv = ["h2load", "-n", str(requests // n + (i < requests % n)),
+                    "-c", str(connections // n + (i < connections % n)), "-t", "1", "-m", "1",
+                    "-d", str(body), "--log-file", str(log)]
+            for h in headers:
+                argv += ["-H", h]
+            if h1:
+                argv.append("--h1")
+            started.append((subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True), log))
+        seconds, latencies, ok = 0.0, [], 0
+        for proc, log in started:
+            out, err = proc.communicate()
+            m = re.search(r"finished in ([\d.]+)(m?s)", out)
+            if proc.returncode or m is None:
+                raise SystemExit(f"h2load exited {proc.returncode}:\n{out}{err}")
+            seconds = max(seconds, float(m.group(1)) / (1000 if m.group(2) == "ms" else 1))
+            ok += int(re.search(r"status codes: (\d+) 2xx", out).group(1))  # type: ignore[union-attr]
+            for line in log.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) >= 3:
+                    latencies.append(int(parts[2]) / 1000)  # microseconds -> ms
     return seconds, latencies, ok
 
 
@@ -130,34 +145,50 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-class Meshca:
-    name = "meshca"
+def cli(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Runs a setup command; its stdout, or exit with what it said on stderr."""
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(argv[:4])} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
 
-    def __init__(self, work: Path, workers: int, jwt: bool = False, *, name: str = "meshca",
+
+class Meshca:
+    """``meshca serve --workers N`` on a fresh trust domain; with ``replicas`` > 1, that many
+    serve processes on their own ports sharing the trust directory and ``store`` (a URL)."""
+
+    def __init__(self, work: Path, workers: int, jwt: bool = False, *, replicas: int = 1,
+                 store: str | None = None, env: dict[str, str] | None = None, name: str = "meshca",
                  init_args: tuple[str, ...] = ()) -> None:
         self.name = name
-        self.dir = work / f"{name}-{workers}{'-jwt' if jwt else ''}"
-        self.port, self.metrics_port = free_port(), free_port()
+        self.dir = work / f"{name}-{workers}{'-jwt' if jwt else ''}{f'-x{replicas}' if replicas > 1 else ''}"
         meshca = [sys.executable, "-m", "meshca.cli"]
-        subprocess.run([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir), *init_args],
-                       check=True, capture_output=True)
-        argv = [*meshca, "serve", "--dir", str(self.dir), "--listen", f"127.0.0.1:{self.port}",
-                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--workers", str(workers)]
+        store_args = [] if store is None else ["--store", store]
+        cli([*meshca, "init", "--trust-domain", "bench.example", "--dir", str(self.dir), *init_args])
+        argv = [*meshca, "serve", "--dir", str(self.dir), "--workers", str(workers), *store_args]
         sid = "spiffe://bench.example/ns/bench/sa/load"
         if jwt:
             credential = self._jwt_setup(argv)
         else:
-            token = subprocess.run([*meshca, "token", "create", "--dir", str(self.dir), "--spiffe-id", sid,
-                                    "--uses", "100000000", "--ttl", "24h"],
-                                   check=True, capture_output=True, text=True).stdout.strip()
+            token = cli([*meshca, "token", "create", "--dir", str(self.dir), "--spiffe-id", sid,
+                         "--uses", "100000000", "--ttl", "24h", *store_args], env).strip()
             credential = ("join_token", token)
         self.body = self.dir / "request.bin"
         self.body.write_bytes(_grpc_request(sid, credential))
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-        wait_port(self.metrics_port)
+        self.procs, self.urls = [], []
+        try:
+            for _ in range(replicas):
+                port, metrics_port = free_port(), free_port()
+                self.procs.append(subprocess.Popen(
+                    [*argv, "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+                wait_port(port)
+                wait_port(metrics_port)
+                self.urls.append(f"https://127.0.0.1:{port}/meshca.identity.v1.Identity/IssueSVID")
+        except BaseException:
+            self.stop()  # no replica outlives a failed start (it would hold its database open)
+            raise
         time.sleep(1)  # every worker has bound the port
-        self.url = f"https://127.0.0.1:{self.port}/meshca.identity.v1.Identity/IssueSVID"
         self.headers = ["content-type: application/grpc", "te: trailers"]
         self.h1 = False
 
@@ -184,8 +215,14 @@ class Meshca:
         return count_rows(self.dir / "meshca.db", "issuances")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        stop(self.procs)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(30)
 
 
 def _grpc_request(sid: str, credential: tuple[str, str]) -> bytes:
@@ -219,15 +256,36 @@ CREATE TABLE certificates (
 """
 
 
-class Cfssl:
-    """cfssl serve; ``same_work`` adds TLS, HMAC-authenticated authsign and a durable certdb."""
+class SqliteCertdb:
+    """cfssl's certdb in SQLite, created here (cfssl does not), WAL and synchronous=FULL."""
 
-    def __init__(self, work: Path, *, same_work: bool) -> None:
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "certs.db"
+        with sqlite3.connect(self.path) as conn:
+            conn.executescript(CFSSL_CERTDB_SCHEMA)
+        # go-sqlite3 applies these DSN parameters to every connection it opens.
+        self.config = {"driver": "sqlite3", "data_source": f"{self.path}?_journal_mode=WAL&_synchronous=FULL"}
+
+    def issued(self) -> int:
+        return count_rows(self.path, "certificates")
+
+
+class Certdb(Protocol):
+    config: dict[str, str]  # cfssl's -db-config
+
+    def issued(self) -> int: ...
+
+
+class Cfssl:
+    """cfssl serve; ``same_work`` adds TLS, HMAC-authenticated authsign and a durable certdb
+    (``certdb``, SQLite in its folder by default)."""
+
+    def __init__(self, work: Path, *, same_work: bool, certdb: Certdb | None = None) -> None:
         self.name = "cfssl" if same_work else "cfssl-bare"
         self.dir = work / self.name
         self.dir.mkdir()
         self.port = free_port()
-        self.db: Path | None = None
+        self.db = (certdb or SqliteCertdb(self.dir)) if same_work else None
         (self.dir / "csr.json").write_text(json.dumps(
             {"CN": "bench CA", "key": {"algo": "ecdsa", "size": 256}, "names": [{"O": "bench.example"}]}))
         ca = json.loads(subprocess.run(["cfssl", "genkey", "-initca", str(self.dir / "csr.json")],
@@ -237,8 +295,9 @@ class Cfssl:
         (self.dir / "ca-key.pem").chmod(0o600)
         argv = ["cfssl", "serve", "-ca", str(self.dir / "ca.pem"), "-ca-key", str(self.dir / "ca-key.pem"),
                 "-address", "127.0.0.1", "-port", str(self.port), "-loglevel", "2"]
-        import meshca
         from cryptography.hazmat.primitives.serialization import Encoding
+
+        import meshca
 
         csr = meshca.load_csr(meshca.build_csr(meshca.generate_key(),
                                                meshca.SpiffeId.parse("spiffe://bench.example/ns/bench/sa/load")))
@@ -250,12 +309,12 @@ class Cfssl:
             token = hmac.new(self.auth_key, request, hashlib.sha256).digest()
             request = json.dumps({"token": base64.b64encode(token).decode(),
                                   "request": base64.b64encode(request).decode()}).encode()
-            self.url = f"https://127.0.0.1:{self.port}/api/v1/cfssl/authsign"
+            self.urls = [f"https://127.0.0.1:{self.port}/api/v1/cfssl/authsign"]
         else:
-            self.url = f"http://127.0.0.1:{self.port}/api/v1/cfssl/sign"
+            self.urls = [f"http://127.0.0.1:{self.port}/api/v1/cfssl/sign"]
         self.body = self.dir / "request.json"
         self.body.write_bytes(request)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
         wait_port(self.port)
         self.headers = ["content-type: application/json"]
         self.h1 = True
@@ -275,21 +334,18 @@ class Cfssl:
         (self.dir / "tls.pem").write_text(tls["cert"])
         (self.dir / "tls-key.pem").write_text(tls["key"])
         (self.dir / "tls-key.pem").chmod(0o600)
-        self.db = self.dir / "certs.db"
-        with sqlite3.connect(self.db) as conn:
-            conn.executescript(CFSSL_CERTDB_SCHEMA)
-        # go-sqlite3 applies these DSN parameters to every connection it opens.
-        (self.dir / "db.json").write_text(json.dumps(
-            {"driver": "sqlite3", "data_source": f"{self.db}?_journal_mode=WAL&_synchronous=FULL"}))
+        assert self.db is not None
+        db_json = self.dir / "db.json"
+        db_json.touch(0o600)  # a PostgreSQL data source may hold a password
+        db_json.write_text(json.dumps(self.db.config))
         return ["-config", str(self.dir / "config.json"), "-db-config", str(self.dir / "db.json"),
                 "-tls-cert", str(self.dir / "tls.pem"), "-tls-key", str(self.dir / "tls-key.pem")]
 
     def issued(self) -> int | None:
-        return None if self.db is None else count_rows(self.db, "certificates")
+        return None if self.db is None else self.db.issued()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        stop(self.procs)
 
 
 def openssl_speed(seconds: int) -> tuple[float, float]:
@@ -302,69 +358,120 @@ def openssl_speed(seconds: int) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
-def measure(server: Meshca | Cfssl, label: str, requests: int, connections: int = CONNECTIONS) -> Run:
-    before = rss_kib(server.proc.pid)
+def measure(server: Meshca | Cfssl, label: str, requests: int, connections: int = CONNECTIONS,
+            clients: int = 1) -> Run:
+    """One h2load run; ``clients`` load generators at once, spread over the server's URLs (replicas)."""
+    before = sum(rss_kib(p.pid) for p in server.procs)
     issued_before = server.issued()
-    seconds, lat, ok = h2load(server.url, server.body, server.headers, requests=requests,
+    urls = [server.urls[i % len(server.urls)] for i in range(clients)]
+    seconds, lat, ok = h2load(urls, server.body, server.headers, requests=requests,
                               connections=connections, h1=server.h1)
     if issued_before is not None:
         ok = server.issued() - issued_before  # type: ignore[operator]
-    after = rss_kib(server.proc.pid)
+    after = sum(rss_kib(p.pid) for p in server.procs)
     run = Run(server.name, label, requests, ok, seconds, requests / seconds,
               statistics.median(lat), pct(lat, 0.99), before, after)
-    print(f"  {label:<28} {server.name:<10} {run.rps:8.0f}/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:7.2f} ms  "
+    print(f"  {label:<28} {server.name:<12} {run.rps:8.0f}/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:7.2f} ms  "
           f"ok {ok}/{requests}  rss {before // 1024}->{after // 1024} MiB", flush=True)
     if ok != requests:
         raise SystemExit(f"{server.name}: {ok} of {requests} requests issued and recorded")
     return run
 
 
-def alternate(servers: list[Meshca | Cfssl], rounds: int, requests: int, warmup: int,
-              between: Callable[[], object] = lambda: None) -> list[Run]:
-    """A warm-up for each server, then ``rounds`` rounds with the order rotating (A B C, B C A, ...)."""
+def rounds(servers: list[Meshca | Cfssl], *, count: int, requests: int, warmup: int, speed_seconds: int = 0,
+           clients: int = 1) -> tuple[list[Run], list[tuple[float, float]]]:
+    """A warm-up run each, then ``count`` rounds rotating the order; `openssl speed` after every round."""
+    runs: list[Run] = []
+    speed: list[tuple[float, float]] = []
     for server in servers:
-        measure(server, "warm-up", warmup)
-    runs = []
-    for r in range(rounds):
-        turn = r % len(servers)
-        for server in servers[turn:] + servers[:turn]:
-            runs.append(measure(server, f"round {r + 1}", requests))
-        between()
-    return runs
+        measure(server, "warm-up", warmup, clients=clients)
+    for r in range(count):
+        k = r % len(servers)
+        for server in servers[k:] + servers[:k]:
+            runs.append(measure(server, f"round {r + 1}", requests, clients=clients))
+        # The crypto limit, between rounds so it sees the same machine state as they do.
+        if speed_seconds:  # 0: no `openssl speed` (a comparison that does not need the crypto limit)
+            speed.append(openssl_speed(speed_seconds))
+    return runs, speed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def median(runs: list[Run], server: str, label: str, field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs if r.server == server and r.label.startswith(label))
+
+
+def table(runs: list[Run], names: tuple[str, ...], headers: list[str], ratios: list[tuple[int, int]]) -> None:
+    """The summary: each figure's median for every server in ``names``, then the ratios (index pairs)."""
+    print("\n| figure | " + " | ".join(headers) + " |")
+    print("|---" * (1 + len(headers)) + "|")
+    for label, field, name in (
+        ("round", "rps", f"issuances/s ({CONNECTIONS} conns)"),
+        ("round", "p50_ms", f"p50 ms ({CONNECTIONS} conns)"),
+        ("round", "p99_ms", f"p99 ms ({CONNECTIONS} conns)"),
+        ("sequential", "p50_ms", "sequential p50 ms"),
+        ("sequential", "p99_ms", "sequential p99 ms"),
+    ):
+        values = [median(runs, n, label, field) for n in names]
+        cells = [f"{v:,.2f}" for v in values] + [f"{values[a] / values[b]:.2f}" for a, b in ratios]
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
+def crypto_limit(speed: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(signs/s, verifies/s per core, issuances/s on all cores) from the `openssl speed` medians."""
+    signs = statistics.median(s for s, _ in speed)
+    verifies = statistics.median(v for _, v in speed)
+    # One issuance is one P-256 verify (the CSR) and one sign (the leaf); TLS sessions are long-lived.
+    return signs, verifies, (os.cpu_count() or 1) / (1 / signs + 1 / verifies)
+
+
+def save(out: Path, meta: dict[str, object], runs: list[Run]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps({**meta, "runs": [asdict(r) for r in runs]}, indent=2))
+    print(f"\nraw runs: {path}")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark script here takes; `run_sizes` applies them."""
     parser.add_argument("--quick", action="store_true", help="2 rounds of 5,000 requests")
     parser.add_argument("--smoke", action="store_true", help="1 round of 300 requests, no extras: checks the harness")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+
+
+def run_sizes(args: argparse.Namespace) -> int:
+    """Applies --quick and --smoke, checks the tools are installed; returns the warm-up run's size."""
+    for tool in ("h2load", "cfssl", "openssl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: run 'bash bench/setup.sh' (Debian nghttp2-client, golang-cfssl)")
+    if args.quick:
+        args.rounds, args.requests = 2, 5000
+    if args.smoke:
+        args.rounds, args.requests = 1, 300
+        return 100
+    return 2000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(parser)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--extra-workers", type=int, nargs="*", default=[1, 2 * (os.cpu_count() or 1)],
                         help="also measure meshca with these --workers counts (default: 1 and 2 x cores)")
     parser.add_argument("--soak", type=int, default=0, help="issuances for the RSS soak (e.g. 200000)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    warmup = 2000
-    if args.quick:
-        args.rounds, args.requests = 2, 5000
+    warmup = run_sizes(args)
     if args.smoke:
-        args.rounds, args.requests, args.extra_workers, warmup = 1, 300, [], 100
-    for tool in ("h2load", "cfssl", "openssl"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: run 'bash bench/setup.sh' (Debian nghttp2-client, golang-cfssl)")
+        args.extra_workers = []
 
-    runs: list[Run] = []
-    speed: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="meshca-bench-") as tmp:
         work = Path(tmp)
         servers = [Meshca(work, args.workers), Cfssl(work, same_work=True), Cfssl(work, same_work=False)]
         try:
             print(f"warm-up; then {args.rounds} rounds of {args.requests} requests, {CONNECTIONS} connections, "
                   f"order rotating; meshca --workers {args.workers}", flush=True)
-            # The crypto limit, between rounds so it sees the same machine state as they do.
-            runs += alternate(servers, args.rounds, args.requests, warmup,
-                              between=lambda: speed.append(openssl_speed(1 if args.smoke else 3)))
+            runs, speed = rounds(servers, count=args.rounds, requests=args.requests, warmup=warmup,
+                                 speed_seconds=1 if args.smoke else 3)
             for server in servers:
                 runs.append(measure(server, "sequential (1 client)", max(300, args.requests // 10), 1))
             if args.soak:
@@ -390,28 +497,16 @@ def main() -> int:
                 jwt.stop()
 
     def med(server: str, label: str, field: str) -> float:
-        return statistics.median(getattr(r, field) for r in runs if r.server == server and r.label.startswith(label))
+        return median(runs, server, label, field)
 
     names = ("meshca", "cfssl", "cfssl-bare")
-    print("\n| figure | meshca | cfssl same work | cfssl bare | meshca/cfssl | meshca/cfssl-bare |")
-    print("|---|---|---|---|---|---|")
-    for label, field, name in (
-        ("round", "rps", f"issuances/s ({CONNECTIONS} conns)"),
-        ("round", "p50_ms", f"p50 ms ({CONNECTIONS} conns)"),
-        ("round", "p99_ms", f"p99 ms ({CONNECTIONS} conns)"),
-        ("sequential", "p50_ms", "sequential p50 ms"),
-        ("sequential", "p99_ms", "sequential p99 ms"),
-    ):
-        m, c, b = (med(n, label, field) for n in names)
-        print(f"| {name} | {m:,.2f} | {c:,.2f} | {b:,.2f} | {m / c:.2f} | {m / b:.2f} |")
+    table(runs, names, ["meshca", "cfssl same work", "cfssl bare", "meshca/cfssl", "meshca/cfssl-bare"],
+          [(0, 1), (0, 2)])
     growth = [med(n, "round", "rss_after_kib") / med(n, "round", "rss_before_kib") for n in names]
     print(f"| RSS after/before a run | {growth[0]:.2f} | {growth[1]:.2f} | {growth[2]:.2f} | - | - |")
 
-    signs = statistics.median(s for s, _ in speed)
-    verifies = statistics.median(v for _, v in speed)
+    signs, verifies, limit = crypto_limit(speed)
     cpus = os.cpu_count() or 1
-    # One issuance is one P-256 verify (the CSR) and one sign (the leaf); TLS sessions are long-lived.
-    limit = cpus / (1 / signs + 1 / verifies)
     rps = med("meshca", "round", "rps")
     print(f"\ncrypto limit: openssl speed ecdsap256 {signs:,.0f} signs/s, {verifies:,.0f} verifies/s per core "
           f"-> {limit:,.0f} issuances/s on {cpus} cores; meshca reaches {rps / limit:.2f} of it "
@@ -428,11 +523,7 @@ def main() -> int:
         s = soak[0]
         print(f"soak: RSS {s.rss_before_kib // 1024} -> {s.rss_after_kib // 1024} MiB across {s.requests} issuances "
               f"({(s.rss_after_kib / s.rss_before_kib - 1) * 100:+.1f}%)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps({"workers": args.workers, "cpus": cpus, "openssl_speed": speed,
-                               "runs": [asdict(r) for r in runs]}, indent=2))
-    print(f"\nraw runs: {out}")
+    save(args.out, {"workers": args.workers, "cpus": cpus, "openssl_speed": speed}, runs)
     return 0
 
 

@@ -7,6 +7,7 @@
 #   pg-cluster.sh bin              print the folder of initdb/pg_ctl; exit 3 when there is none
 #
 # As root the server runs as the unprivileged 'postgres' user (PostgreSQL refuses root).
+# fsync is off (tests need no durability); PG_CLUSTER_FSYNC=on keeps it on (bench/run_pg.py: durable commits).
 set -euo pipefail
 
 usage() {
@@ -66,7 +67,7 @@ EOF
       fresh=0
     fi
     as_server_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 120 \
-      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off" start >/dev/null
+      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=${PG_CLUSTER_FSYNC:-off}" start >/dev/null
     password=$(as_server_user cat "$dir/password")
     if [ "$fresh" = 1 ]; then
       as_server_user "$bin/psql" -h "$dir" -p "$port" -U postgres -d postgres -q -v ON_ERROR_STOP=1 \
