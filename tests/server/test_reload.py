@@ -377,12 +377,12 @@ async def test_a_reload_from_a_key_others_can_write_is_refused(d: Path, server_c
         atomic_write(d / "issuer.crt", certificates_pem([replacement]))
         os.replace(loose_key, d / "issuer.key")
         unsafe = f"{(d / 'issuer.key').resolve()} is writable by other users (mode 0660)"
-        await h.wait_for(
+        await eventually(
             lambda: any(unsafe in e["reason"] for e in h.events("issuer.reload_failed")), what="the refusal"
         )
         assert await _issuer_of_next_leaf(h, token) == server_ca.issuer_certificate
         assert h.events("issuer.reloaded") == []
         # `chmod go-w`, as the refusal says, is a change: the set is taken
         os.chmod(d / "issuer.key", 0o600)
-        await h.wait_for(lambda: bool(h.events("issuer.reloaded")), what="the reload")
+        await eventually(lambda: bool(h.events("issuer.reloaded")), what="the reload")
         assert await _issuer_of_next_leaf(h, token) == replacement

@@ -135,7 +135,7 @@ async def test_open_streams_are_capped_per_peer_address(d: Path, server_ca: Test
         assert sample_value(text, "meshca_watch_streams_refused_total", limit="peer") == 1
         # a closed stream frees its slot
         calls.pop().cancel()
-        await h.wait_for(lambda: open_streams(h) == 2, what="the slot back")
+        await eventually(lambda: open_streams(h) == 2, what="the slot back")
         calls.append(await _open_watch(h.channel))
         assert sample_value(await h.scrape(), "meshca_watch_streams") == 3
         # other calls are not limited
@@ -143,7 +143,7 @@ async def test_open_streams_are_capped_per_peer_address(d: Path, server_ca: Test
         assert health.status == hpb.HealthCheckResponse.SERVING
         for call in calls:
             call.cancel()
-        await h.wait_for(lambda: open_streams(h) == 0, what="every slot back")
+        await eventually(lambda: open_streams(h) == 0, what="every slot back")
 
 
 async def test_open_streams_are_capped_in_total(d: Path, server_ca: TestCA) -> None:
