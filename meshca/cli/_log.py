@@ -1,19 +1,19 @@
-"""`meshca log`: the issuance log in DIR/meshca.db, newest first."""
+"""`meshca log`: the issuance log (in DIR/meshca.db, or the store --store names), newest first."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from meshca.cli._options import CliError, add_dir, add_json, emit, spiffe_id
+from meshca.cli._options import CliError, add_dir, add_json, add_store, emit, spiffe_id, store_url
 from meshca.pki._time import Clock
-from meshca.pki._trustdir import TrustDir
-from meshca.server import SqliteStore, store_path
+from meshca.server import open_store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("log", help="read the issuance log, newest first")
-    add_dir(p, "trust domain directory whose meshca.db holds the log")
+    add_dir(p, "trust domain directory whose meshca.db holds the log (needed without a store URL)", required=False)
+    add_store(p)
     p.add_argument("--spiffe-id", type=spiffe_id, metavar="ID", help="only issuances for this SPIFFE ID")
     p.add_argument(
         "--limit", type=int, metavar="N", help="at most N records (the newest, or with --reverse the oldest)"
@@ -24,12 +24,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, clock: Clock) -> int:
-    path = Path(store_path(TrustDir.at(args.dir)))
-    if not path.exists():
-        raise CliError(f"no issuance log at {path}")
+    url = store_url(args)
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be at least 1", 2)
-    store = SqliteStore.reader(path)
+    if url is None:
+        if args.dir is None:
+            raise CliError("--dir is required without --store (or MESHCA_STORE)", 2)
+        path = Path(args.dir) / "meshca.db"
+        if not path.exists():
+            raise CliError(f"no issuance log at {path}")
+    store = open_store(url, Path(args.dir or "."), writer=False)
     try:
         rows = store.issuances(
             str(args.spiffe_id) if args.spiffe_id else None, args.limit, newest_first=not args.reverse

@@ -35,6 +35,7 @@ from meshca.pki._spiffe import SpiffeId
 from meshca.server._metrics import StoreMetrics
 
 __all__ = [
+    "DuplicateSerial",
     "IssuanceRecord",
     "JoinToken",
     "SqliteStore",
@@ -42,6 +43,7 @@ __all__ = [
     "hash_token",
     "new_token",
     "open_store",
+    "sqlite_path",
 ]
 
 TOKEN_PREFIX = "mtok_"  # noqa: S105 - a prefix that marks join tokens, not a secret
@@ -84,6 +86,7 @@ class Store(Protocol):
     def issuances(
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False
     ) -> list[IssuanceRecord]: ...
+    def check(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -99,23 +102,35 @@ def schema_too_new(found: int, known: int) -> StoreError:
     return StoreError(f"store schema version {found} is newer than this meshca (knows {known}): upgrade meshca")
 
 
+def sqlite_path(url: str | None, directory: Path) -> Path | None:
+    """The SQLite file ``url`` names (None: ``DIR/meshca.db``); None for a PostgreSQL URL.
+
+    The URL is never echoed in an error: it may hold a password.
+    """
+    if not url:
+        return Path(directory) / "meshca.db"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("postgresql", "postgres"):
+        return None
+    if sep and scheme.lower() == "sqlite" and rest.startswith("/"):
+        return Path(rest)
+    raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
+
+
 def open_store(url: str | None, directory: Path, *, writer: bool = True, metrics: StoreMetrics | None = None) -> Store:
     """The store ``--store URL`` (or ``MESHCA_STORE``) names; None: SQLite at ``DIR/meshca.db``.
 
     ``postgresql://`` and ``postgres://`` URLs are libpq's (the password may
     also come from PGPASSWORD or a passfile); ``sqlite:///ABSOLUTE/PATH`` names
-    a SQLite file. The URL is never echoed in an error: it may hold a password.
+    a SQLite file.
     """
-    if not url:
-        return SqliteStore(Path(directory) / "meshca.db", writer=writer, metrics=metrics)
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme.lower() in ("postgresql", "postgres"):
-        from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
+    path = sqlite_path(url, directory)
+    if path is not None:
+        return SqliteStore(path, writer=writer, metrics=metrics)
+    from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
 
-        return PostgresStore(url, writer=writer, metrics=metrics)
-    if sep and scheme.lower() == "sqlite" and rest.startswith("/"):
-        return SqliteStore(rest, writer=writer, metrics=metrics)
-    raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
+    assert url is not None
+    return PostgresStore(url, writer=writer, metrics=metrics)
 
 
 # SQLite keeps its schema version in PRAGMA user_version (0: a store from before
@@ -204,8 +219,12 @@ class GroupCommitter:
         self._thread.join()
 
 
+class DuplicateSerial(StoreError):
+    """A record refused because its serial is already logged: the store itself is fine."""
+
+
 def duplicate_serial(record: IssuanceRecord) -> StoreError:
-    return StoreError(f"serial {record.serial} is already in the issuance log")
+    return DuplicateSerial(f"serial {record.serial} is already in the issuance log")
 
 
 class SqliteStore:
@@ -253,13 +272,24 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
 
     def check(self) -> None:
-        """Raises `StoreError` unless the store answers a query now (for readiness)."""
+        """Raises `StoreError` unless the store can write now (for readiness).
+
+        A query is not enough: a full disk still answers reads. This rewrites the
+        schema version with its own value, a one-page commit that changes nothing.
+        """
         with self._read_lock, self._metrics.timed("check"):
+            conn = self._read
             try:
-                self._read.execute("SELECT 1").fetchone()
+                conn.execute("BEGIN IMMEDIATE")
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 self._metrics.error("check", exc)
-                raise StoreError(f"store {self.path} does not answer: {exc}") from exc
+                raise StoreError(f"store {self.path} cannot write: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
