@@ -392,3 +392,15 @@ def test_a_wrong_password_is_one_line_without_it(pg_database: str, d: Path) -> N
     assert "password authentication failed" in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert wrong not in result.stderr and str(parts.password) not in result.stderr
+
+
+def test_workers_that_cannot_reach_the_store_say_so_without_the_password(d: Path) -> None:
+    meshca.TrustDir.at(d).init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    url = "postgresql://meshca:s3cr3t-pw@127.0.0.1:1/meshca"
+    result = run_meshca(
+        "serve", "--dir", d, "--store", url, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--workers", "2"
+    )
+    assert result.returncode == 1
+    failed = [json.loads(line) for line in result.stderr.splitlines() if '"worker.failed"' in line]
+    assert failed and failed[0]["reason"].startswith("cannot open store postgresql://meshca@127.0.0.1:1/meshca")
+    assert "s3cr3t" not in result.stdout + result.stderr

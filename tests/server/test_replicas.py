@@ -139,6 +139,10 @@ def test_a_token_with_n_uses_issues_exactly_n_certificates_across_replicas(
     assert sorted(logged) == sorted(acknowledged)  # every acknowledged serial, exactly once
     assert len(set(logged)) == len(logged)
     assert all(replica.events("svid.issued") for replica in replicas)
+    for replica in replicas:  # store metrics, summed over the workers of the last one
+        assert (replica.metric("meshca_store_duration_seconds_count") or 0) >= 1
+        assert (replica.metric("meshca_store_pool_connections") or 0) >= 1
+        assert replica.metric("meshca_store_up") == 1
 
 
 def test_kill_9_of_one_replica_under_load_loses_no_acknowledged_record(
