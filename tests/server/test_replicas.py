@@ -200,6 +200,7 @@ def test_an_outage_unreadies_the_replica_and_it_recovers_by_itself(
         wait_until(lambda: http_get(replica.metrics_port, "/readyz")[0] == 503, "/readyz 503")
         wait_until(lambda: replica.health() == NOT_SERVING, "health NOT_SERVING")
         assert replica.metric("meshca_store_up") == 0
+        assert (replica.metric("meshca_store_errors_total") or 0) >= 1
         [down] = replica.events("store.down")
         assert down["level"] == "error" and "cannot" in down["reason"], down
 
