@@ -14,10 +14,12 @@ from meshca.cli._options import (
     add_json,
     add_key_type,
     add_key_writing,
+    add_store,
     emit,
     passphrase,
     refuse_existing,
     spiffe_id,
+    store_url,
     write_key,
 )
 from meshca.pki._files import atomic_write
@@ -26,7 +28,7 @@ from meshca.pki._keys import generate_key
 from meshca.pki._profiles import LEAF_TTL
 from meshca.pki._time import Clock
 from meshca.pki._trustdir import TrustDir
-from meshca.server import IssuanceRecord, SqliteStore, store_path
+from meshca.server import IssuanceRecord, open_store
 
 API = "offline"  # the `api` of its records in `meshca log`
 
@@ -34,6 +36,7 @@ API = "offline"  # the `api` of its records in `meshca log`
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("issue", help="issue an X.509-SVID offline from the issuer in DIR")
     add_dir(p, "trust domain directory whose issuer signs (and whose meshca.db records the issuance)")
+    add_store(p)
     p.add_argument("--spiffe-id", type=spiffe_id, required=True, metavar="ID", help="the SVID's SPIFFE ID")
     p.add_argument("--cert-out", required=True, metavar="FILE", help="write the leaf then the issuer here (PEM)")
     p.add_argument("--key-out", required=True, metavar="FILE", help="write the leaf's key here (PKCS#8 PEM, 0600)")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     # store's log.checkpoint lines (the copy of its checkpoints) go to stderr: stdout is the output.
     log_key = tdir.ensure_log_key(passphrase(args))
     with contextlib.redirect_stdout(sys.stderr):
-        store = SqliteStore(store_path(tdir), log_key=log_key, clock=clock)
+        store = open_store(store_url(args), tdir.path, log_key=log_key, clock=clock)
         try:
             record = IssuanceRecord(
                 format(svid.serial, "x"), str(svid.spiffe_id), svid.not_after, _principal(), API, now

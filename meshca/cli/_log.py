@@ -1,22 +1,22 @@
-"""`meshca log`: the issuance log in DIR/meshca.db, newest first; `meshca log verify`: its chains and checkpoints."""
+"""`meshca log`: the issuance log (in DIR/meshca.db, or the store --store names), newest first;
+`meshca log verify`: its chains and checkpoints."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from meshca.cli._options import CliError, add_dir, add_json, emit, spiffe_id
+from meshca.cli._options import CliError, add_dir, add_json, add_store, emit, spiffe_id, store_url
 from meshca.pki._time import Clock
 from meshca.pki._trustdir import TrustDir
-from meshca.server import SqliteStore, open_store, store_path
+from meshca.server import open_store
 from meshca.server._audit import LogReport, verify_log
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("log", help="read the issuance log, newest first; 'log verify' checks it for tampering")
-    # Not required here, so that 'meshca log verify --dir DIR' parses; run() asks for it.
-    add_dir(p, "trust domain directory whose meshca.db holds the log", required=False)
+    add_dir(p, "trust domain directory whose meshca.db holds the log (needed without a store URL)", required=False)
+    add_store(p)
     p.add_argument("--spiffe-id", type=spiffe_id, metavar="ID", help="only issuances for this SPIFFE ID")
     p.add_argument(
         "--limit", type=int, metavar="N", help="at most N records (the newest, or with --reverse the oldest)"
@@ -30,25 +30,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="check every writer's hash chain and signed checkpoint; exit 1 naming the first damaged record",
     )
     add_dir(v, "trust domain directory: its log-signing.pub checks the checkpoints (and its meshca.db is the log)")
-    v.add_argument(
-        "--store",
-        metavar="URL",
-        help="the store holding the log: postgresql://..., or sqlite:///PATH "
-        "(default: $MESHCA_STORE, else DIR/meshca.db)",
-    )
+    add_store(v)
     add_json(v)
     v.set_defaults(func=verify)
 
 
 def run(args: argparse.Namespace, clock: Clock) -> int:
-    if args.dir is None:
-        raise CliError("the following arguments are required: --dir (see 'meshca log --help')", 2)
-    path = Path(store_path(TrustDir.at(args.dir)))
-    if not path.exists():
-        raise CliError(f"no issuance log at {path}")
+    url = store_url(args)
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be at least 1", 2)
-    store = SqliteStore.reader(path)
+    if url is None:
+        if args.dir is None:
+            raise CliError("--dir is required without --store (or MESHCA_STORE)", 2)
+        path = Path(args.dir) / "meshca.db"
+        if not path.exists():
+            raise CliError(f"no issuance log at {path}")
+    store = open_store(url, Path(args.dir or "."), writer=False)
     try:
         rows = store.issuances(
             str(args.spiffe_id) if args.spiffe_id else None, args.limit, newest_first=not args.reverse
@@ -78,9 +75,9 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
 def verify(args: argparse.Namespace, clock: Clock) -> int:
     tdir = TrustDir.at(args.dir)
     public_key = tdir.load_log_public_key()
-    url = args.store or os.environ.get("MESHCA_STORE") or None
-    if url is None and not Path(store_path(tdir)).exists():
-        raise CliError(f"no issuance log at {store_path(tdir)}")
+    url = store_url(args)
+    if url is None and not (tdir.path / "meshca.db").exists():
+        raise CliError(f"no issuance log at {tdir.path / 'meshca.db'}")
     store = open_store(url, tdir.path, writer=False)
     try:
         # Checkpoints first: a writer signs only records it committed, so every checkpoint read

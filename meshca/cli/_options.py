@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "add_leaf_ttl",
     "add_passphrase_file",
     "add_server_name",
+    "add_store",
     "add_trust_domain",
     "duration",
     "emit",
@@ -37,6 +39,7 @@ __all__ = [
     "read",
     "refuse_existing",
     "spiffe_id",
+    "store_url",
     "trust_domain",
     "write_key",
 ]
@@ -86,6 +89,25 @@ def add_passphrase_file(p: argparse._ActionsContainer) -> None:
         metavar="FILE",
         help="file holding the passphrase that decrypts the CA keys meshca reads and encrypts the keys it writes",
     )
+
+
+STORE_ENV = "MESHCA_STORE"
+
+
+def add_store(p: argparse._ActionsContainer) -> None:
+    """--store URL, for every command that reads or writes state; `store_url` resolves it."""
+    # The help names the variable, never its value: a URL may hold a password.
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help=f"state store: postgresql://USER@HOST:PORT/DB (password best from PGPASSWORD or ~/.pgpass) "
+        f"or sqlite:///PATH (default: ${STORE_ENV}, else SQLite in DIR/meshca.db)",
+    )
+
+
+def store_url(args: argparse.Namespace) -> str | None:
+    """--store, else $MESHCA_STORE; None for the default SQLite store in DIR."""
+    return args.store or os.environ.get(STORE_ENV) or None
 
 
 def add_server_name(p: argparse._ActionsContainer) -> None:

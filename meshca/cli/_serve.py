@@ -8,7 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-from meshca.cli._options import CliError, add_dir, add_duration, add_leaf_ttl, add_passphrase_file, add_trust_domain
+from meshca.cli._options import (
+    CliError,
+    add_dir,
+    add_duration,
+    add_leaf_ttl,
+    add_passphrase_file,
+    add_store,
+    add_trust_domain,
+    store_url,
+)
 from meshca.cli._options import passphrase as read_passphrase
 from meshca.pki._spiffe import TrustDomain
 from meshca.pki._time import Clock
@@ -30,6 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "another DIR must exist, or pass --create)",
         required=False,
     )
+    add_store(p)
     p.add_argument(
         "--create",
         action="store_true",
@@ -127,6 +137,7 @@ def server_config(args: argparse.Namespace, directory: Path) -> ServerConfig:
         raise CliError("--leaf-ttl must not exceed --max-leaf-ttl", 2)
     return ServerConfig(
         dir=directory,
+        store=store_url(args),
         listen=args.listen,
         metrics_listen=args.metrics_listen or None,
         leaf_ttl=args.leaf_ttl,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, timedelta
 
-from meshca.cli._options import CliError, add_dir, add_duration, add_json, emit, spiffe_id
+from meshca.cli._options import CliError, add_dir, add_duration, add_json, add_store, emit, spiffe_id, store_url
 from meshca.pki._time import Clock
 from meshca.pki._trustdir import TrustDir
-from meshca.server import JoinToken, SqliteStore, hash_token, new_token, store_path
+from meshca.server import JoinToken, hash_token, new_token, open_store
 
 TOKEN_TTL = timedelta(hours=1)
 
@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         dest="subcommand", required=True, metavar="ACTION"
     )
     p = actions.add_parser("create", help="create a join token bound to one SPIFFE ID; prints it once")
-    add_dir(p, "trust domain directory whose meshca.db stores the token (hashed)")
+    add_dir(p, "trust domain directory (its bundle names the trust domain; its meshca.db stores the token, hashed)")
+    add_store(p)
     p.add_argument(
         "--spiffe-id", type=spiffe_id, required=True, metavar="ID", help="the one SPIFFE ID the token grants"
     )
@@ -42,7 +43,7 @@ def create(args: argparse.Namespace, clock: Clock) -> int:
         raise CliError("--uses must be at least 1", 2)
     token = new_token()
     expires = clock().astimezone(UTC) + args.ttl
-    store = SqliteStore(store_path(tdir))
+    store = open_store(store_url(args), tdir.path)
     try:
         store.add_token(JoinToken(hash_token(token), sid, expires, args.uses))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import signal
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server import api
 from meshca.server._config import ServerConfig
+from meshca.server._health import StoreHealth
 from meshca.server._interceptor import Boundary
-from meshca.server._metrics import Metrics, MetricsServer
+from meshca.server._metrics import Metrics, MetricsServer, StoreMetrics
 from meshca.server._pipeline import Pipeline
 from meshca.server._ports import claim
 from meshca.server._state import IssuerState
-from meshca.server._store import SqliteStore, Store
+from meshca.server._store import Store, open_store
 from meshca.server.credentials import (
     Credential,
     JoinTokenCredential,
@@ -57,6 +59,9 @@ class IdentityServer:
 
     ``multiprocess_metrics`` is set by the workers of `serve --workers N`
     (Prometheus multiprocess mode), never read from the environment.
+    Without ``store`` the server opens the one ``config.store`` names.
+    Ready (gRPC health SERVING, /readyz 200) while the issuer is usable and
+    the store can write (`StoreHealth`).
     ``log_key`` signs the issuance log's checkpoints of the store it opens.
     """
 
@@ -75,7 +80,15 @@ class IdentityServer:
         self.tdir = TrustDir.at(config.dir)
         self.metrics = Metrics(multiprocess=multiprocess_metrics)
         self.store: Store = (
-            store if store is not None else SqliteStore(store_path(self.tdir), log_key=log_key, clock=clock)
+            store
+            if store is not None
+            else open_store(
+                config.store,
+                self.tdir.path,
+                metrics=StoreMetrics(self.metrics.registry),
+                log_key=log_key,
+                clock=clock,
+            )
         )
         try:
             self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase, last_good=last_good)
@@ -91,7 +104,8 @@ class IdentityServer:
             if store is None:
                 self.store.close()  # ours: no writer thread outlives a server that never started
             raise
-        self.pipeline = Pipeline(config, self.state, self.store, credentials, self.metrics, clock)
+        self.store_health = StoreHealth(self.store.check, lambda up: self.metrics.store_up.set(1 if up else 0))
+        self.pipeline = Pipeline(config, self.state, self.store, credentials, self.metrics, clock, self.store_health)
         self.apis = (
             api.NativeApi(config, self.pipeline, self.state),
             api.LinkerdApi(config, self.pipeline),
@@ -104,6 +118,14 @@ class IdentityServer:
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+        self._health_ready: bool | None = None  # what gRPC health says now
+        # Store checks wait up to the store's timeouts: a thread of their own, joined before the store closes.
+        self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshca-store-check")
+
+    @property
+    def ready(self) -> bool:
+        """Whether this server can issue: a usable issuer and a store that can write."""
+        return self.state.usable and self.store_health.writable
 
     def _credentials(self) -> grpc.ServerCredentials:
         ttl = self.config.leaf_ttl
@@ -143,7 +165,7 @@ class IdentityServer:
                     claim(host, port, what="gRPC")
         if cfg.metrics_listen:
             host, port = _split_hostport(cfg.metrics_listen)
-            self._metrics_server = MetricsServer(self.metrics.registry, host, port, lambda: self.state.usable)
+            self._metrics_server = MetricsServer(self.metrics.registry, host, port, lambda: self.ready)
         try:
             await self._start_grpc()
         except BaseException:
@@ -154,6 +176,7 @@ class IdentityServer:
             self._metrics_server.start()
             self.metrics_port = self._metrics_server.port
         self._tasks.append(asyncio.create_task(self._reload_loop()))
+        self._tasks.append(asyncio.create_task(self._store_loop()))
         log.info(
             "server.started",
             listen=cfg.listen,
@@ -193,24 +216,34 @@ class IdentityServer:
         await self._set_health()
 
     async def _set_health(self) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if self.state.usable else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        """Sets gRPC health from `ready` when it changed."""
+        ready = self.ready
+        if ready == self._health_ready:
+            return
+        self._health_ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICES):
             await self.health.set(name, status)
 
     async def _reload_loop(self) -> None:
         interval = self.config.reload_interval.total_seconds()
-        was_usable = self.state.usable
         while True:
             await asyncio.sleep(interval)
             try:
                 self.state.poll()
             except Exception:
                 log.exception("issuer.poll_failed")
-            if self.state.usable != was_usable:
-                was_usable = self.state.usable
-                await self._set_health()
+            await self._set_health()
+
+    async def _store_loop(self) -> None:
+        """Checks the store when due (in a thread: a check may wait for the store's timeouts), then health."""
+        interval = self.config.reload_interval.total_seconds()
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            if self.store_health.due():
+                await loop.run_in_executor(self._checker, self.store_health.probe)
+            await self._set_health()
 
     async def stop(self, grace: timedelta | None = None) -> None:
         """Stops taking new calls, lets in-flight ones finish within the grace period, closes the store."""
@@ -223,6 +256,7 @@ class IdentityServer:
         await server.stop((grace or self.config.drain_grace).total_seconds())
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        await asyncio.to_thread(self._checker.shutdown)
         self.store.close()
         log.info("server.stopped")
         self._stopped.set()

@@ -40,6 +40,8 @@ class TokenReviewConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     dir: Path
+    # --store URL; None: SQLite in DIR. Kept out of repr: a PostgreSQL URL may hold a password.
+    store: str | None = field(default=None, repr=False)
     listen: str = "127.0.0.1:8443"  # loopback unless a deployment says otherwise (--listen)
     metrics_listen: str | None = "127.0.0.1:9090"
     leaf_ttl: timedelta = timedelta(hours=24)

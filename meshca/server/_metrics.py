@@ -77,6 +77,12 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.store_up = Gauge(
+            "meshca_store_up",
+            "1 while the state store can write (see the store.down log line for why not)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
 
 
 class Children:
@@ -158,7 +164,7 @@ class MetricsServer:
                     self._reply(200, b"ok\n")
                 elif self.path == "/readyz":
                     ok = ready()
-                    self._reply(200 if ok else 503, b"ok\n" if ok else b"no usable issuer\n")
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"not ready: no usable issuer or store\n")
                 else:
                     self._reply(404, b"not found\n")
 

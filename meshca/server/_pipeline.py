@@ -21,11 +21,12 @@ from cryptography import x509
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._csr import check_csr
-from meshca.pki._errors import IdentityMismatch, InvalidRequest, KeyCustodyError, RateLimited
+from meshca.pki._errors import IdentityMismatch, InvalidRequest, KeyCustodyError, RateLimited, StoreError
 from meshca.pki._issuer import IssuedSvid
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock
 from meshca.server._config import ServerConfig
+from meshca.server._health import StoreHealth
 from meshca.server._metrics import Children, Metrics
 from meshca.server._state import IssuerState
 from meshca.server._store import IssuanceRecord, Store
@@ -128,6 +129,7 @@ class Pipeline:
         credentials: Sequence[Credential],
         metrics: Metrics,
         clock: Clock,
+        store_health: StoreHealth | None = None,
     ) -> None:
         self.config = config
         self.state = state
@@ -138,6 +140,7 @@ class Pipeline:
         self._max_ttl = config.max_leaf_ttl.total_seconds()
         self._issued = Children(metrics.issued)
         self._completions = _Completions()
+        self._store_health = store_health
 
     async def authenticate(self, presented: Presented) -> Principal:
         """The principal of the first credential kind that claims ``presented``."""
@@ -158,6 +161,17 @@ class Pipeline:
         return timedelta(seconds=seconds)
 
     async def issue(self, request: IssuanceRequest) -> Issued:
+        try:
+            issued = await self._issue(request)
+        except StoreError as exc:  # the store failed a read or the record: tell the health
+            if self._store_health is not None:
+                self._store_health.outcome(exc)
+            raise
+        if self._store_health is not None:
+            self._store_health.outcome(None)
+        return issued
+
+    async def _issue(self, request: IssuanceRequest) -> Issued:
         principal = await self.authenticate(request.credential)
         spiffe_id = principal.spiffe_id
         if request.spiffe_id is not None and request.spiffe_id != spiffe_id:

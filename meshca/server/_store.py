@@ -56,6 +56,7 @@ from meshca.server._metrics import StoreMetrics
 __all__ = [
     "CHECKPOINT_INTERVAL",
     "IssuanceChain",
+    "DuplicateSerial",
     "IssuanceRecord",
     "JoinToken",
     "SqliteStore",
@@ -63,6 +64,7 @@ __all__ = [
     "hash_token",
     "new_token",
     "open_store",
+    "sqlite_path",
 ]
 
 log = structlog.get_logger("meshca.server")
@@ -109,6 +111,7 @@ class Store(Protocol):
     ) -> list[IssuanceRecord]: ...
     def log_records(self) -> list[LoggedRecord]: ...
     def log_checkpoints(self) -> list[Checkpoint]: ...
+    def check(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -122,6 +125,21 @@ def _dt(value: float) -> datetime:
 
 def schema_too_new(found: int, known: int) -> StoreError:
     return StoreError(f"store schema version {found} is newer than this meshca (knows {known}): upgrade meshca")
+
+
+def sqlite_path(url: str | None, directory: Path) -> Path | None:
+    """The SQLite file ``url`` names (None: ``DIR/meshca.db``); None for a PostgreSQL URL.
+
+    The URL is never echoed in an error: it may hold a password.
+    """
+    if not url:
+        return Path(directory) / "meshca.db"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("postgresql", "postgres"):
+        return None
+    if sep and scheme.lower() == "sqlite" and rest.startswith("/"):
+        return Path(rest)
+    raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
 
 
 def open_store(
@@ -141,25 +159,16 @@ def open_store(
     a SQLite file. The URL is never echoed in an error: it may hold a password.
     ``log_key`` signs the checkpoints of what this store object writes.
     """
-    if not url:
-        path = str(Path(directory) / "meshca.db")
-    else:
-        scheme, sep, path = url.partition("://")
-        if sep and scheme.lower() in ("postgresql", "postgres"):
-            from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
+    path = sqlite_path(url, directory)
+    if path is not None:
+        return SqliteStore(
+            path, writer=writer, metrics=metrics, log_key=log_key, clock=clock, checkpoint_interval=checkpoint_interval
+        )
+    from meshca.server._store_pg import PostgresStore  # psycopg is loaded only for PostgreSQL
 
-            return PostgresStore(
-                url,
-                writer=writer,
-                metrics=metrics,
-                log_key=log_key,
-                clock=clock,
-                checkpoint_interval=checkpoint_interval,
-            )
-        if not (sep and scheme.lower() == "sqlite" and path.startswith("/")):
-            raise StoreError("store URL must start with postgresql://, postgres:// or sqlite:/// (an absolute path)")
-    return SqliteStore(
-        path, writer=writer, metrics=metrics, log_key=log_key, clock=clock, checkpoint_interval=checkpoint_interval
+    assert url is not None
+    return PostgresStore(
+        url, writer=writer, metrics=metrics, log_key=log_key, clock=clock, checkpoint_interval=checkpoint_interval
     )
 
 
@@ -396,8 +405,12 @@ class GroupCommitter:
         self._thread.join()
 
 
+class DuplicateSerial(StoreError):
+    """A record refused because its serial is already logged: the store itself is fine."""
+
+
 def duplicate_serial(record: IssuanceRecord) -> StoreError:
-    return StoreError(f"serial {record.serial} is already in the issuance log")
+    return DuplicateSerial(f"serial {record.serial} is already in the issuance log")
 
 
 def _create_private(path: Path) -> None:
@@ -475,13 +488,24 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
 
     def check(self) -> None:
-        """Raises `StoreError` unless the store answers a query now (for readiness)."""
+        """Raises `StoreError` unless the store can write now (for readiness).
+
+        A query is not enough: a full disk still answers reads. This rewrites the
+        schema version with its own value, a one-page commit that changes nothing.
+        """
         with self._read_lock, self._metrics.timed("check"):
+            conn = self._read
             try:
-                self._read.execute("SELECT 1").fetchone()
+                conn.execute("BEGIN IMMEDIATE")
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 self._metrics.error("check", exc)
-                raise StoreError(f"store {self.path} does not answer: {exc}") from exc
+                raise StoreError(f"store {self.path} cannot write: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)

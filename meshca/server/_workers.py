@@ -8,13 +8,17 @@ operator started):
   in one line, see _ports) and holds the gRPC port for its whole life; each
   worker binds it with SO_REUSEPORT and the kernel spreads connections
   across them;
-- owns the SQLite store: workers send their issuance records (and join
+- owns a SQLite store: workers send their issuance records (and join
   token uses) over a pipe in batches, the supervisor commits them, many
   per transaction, and answers; a worker sends a response only after its
   record's batch committed. One writer means no cross-process lock
-  contention (SQLite's busy waits), and the token-use check stays atomic;
+  contention (SQLite's busy waits), and the token-use check stays atomic.
+  The supervisor also keeps the store's health (failed commits, checks)
+  and shares it with the workers in one shared byte. With PostgreSQL each
+  worker opens its own store, as a replica does, and there is no pipe;
 - serves /metrics (Prometheus multiprocess mode, summed over workers),
-  /livez and /readyz (from the workers' own issuer gauge);
+  /livez and /readyz (from the workers' issuer and store gauges, and the
+  supervisor's own view of a SQLite store);
 - restarts a worker that dies (from the last good issuer when the files on
   disk are bad), forwards SIGTERM so every worker drains,
   and closes the store last. Workers die with the supervisor (PDEATHSIG
@@ -50,16 +54,26 @@ from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server._audit import Checkpoint, LoggedRecord
 from meshca.server._config import ServerConfig
+from meshca.server._health import StoreHealth
 from meshca.server._metrics import MetricsServer
 from meshca.server._ports import claim, release
 from meshca.server._state import file_stamp, validate
-from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, next_batch
+from meshca.server._store import DuplicateSerial, IssuanceRecord, JoinToken, SqliteStore, next_batch, sqlite_path
 
 __all__ = ["PipeStore", "run_supervisor"]
 
 log = structlog.get_logger("meshca.server")
 
 _Wire = tuple[str, str, float, str, str, float, str | None]  # an IssuanceRecord and a token hash
+_Outcome = tuple[str, str] | None  # None: committed; else (kind, message), kind: used_up, duplicate, error
+_ERRORS: dict[str, type[StoreError]] = {"used_up": TokenUsedUp, "duplicate": DuplicateSerial, "error": StoreError}
+
+
+def _to_outcome(error: StoreError | None) -> _Outcome:
+    if error is None:
+        return None
+    kind = next((k for k, cls in _ERRORS.items() if isinstance(error, cls)), "error")
+    return kind, str(error)
 
 
 def _to_wire(record: IssuanceRecord, token_hash: str | None) -> _Wire:
@@ -92,10 +106,13 @@ class PipeStore:
 
     Batches are pipelined: the sender does not wait for one batch's commit
     before sending the next, and the supervisor answers them in order.
+    ``writable`` is the supervisor's view of the store (a shared byte), which
+    `check` reports.
     """
 
-    def __init__(self, path: Path, conn: multiprocessing.connection.Connection) -> None:
+    def __init__(self, path: Path, conn: multiprocessing.connection.Connection, writable: Any) -> None:
         self._conn = conn
+        self._writable = writable
         self._reader = SqliteStore.reader(path)
         self._queue: queue.SimpleQueue[tuple[_Wire, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
         self._pending: queue.SimpleQueue[list[concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
@@ -126,6 +143,10 @@ class PipeStore:
         self._queue.put((_to_wire(record, token_hash), future))
         return future
 
+    def check(self) -> None:
+        if not self._writable.value:
+            raise StoreError("the supervisor cannot write the store (its store.down log line says why)")
+
     def _send_loop(self) -> None:
         while (batch := next_batch(self._queue)) is not None:
             futures = [future for _, future in batch]
@@ -143,7 +164,7 @@ class PipeStore:
             if futures is None:
                 return
             try:
-                outcomes: list[str | None] = self._conn.recv()
+                outcomes: list[_Outcome] = self._conn.recv()
             except (OSError, EOFError) as exc:
                 _fail(futures, StoreError(f"store writer is gone: {exc}"))
                 continue
@@ -153,10 +174,8 @@ class PipeStore:
             for future, outcome in zip(futures, outcomes, strict=True):
                 if outcome is None:
                     future.set_result(None)
-                elif outcome == "used_up":
-                    future.set_exception(TokenUsedUp("join token has no use left"))
                 else:
-                    future.set_exception(StoreError(outcome))
+                    future.set_exception(_ERRORS[outcome[0]](outcome[1]))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -171,7 +190,9 @@ def _fail(futures: list[concurrent.futures.Future[None]], error: BaseException) 
             future.set_exception(error)
 
 
-def _serve_pipe(store: SqliteStore, conn: multiprocessing.connection.Connection, name: str) -> None:
+def _serve_pipe(
+    store: SqliteStore, health: StoreHealth, conn: multiprocessing.connection.Connection, name: str
+) -> None:
     """Supervisor side of one worker's pipe: commit each batch in one transaction, answer in order."""
     while True:
         try:
@@ -182,10 +203,9 @@ def _serve_pipe(store: SqliteStore, conn: multiprocessing.connection.Connection,
             outcomes: list[StoreError | None] = store.commit_now([_from_wire(item) for item in batch])
         except Exception as exc:  # noqa: BLE001 - answer this batch, keep serving the next
             outcomes = [StoreError(f"cannot record issuance: {exc}")] * len(batch)
-        answer = [
-            None if outcome is None else "used_up" if isinstance(outcome, TokenUsedUp) else str(outcome)
-            for outcome in outcomes
-        ]
+        for outcome in outcomes:
+            health.outcome(outcome)  # before the answer: a worker that sees a failure finds the store down
+        answer = [_to_outcome(outcome) for outcome in outcomes]
         try:
             conn.send(answer)
         except OSError:
@@ -240,25 +260,33 @@ class _LastGood:
 
 def _worker_main(
     config: ServerConfig,
-    conn: multiprocessing.connection.Connection,
+    conn: multiprocessing.connection.Connection | None,
     parent: int,
     index: int,
     started: Any,  # a multiprocessing Event
     last_good: _Files | None,
+    writable: Any,  # the supervisor's view of a SQLite store (a shared byte)
 ) -> None:
-    """Entry point of one serving process (started with the 'spawn' method)."""
+    """Entry point of one serving process (started with the 'spawn' method).
+
+    ``conn`` is the pipe to the supervisor's SQLite store; None: the worker opens ``config.store`` itself.
+    """
     _die_with_parent(parent)
-    from meshca.server._app import IdentityServer, store_path
+    from meshca.server._app import IdentityServer
     from meshca.server._logging import configure_logging
 
     configure_logging()
     structlog.contextvars.bind_contextvars(worker=index)
 
     async def serve() -> None:
-        store = PipeStore(Path(store_path(TrustDir.at(config.dir))), conn)
+        path = sqlite_path(config.store, config.dir)
+        store = PipeStore(path, conn, writable) if conn is not None and path is not None else None
         try:
             fallback = _issuer_from(last_good, config.passphrase) if last_good is not None else None
-            server = IdentityServer(config, store=store, last_good=fallback, multiprocess_metrics=True)
+            # A worker that opens its own store (PostgreSQL) keeps its own chain of the log, signed with the
+            # log key the CLI made before the workers started (keys do not cross the process boundary).
+            log_key = TrustDir.at(config.dir).ensure_log_key(config.passphrase) if store is None else None
+            server = IdentityServer(config, store=store, last_good=fallback, multiprocess_metrics=True, log_key=log_key)
 
             async def watch_parent() -> None:
                 while os.getppid() == parent:
@@ -271,7 +299,8 @@ def _worker_main(
             finally:
                 watchdog.cancel()
         finally:
-            store.close()
+            if store is not None:
+                store.close()
 
     try:
         asyncio.run(serve())
@@ -296,8 +325,9 @@ def run_supervisor(
     with backoff, from the last good issuer.
     The supervisor is the one writer of the issuance log: ``log_key`` signs its checkpoints.
     """
-    from meshca.server._app import _split_hostport, store_path
+    from meshca.server._app import _split_hostport
 
+    path = sqlite_path(config.store, config.dir)  # None: PostgreSQL, which each worker opens itself
     host, port = _split_hostport(config.listen)
     port, held = claim(host, port, what="gRPC", hold=True)
     metrics_dir = ""
@@ -306,19 +336,20 @@ def run_supervisor(
     procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]] = {}
     try:
         last_good = _LastGood(TrustDir.at(config.dir), config.passphrase, clock)
+        if path is not None:
+            # commit_now only: the supervisor batches its workers' records itself, one chain for all
+            store = SqliteStore(path, writer=False, log_key=log_key, clock=clock)
+        writable = multiprocessing.get_context("spawn").RawValue("b", 1)
+        health = None if store is None else StoreHealth(store.check, lambda up: setattr(writable, "value", up))
         metrics_dir = tempfile.mkdtemp(prefix="meshca-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        metrics_server = _metrics_server(config, metrics_dir, procs)
-        # commit_now only: the supervisor batches its workers' records itself
-        store = SqliteStore(
-            store_path(TrustDir.at(config.dir)), writer=False, log_key=log_key, clock=clock
-        )  # commit_now
+        metrics_server = _metrics_server(config, metrics_dir, procs, health)
         listen = f"{config.listen.rpartition(':')[0]}:{port}"
         return _supervise(
             config,
             replace(config, listen=listen, metrics_listen=None, reuse_port=True),
             workers,
-            store,
+            (store, health, writable),
             last_good,
             metrics_dir,
             metrics_server,
@@ -347,7 +378,7 @@ def _supervise(
     config: ServerConfig,
     worker_config: ServerConfig,
     workers: int,
-    store: SqliteStore,
+    sqlite: tuple[SqliteStore | None, StoreHealth | None, Any],
     last_good: _LastGood,
     metrics_dir: str,
     metrics_server: MetricsServer | None,
@@ -358,19 +389,27 @@ def _supervise(
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     restarts: dict[int, float] = {}
+    store, health, writable = sqlite
 
     def start(index: int) -> None:
-        parent_end, child_end = ctx.Pipe()
+        parent_end, child_end = ctx.Pipe() if store is not None else (None, None)
         started = ctx.Event()
         proc = ctx.Process(
             target=_worker_main,
-            args=(worker_config, child_end, os.getpid(), index, started, last_good.files),
+            args=(worker_config, child_end, os.getpid(), index, started, last_good.files, writable),
             name=f"meshca-worker-{index}",
         )
         proc.start()
-        child_end.close()
-        threading.Thread(target=_serve_pipe, args=(store, parent_end, f"{index}"), daemon=True).start()
+        if child_end is not None:
+            child_end.close()
+            threading.Thread(target=_serve_pipe, args=(store, health, parent_end, f"{index}"), daemon=True).start()
         procs[index] = (proc, started)
+
+    def check_store(health: StoreHealth) -> None:
+        interval = config.reload_interval.total_seconds()
+        while not stopping.wait(interval):
+            if health.due():
+                health.probe()
 
     def on_signal(signum: int, _frame: Any) -> None:
         stopping.set()
@@ -379,6 +418,8 @@ def _supervise(
     signal.signal(signal.SIGINT, on_signal)
     for index in range(workers):
         start(index)
+    if health is not None:
+        threading.Thread(target=check_store, args=(health,), name="meshca-store-check", daemon=True).start()
     log.info(
         "supervisor.started",
         workers=workers,
@@ -405,7 +446,10 @@ def _supervise(
 
 
 def _metrics_server(
-    config: ServerConfig, metrics_dir: str, procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]]
+    config: ServerConfig,
+    metrics_dir: str,
+    procs: dict[int, tuple[multiprocessing.process.BaseProcess, Any]],
+    health: StoreHealth | None,
 ) -> MetricsServer | None:
     if not config.metrics_listen:
         return None
@@ -418,12 +462,18 @@ def _metrics_server(
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
 
     def ready() -> bool:
-        # Ready while a worker serves and every live one holds a usable issuer: the
-        # meshca_issuer_usable gauge each worker keeps, least over live workers.
+        # Ready while a worker serves, every live one holds a usable issuer and a store
+        # that can write (the gauges each worker keeps, least over live workers), and
+        # the supervisor can write a SQLite store it owns.
         if not any(proc.is_alive() and started.is_set() for proc, started in list(procs.values())):
             return False
-        usable = [s.value for m in registry.collect() if m.name == "meshca_issuer_usable" for s in m.samples]
-        return bool(usable) and min(usable) == 1
+        if health is not None and not health.writable:
+            return False
+        gauges: dict[str, list[float]] = {"meshca_issuer_usable": [], "meshca_store_up": []}
+        for metric in registry.collect():
+            if metric.name in gauges:
+                gauges[metric.name].extend(s.value for s in metric.samples)
+        return all(values and min(values) == 1 for values in gauges.values())
 
     host, port = _split_hostport(config.metrics_listen)
     server = MetricsServer(registry, host, port, ready)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -335,3 +336,75 @@ def test_serve_plaintext_warning_says_what_crosses_the_network(tmp_path: Path, s
     [warning] = [line for line in _banner(server).splitlines() if "--insecure-plaintext" in line]
     assert "CSRs, certificates and credentials" in warning
     assert "keys" not in warning  # private keys never leave the workload, plaintext or not
+
+
+# -- --store URL: the flag or MESHCA_STORE; its password never shown
+
+STORE_COMMANDS = (("serve",), ("token", "create"), ("log",), ("issue",))
+
+
+def test_store_help_never_shows_the_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHCA_STORE", "postgresql://meshca:hunter2-pw@db.internal/meshca")
+    for command in STORE_COMMANDS:
+        shown = run_meshca(*command, "--help")
+        assert shown.returncode == 0, shown.stderr
+        assert "--store URL" in shown.stdout and "MESHCA_STORE" in shown.stdout
+        assert "hunter2" not in shown.stdout + shown.stderr, command
+
+
+def test_log_reads_the_store_meshca_store_names(d: Path, server_ca: TestCA, monkeypatch: pytest.MonkeyPatch) -> None:
+    server_ca.write(d)
+    elsewhere = d.parent / "elsewhere.db"
+    made = run_meshca("token", "create", "--dir", d, "--store", f"sqlite://{elsewhere}", "--spiffe-id", str(WEB))
+    assert made.returncode == 0, made.stderr
+    assert not (d / "meshca.db").exists()  # the token went to the named store
+    issued = run_meshca(
+        "issue", "--dir", d, "--store", f"sqlite://{elsewhere}", "--spiffe-id", str(WEB),
+        "--cert-out", d.parent / "c.pem", "--key-out", d.parent / "k.pem", "--json",
+    )  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    monkeypatch.setenv("MESHCA_STORE", f"sqlite://{elsewhere}")
+    shown = run_meshca("log", "--json")  # no --dir: the store is named
+    assert shown.returncode == 0, shown.stderr
+    assert [row["serial"] for row in json.loads(shown.stdout)] == [json.loads(issued.stdout)["serial"]]
+    monkeypatch.delenv("MESHCA_STORE")
+    assert run_meshca("log", "--json").returncode == 2  # neither --dir nor a store
+
+
+@pytest.mark.parametrize("command", STORE_COMMANDS)
+def test_an_unreachable_store_is_one_line_without_the_password(command: tuple[str, ...], d: Path) -> None:
+    meshca.TrustDir.at(d).init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    url = "postgresql://meshca:s3cr3t-pw@127.0.0.1:1/meshca"  # nothing listens on port 1
+    extra = {
+        "serve": ["--listen", "127.0.0.1:0", "--metrics-listen", "", "--workers", "1"],
+        "token": ["--spiffe-id", str(WEB)],
+        "issue": ["--spiffe-id", str(WEB), "--cert-out", d / "c.pem", "--key-out", d / "k.pem"],
+    }.get(command[0], [])
+    result = run_meshca(*command, "--dir", d, "--store", url, *extra)
+    assert result.returncode == 1
+    [error] = [line for line in result.stderr.splitlines() if "error" in line]  # serve also warns of the anchor key
+    assert error.startswith("meshca: error: cannot open store postgresql://meshca@127.0.0.1:1/meshca"), error
+    assert "s3cr3t" not in result.stdout + result.stderr
+
+
+def test_a_wrong_password_is_one_line_without_it(pg_database: str, d: Path) -> None:
+    parts = urlsplit(pg_database)
+    wrong = f"Wr0ng-{parts.password}-x"
+    url = parts._replace(netloc=f"{parts.username}:{wrong}@{parts.hostname}:{parts.port}").geturl()
+    result = run_meshca("log", "--store", url)
+    assert result.returncode == 1
+    assert "password authentication failed" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert wrong not in result.stderr and str(parts.password) not in result.stderr
+
+
+def test_workers_that_cannot_reach_the_store_say_so_without_the_password(d: Path) -> None:
+    meshca.TrustDir.at(d).init(meshca.TrustDomain("example.org"), now=meshca.system_clock())
+    url = "postgresql://meshca:s3cr3t-pw@127.0.0.1:1/meshca"
+    result = run_meshca(
+        "serve", "--dir", d, "--store", url, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--workers", "2"
+    )
+    assert result.returncode == 1
+    failed = [json.loads(line) for line in result.stderr.splitlines() if '"worker.failed"' in line]
+    assert failed and failed[0]["reason"].startswith("cannot open store postgresql://meshca@127.0.0.1:1/meshca")
+    assert "s3cr3t" not in result.stdout + result.stderr

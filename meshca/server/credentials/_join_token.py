@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from meshca.pki._errors import AuthenticationError
 from meshca.pki._time import Clock
 from meshca.server._store import TOKEN_PREFIX, JoinToken, Store, hash_token
@@ -14,7 +16,8 @@ class JoinTokenCredential:
     """Join tokens, looked up by hash.
 
     A token row is cached for a second, so a burst from one multi-use token
-    reads the database once. The cache can only be stale in one direction
+    reads the database once; a miss reads it in a thread, never blocking the
+    event loop (a remote store may take its timeout to answer). The cache can only be stale in one direction
     (uses left): the use is consumed in the issuance transaction, which fails
     when none is left, so a stale entry never yields a certificate.
     """
@@ -34,7 +37,7 @@ class JoinTokenCredential:
         else:
             return None
         token_hash = hash_token(token)
-        found = self._lookup(token_hash)
+        found = await self._lookup(token_hash)
         if found is None:
             raise AuthenticationError("unknown join token", "unknown_token")
         if found.expires_at <= self._clock():
@@ -43,12 +46,12 @@ class JoinTokenCredential:
             raise AuthenticationError("join token has no use left", "token_used_up")
         return grant("join-token", f"join-token:{token_hash[:12]}", found.spiffe_id, token_hash)
 
-    def _lookup(self, token_hash: str) -> JoinToken | None:
+    async def _lookup(self, token_hash: str) -> JoinToken | None:
         now = self._clock().timestamp()
         cached = self._cache.get(token_hash)
         if cached is not None and now < cached[0]:
             return cached[1]
-        found = self._store.get_token(token_hash)
+        found = await asyncio.get_running_loop().run_in_executor(None, self._store.get_token, token_hash)
         if found is not None:
             if len(self._cache) > 10_000:
                 self._cache.clear()
