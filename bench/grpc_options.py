@@ -139,7 +139,7 @@ class Servers:
         self.body = body
 
     def measure(self, requests: int, connections: int) -> tuple[float, float]:
-        seconds, latencies, ok = run.h2load(self.url, self.body, ["content-type: application/grpc", "te: trailers"],
+        seconds, latencies, ok = run.h2load([self.url], self.body, ["content-type: application/grpc", "te: trailers"],
                                             requests=requests, connections=connections, h1=False)
         if ok != requests:
             raise SystemExit(f"{self.name}: {ok} of {requests} answered")
