@@ -15,6 +15,7 @@ MeshcaError
  |    +-- AuthorizationError
  +-- StoreError       the state store failed
  |    +-- TokenUsedUp   the join token ran out before its use was recorded
+ |    +-- DuplicateSerial  a record whose serial is already logged (the store itself is fine)
  +-- AuthenticationError  no credential, or a credential that does not verify
  |    +-- CredentialCheckUnavailable  the credential cannot be checked now (retry)
  +-- PermissionDenied     a valid credential that does not grant this identity
@@ -22,6 +23,7 @@ MeshcaError
  +-- RateLimited          one principal exceeded its request rate, or a peer its open streams
  +-- RequestTooLarge      a request above the configured size
  +-- RequestRefused   the identity service refused a client's request; retrying will not help
+ +-- PortTaken (also OSError)  an address another process holds
  +-- UnsafePermissions    a file or directory that other users could replace
 """
 
@@ -33,6 +35,7 @@ __all__ = [
     "BundleError",
     "CredentialCheckUnavailable",
     "CsrNameMismatch",
+    "DuplicateSerial",
     "IdentityMismatch",
     "InvalidKeyUri",
     "InvalidCsr",
@@ -44,6 +47,7 @@ __all__ = [
     "KeyPolicyError",
     "MeshcaError",
     "PermissionDenied",
+    "PortTaken",
     "RateLimited",
     "RequestRefused",
     "RequestTooLarge",
@@ -127,6 +131,10 @@ class CredentialCheckUnavailable(AuthenticationError):
     """The credential could not be checked now (the Kubernetes API is unreachable): retry, not refuse."""
 
 
+class DuplicateSerial(StoreError):
+    """A record refused because its serial is already logged: the store itself is fine."""
+
+
 class TokenUsedUp(StoreError):
     """The join token had no use left (or expired) when its use was to be recorded."""
 
@@ -162,6 +170,10 @@ class RequestRefused(MeshcaError):
         super().__init__(message)
         self.code = code
         self.details = details
+
+
+class PortTaken(MeshcaError, OSError):
+    """An address another process holds, so `meshca serve` cannot own it; the message names it."""
 
 
 class UnsafePermissions(MeshcaError):

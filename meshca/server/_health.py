@@ -18,8 +18,7 @@ from collections.abc import Callable
 
 import structlog
 
-from meshca.pki._errors import StoreError, TokenUsedUp
-from meshca.server._store import DuplicateSerial
+from meshca.pki._errors import DuplicateSerial, StoreError, TokenUsedUp
 
 __all__ = ["StoreHealth"]
 

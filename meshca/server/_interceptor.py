@@ -24,25 +24,7 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError, Message
 
-from meshca.pki._errors import (
-    AuthenticationError,
-    BundleError,
-    CredentialCheckUnavailable,
-    CsrNameMismatch,
-    InvalidCsr,
-    InvalidRequest,
-    InvalidSpiffeId,
-    IssuanceError,
-    IssuerUnavailable,
-    KeyCustodyError,
-    KeyPolicyError,
-    MeshcaError,
-    PermissionDenied,
-    RateLimited,
-    RequestTooLarge,
-    StoreError,
-    TokenUsedUp,
-)
+from meshca.pki import _errors as errors
 from meshca.server._config import ServerConfig
 from meshca.server._metrics import Children, Metrics
 
@@ -57,22 +39,22 @@ StatusTable = Mapping[type[BaseException], grpc.StatusCode]
 
 C = grpc.StatusCode
 STATUS: StatusTable = {
-    InvalidRequest: C.INVALID_ARGUMENT,
-    InvalidCsr: C.INVALID_ARGUMENT,
-    KeyPolicyError: C.INVALID_ARGUMENT,
-    InvalidSpiffeId: C.INVALID_ARGUMENT,
-    BundleError: C.INVALID_ARGUMENT,
-    AuthenticationError: C.UNAUTHENTICATED,
-    CredentialCheckUnavailable: C.UNAVAILABLE,  # retry, not refuse
-    TokenUsedUp: C.UNAUTHENTICATED,  # the token ran out between the check and the record
-    PermissionDenied: C.PERMISSION_DENIED,
-    CsrNameMismatch: C.PERMISSION_DENIED,
-    IssuanceError: C.FAILED_PRECONDITION,
-    IssuerUnavailable: C.UNAVAILABLE,
-    KeyCustodyError: C.UNAVAILABLE,  # the issuer's token is missing, locked or failing: retry
-    StoreError: C.UNAVAILABLE,
-    RateLimited: C.RESOURCE_EXHAUSTED,
-    RequestTooLarge: C.RESOURCE_EXHAUSTED,
+    errors.InvalidRequest: C.INVALID_ARGUMENT,
+    errors.InvalidCsr: C.INVALID_ARGUMENT,
+    errors.KeyPolicyError: C.INVALID_ARGUMENT,
+    errors.InvalidSpiffeId: C.INVALID_ARGUMENT,
+    errors.BundleError: C.INVALID_ARGUMENT,
+    errors.AuthenticationError: C.UNAUTHENTICATED,
+    errors.CredentialCheckUnavailable: C.UNAVAILABLE,  # retry, not refuse
+    errors.TokenUsedUp: C.UNAUTHENTICATED,  # the token ran out between the check and the record
+    errors.PermissionDenied: C.PERMISSION_DENIED,
+    errors.CsrNameMismatch: C.PERMISSION_DENIED,
+    errors.IssuanceError: C.FAILED_PRECONDITION,
+    errors.IssuerUnavailable: C.UNAVAILABLE,
+    errors.KeyCustodyError: C.UNAVAILABLE,  # the issuer's token is missing, locked or failing: retry
+    errors.StoreError: C.UNAVAILABLE,
+    errors.RateLimited: C.RESOURCE_EXHAUSTED,
+    errors.RequestTooLarge: C.RESOURCE_EXHAUSTED,
 }
 
 
@@ -117,10 +99,10 @@ class StreamSlots:
         held = self._by_peer.get(address, 0)
         if held >= self._per_peer:
             self._refused.labels("peer").inc()
-            raise RateLimited(f"{address} has {held} open streams, the limit per peer")
+            raise errors.RateLimited(f"{address} has {held} open streams, the limit per peer")
         if self._open >= self._total:
             self._refused.labels("total").inc()
-            raise RateLimited(f"the server has {self._open} open streams, its limit")
+            raise errors.RateLimited(f"the server has {self._open} open streams, its limit")
         self._by_peer[address] = held + 1
         self._open += 1
         self._gauge.inc()
@@ -144,7 +126,7 @@ class Boundary:
         self._requests = Children(metrics.requests)
         self.streams = StreamSlots(config.max_watch_streams, config.max_watch_streams_per_peer, metrics)
 
-    def deserializer(self, message: type[Req]) -> Callable[[bytes], Req | MeshcaError]:
+    def deserializer(self, message: type[Req]) -> Callable[[bytes], Req | errors.MeshcaError]:
         """Parses a request body; a body too large or malformed becomes the error its handler raises.
 
         gRPC parses before the handler runs and answers UNKNOWN (naming a
@@ -153,13 +135,13 @@ class Boundary:
         limit = self._limit
         name = message.DESCRIPTOR.full_name
 
-        def parse(raw: bytes) -> Req | MeshcaError:
+        def parse(raw: bytes) -> Req | errors.MeshcaError:
             if len(raw) > limit:
-                return RequestTooLarge(f"request of {len(raw)} bytes is above the limit of {limit}")
+                return errors.RequestTooLarge(f"request of {len(raw)} bytes is above the limit of {limit}")
             try:
                 return message.FromString(raw)
             except DecodeError:
-                return InvalidRequest(f"request body is not a valid {name} message")
+                return errors.InvalidRequest(f"request body is not a valid {name} message")
 
         return parse
 
@@ -177,11 +159,11 @@ class Boundary:
         requests = self._requests
         timeout = self._timeout
 
-        async def handle(message: Req | MeshcaError, context: Context) -> Resp:
+        async def handle(message: Req | errors.MeshcaError, context: Context) -> Resp:
             start = time.perf_counter()
             code = C.OK
             try:
-                if isinstance(message, MeshcaError):
+                if isinstance(message, errors.MeshcaError):
                     raise message
                 async with asyncio.timeout(timeout):
                     return await call(message, context)
@@ -218,14 +200,14 @@ class Boundary:
         """
         streams = self.streams
 
-        async def handle(message: Req | MeshcaError, context: Context) -> AsyncIterator[Resp]:
+        async def handle(message: Req | errors.MeshcaError, context: Context) -> AsyncIterator[Resp]:
             try:
-                if isinstance(message, MeshcaError):
+                if isinstance(message, errors.MeshcaError):
                     raise message
                 with streams.hold(context.peer()):
                     async for item in call(message, context):
                         yield item
-            except MeshcaError as exc:
+            except errors.MeshcaError as exc:
                 code = status_for(exc) or C.INTERNAL
                 log.warning("request.refused", service=service, method=method, code=code.name, reason=str(exc))
                 await context.abort(code, str(exc))
@@ -241,7 +223,7 @@ class Boundary:
             request_id = uuid.uuid4().hex[:16]
             log.exception("request.failed", service=service, method=method, request_id=request_id)
             await context.abort(code, f"internal error (request id {request_id})")
-        if isinstance(exc, AuthenticationError | TokenUsedUp):
+        if isinstance(exc, errors.AuthenticationError | errors.TokenUsedUp):
             reason = getattr(exc, "reason", None) or "token_used_up"
             self._metrics.auth_failures.labels(reason).inc()
             log.warning("auth.failed", service=service, method=method, reason=reason, detail=str(exc))

@@ -16,11 +16,9 @@ import contextlib
 import errno
 import socket
 
-__all__ = ["PortTaken", "bind_error", "claim", "release"]
+from meshca.pki._errors import PortTaken
 
-
-class PortTaken(OSError):
-    """The address is held by another process; the message names it."""
+__all__ = ["bind_error", "claim", "release"]
 
 
 def bind_error(exc: OSError, host: str, port: int, what: str) -> PortTaken:

@@ -37,7 +37,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from meshca.pki._errors import StoreError, TokenUsedUp
+from meshca.pki._errors import DuplicateSerial, StoreError, TokenUsedUp
 from meshca.pki._keys import PrivateKey
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock, system_clock
@@ -56,7 +56,6 @@ from meshca.server._metrics import StoreMetrics
 __all__ = [
     "CHECKPOINT_INTERVAL",
     "IssuanceChain",
-    "DuplicateSerial",
     "IssuanceRecord",
     "JoinToken",
     "SqliteStore",
@@ -405,10 +404,6 @@ class GroupCommitter:
         self._thread.join()
 
 
-class DuplicateSerial(StoreError):
-    """A record refused because its serial is already logged: the store itself is fine."""
-
-
 def duplicate_serial(record: IssuanceRecord) -> StoreError:
     return DuplicateSerial(f"serial {record.serial} is already in the issuance log")
 
@@ -419,7 +414,23 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-class SqliteStore:
+class WritingStore:
+    """What both stores share: records go to their group-commit writer (None: opened for reading only)."""
+
+    _writer: GroupCommitter | None = None
+
+    def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
+        """Queues ``record`` (and one use of the token) for the next group commit.
+
+        The future resolves once the record is durable, or fails with
+        `TokenUsedUp` or `StoreError`.
+        """
+        if self._writer is None:
+            raise StoreError("this store was opened for reading only")
+        return self._writer.record(record, token_hash)
+
+
+class SqliteStore(WritingStore):
     """SQLite in WAL mode, synchronous=FULL; safe to share between processes on one machine.
 
     ``log_key`` signs checkpoints of the records this object writes (see `IssuanceChain`).
@@ -454,7 +465,7 @@ class SqliteStore:
             raise
         self._direct: sqlite3.Connection | None = None
         self._direct_lock = threading.Lock()
-        self._writer: GroupCommitter | None = None
+        self._writer = None
         if writer:
             conn = self._connect()
             self._writer_conn = conn
@@ -541,16 +552,6 @@ class SqliteStore:
         return JoinToken(token_hash, SpiffeId.parse(row[0]), _dt(row[1]), row[2])
 
     # -- issuance log
-
-    def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
-        """Queues ``record`` (and one use of the token) for the next group commit.
-
-        The future resolves once the record is durable, or fails with
-        `TokenUsedUp` or `StoreError`.
-        """
-        if self._writer is None:
-            raise StoreError("this store was opened for reading only")
-        return self._writer.record(record, token_hash)
 
     def issuances(
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False

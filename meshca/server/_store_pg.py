@@ -15,7 +15,6 @@ error message or a repr.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import math
 import re
@@ -40,6 +39,7 @@ from meshca.server._store import (
     IssuanceChain,
     IssuanceRecord,
     JoinToken,
+    WritingStore,
     chain_legacy,
     duplicate_serial,
     logged_checkpoint,
@@ -147,7 +147,7 @@ _OLDEST_FIRST = _LOG_QUERY.format("issued_at, row_id")
 _NEWEST_FIRST = _LOG_QUERY.format("issued_at DESC, row_id DESC")
 
 
-class PostgresStore:
+class PostgresStore(WritingStore):
     """PostgreSQL through a psycopg connection pool; several replicas may share one database.
 
     ``timeout`` bounds how long an operation waits for a connection (and a
@@ -294,16 +294,6 @@ class PostgresStore:
         return JoinToken(token_hash, SpiffeId.parse(sid), _utc(expires_at), uses_left)
 
     # -- issuance log
-
-    def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
-        """Queues ``record`` (and one use of the token) for the next group commit.
-
-        The future resolves once the record is committed, or fails with
-        `TokenUsedUp` or `StoreError`.
-        """
-        if self._writer is None:
-            raise StoreError("this store was opened for reading only")
-        return self._writer.record(record, token_hash)
 
     def issuances(
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False

@@ -47,7 +47,7 @@ from typing import Any
 import structlog
 
 from meshca.pki._bundle import TrustBundle
-from meshca.pki._errors import MeshcaError, StoreError, TokenUsedUp
+from meshca.pki._errors import DuplicateSerial, MeshcaError, StoreError, TokenUsedUp
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import PrivateKey
 from meshca.pki._time import Clock, system_clock
@@ -58,7 +58,7 @@ from meshca.server._health import StoreHealth
 from meshca.server._metrics import MetricsServer
 from meshca.server._ports import claim, release
 from meshca.server._state import file_stamp, validate
-from meshca.server._store import DuplicateSerial, IssuanceRecord, JoinToken, SqliteStore, next_batch, sqlite_path
+from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, next_batch, sqlite_path
 
 __all__ = ["PipeStore", "run_supervisor"]
 
