@@ -25,7 +25,7 @@ def bind_error(exc: OSError, host: str, port: int, what: str) -> PortTaken:
     """One line naming the address and what it was for."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
-    return PortTaken(exc.errno, f"cannot listen on {where} ({what}): {reason}")
+    return PortTaken(f"cannot listen on {where} ({what}): {reason}")
 
 
 def _bind(family: int, address: str, port: int, *options: int) -> socket.socket:
