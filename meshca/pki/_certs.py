@@ -55,7 +55,7 @@ def load_certificates(data: bytes | str | Sequence[bytes] | Sequence[x509.Certif
     certs = []
     for item in items:
         if isinstance(item, x509.Certificate):
-            certs.append(item)
+            certs.append(_readable(item))  # parsed elsewhere, perhaps not read whole yet
             continue
         try:
             cert = x509.load_der_x509_certificate(item)

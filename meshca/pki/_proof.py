@@ -14,10 +14,10 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from meshca.pki._certs import load_certificates
 from meshca.pki._errors import AuthenticationError, VerificationError
 from meshca.pki._keys import PrivateKey, signature_hash
 from meshca.pki._spiffe import SpiffeId
@@ -59,15 +59,16 @@ def verify_svid_proof(proof: SvidProof, csr_der: bytes, bundles: BundleSource, *
             "SVID proof is stale or from the future (signed_at off by more than 5 minutes)", "svid_proof"
         )
     try:
-        # Parsed once: the verifier and the signature check use the same objects.
-        chain = [x509.load_der_x509_certificate(der) for der in proof.chain]
-        key = chain[0].public_key()
+        # Read whole once (load_certificates refuses what cryptography cannot read): the verifier
+        # and the signature check below use the same objects.
+        chain = load_certificates(list(proof.chain))
+    except ValueError as exc:
+        raise AuthenticationError(f"SVID proof chain cannot be parsed: {exc}", "svid_proof") from None
+    key = chain[0].public_key()
+    try:
         sid = verify_chain(chain, bundles, at=now, role="client")
     except VerificationError as exc:
         raise AuthenticationError(f"SVID proof chain does not verify: {exc}", "svid_proof") from exc
-    except (ValueError, x509.InvalidVersion, x509.DuplicateExtension, UnsupportedAlgorithm) as exc:
-        # cryptography raises these (not all ValueErrors) for a certificate it cannot read.
-        raise AuthenticationError(f"SVID proof chain cannot be parsed: {exc}", "svid_proof") from None
     message = _message(csr_der, proof.signed_at)
     try:
         if isinstance(key, rsa.RSAPublicKey):
