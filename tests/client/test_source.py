@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from support.certs import serial, within_validity, write_bundle
+from support.clocks import Pinned
 from support.ids import API, TD, WEB
 from support.metrics import REFRESHES, refreshes
 from support.poll import eventually_sync
@@ -79,7 +80,9 @@ def test_server_down_at_start_then_up(
 ) -> None:
     port = free_port()
     token = add_token(trust.dir, WEB)
-    source = sources(f"127.0.0.1:{port}", trust.ca.bundle, WEB, join_token=token)
+    # The middle of every jitter range: retries at 0.25, 0.75, 1.75, 3.75 s, ... (a random draw near the top
+    # of the range could put the next try after the 10 s this test waits for the server that came up).
+    source = sources(f"127.0.0.1:{port}", trust.ca.bundle, WEB, join_token=token, rng=Pinned(0.5))
     started = time.monotonic()
     with pytest.raises(TimeoutError, match=f"no SVID for {WEB} within 1.5 s; the last attempt failed: UNAVAILABLE: "):
         source.wait_ready(1.5)
