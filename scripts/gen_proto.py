@@ -15,7 +15,7 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-PROTOS = ["meshca_identity.proto", "linkerd_identity.proto", "istio_ca.proto"]
+PROTOS = ["meshca_identity.proto", "meshca_agent.proto", "linkerd_identity.proto", "istio_ca.proto"]
 
 
 def generate(repo: Path, out_root: Path) -> None:
