@@ -228,6 +228,39 @@ _SQLITE_MIGRATIONS: tuple[tuple[_Migration, ...], ...] = (
             PRIMARY KEY (writer, seq)
         )""",
     ),
+    (
+        # Version 3: what managed issuers and the node agent share between replicas.
+        # Every issuer certificate a replica minted or loaded (writer: the replica).
+        """CREATE TABLE issuer_certs (
+            fingerprint TEXT PRIMARY KEY,
+            writer TEXT NOT NULL,
+            anchor_fingerprint TEXT NOT NULL,
+            not_before REAL NOT NULL,
+            not_after REAL NOT NULL,
+            der BLOB NOT NULL,
+            recorded_at REAL NOT NULL
+        )""",
+        # Registration entries: selectors and dns_names are JSON arrays (selectors sorted); parent '' is any agent.
+        """CREATE TABLE registration_entries (
+            id TEXT PRIMARY KEY,
+            spiffe_id TEXT NOT NULL,
+            selectors TEXT NOT NULL,
+            parent TEXT NOT NULL,
+            x509_ttl REAL NOT NULL,
+            jwt_ttl REAL NOT NULL,
+            dns_names TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX registration_entries_by_parent ON registration_entries (parent)",
+        # Public JWT-SVID signing keys (JWK JSON), published until not_after.
+        """CREATE TABLE jwt_keys (
+            kid TEXT PRIMARY KEY,
+            writer TEXT NOT NULL,
+            jwk TEXT NOT NULL,
+            not_after REAL NOT NULL,
+            recorded_at REAL NOT NULL
+        )""",
+    ),
 )
 SQLITE_SCHEMA_VERSION = len(_SQLITE_MIGRATIONS)
 

@@ -97,6 +97,36 @@ _MIGRATIONS: tuple[tuple[LiteralString | Callable[[psycopg.Connection[Any]], Non
             PRIMARY KEY (writer, seq)
         )""",
     ),
+    (
+        # Version 3: what managed issuers and the node agent share between replicas (see _store.py).
+        """CREATE TABLE issuer_certs (
+            fingerprint text PRIMARY KEY,
+            writer text NOT NULL,
+            anchor_fingerprint text NOT NULL,
+            not_before timestamptz NOT NULL,
+            not_after timestamptz NOT NULL,
+            der bytea NOT NULL,
+            recorded_at timestamptz NOT NULL
+        )""",
+        """CREATE TABLE registration_entries (
+            id text PRIMARY KEY,
+            spiffe_id text NOT NULL,
+            selectors jsonb NOT NULL,
+            parent text NOT NULL,
+            x509_ttl interval NOT NULL,
+            jwt_ttl interval NOT NULL,
+            dns_names jsonb NOT NULL,
+            created_at timestamptz NOT NULL
+        )""",
+        "CREATE INDEX registration_entries_by_parent ON registration_entries (parent)",
+        """CREATE TABLE jwt_keys (
+            kid text PRIMARY KEY,
+            writer text NOT NULL,
+            jwk jsonb NOT NULL,
+            not_after timestamptz NOT NULL,
+            recorded_at timestamptz NOT NULL
+        )""",
+    ),
 )
 PG_SCHEMA_VERSION = len(_MIGRATIONS)
 _MIGRATION_LOCK = 0x6D657368_63610001  # pg_advisory_xact_lock key: "meshca" and 1
