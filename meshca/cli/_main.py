@@ -17,6 +17,7 @@ from meshca.cli import (
     _anchor,
     _bundle,
     _check,
+    _entry,
     _fetch,
     _init,
     _inspect,
@@ -34,7 +35,22 @@ from meshca.pki._time import Clock, system_clock
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "run"]
 
-COMMANDS = (_init, _anchor, _issuer, _issue, _bundle, _verify, _inspect, _check, _serve, _install, _token, _log, _fetch)
+COMMANDS = (
+    _init,
+    _anchor,
+    _issuer,
+    _issue,
+    _bundle,
+    _verify,
+    _inspect,
+    _check,
+    _serve,
+    _install,
+    _token,
+    _entry,
+    _log,
+    _fetch,
+)
 
 Command = Callable[[argparse.Namespace, Clock], int]
 
