@@ -11,6 +11,7 @@ from meshca.cli._options import (
     CliError,
     add_dir,
     add_duration,
+    add_force,
     add_json,
     add_key_type,
     add_key_uri,
@@ -69,7 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the service hands out (meshca serve --max-leaf-ttl)",
     )
     add_duration(p, "--issuer-lifetime", None, "lifetime of the re-issued issuer (default: the current issuer's)")
-    p.add_argument("--force", action="store_true", help="activate before --min-age has passed")
+    add_force(p)
     add_passphrase_file(p)
     add_json(p)
     p.set_defaults(func=activate)
@@ -83,11 +84,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         DEFAULT_RETIRE_GRACE,
         "after activation, how long replicas may still have signed with the old issuer (their reload time)",
     )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="retire while the issuer or unexpired recorded leaves may still chain to it",
-    )
+    add_force(p)
     add_json(p)
     p.set_defaults(func=retire)
 
@@ -219,7 +216,11 @@ def retire(args: argparse.Namespace, clock: Clock) -> int:
         pending = check.pending(now)
         if pending:
             safe = check.safe_at
-            until = f"earliest safe time {_when(safe)}" if safe is not None else "no safe time until that changes"
+            until = (
+                "no safe time until that changes"
+                if check.never or safe is None
+                else f"earliest safe time {_when(safe)}"
+            )
             raise CliError(
                 f"anchor {_short(old)} must stay in the bundle: "
                 + "; ".join(b.reason for b in pending)

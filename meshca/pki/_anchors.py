@@ -80,18 +80,22 @@ class Blocker:
 
 @dataclass(frozen=True, slots=True)
 class RetireCheck:
-    """What keeps the old anchor in the bundle; ``safe_at`` is the earliest safe time (None: no time fixes it)."""
+    """What keeps the old anchor in the bundle, as `Blocker`s."""
 
     blockers: tuple[Blocker, ...]
 
     @property
+    def never(self) -> bool:
+        """True when no wait allows it: a blocker must go first (the issuer re-issued)."""
+        return any(b.until is None for b in self.blockers)
+
+    @property
     def safe_at(self) -> datetime | None:
-        if any(b.until is None for b in self.blockers):
-            return None
+        """The earliest safe time as far as time decides (None: no blocker has a time)."""
         return max((b.until for b in self.blockers if b.until is not None), default=None)
 
     def allows(self, now: datetime) -> bool:
-        return all(b.until is not None and b.until <= now for b in self.blockers)
+        return not self.pending(now)
 
     def pending(self, now: datetime) -> tuple[Blocker, ...]:
         """The blockers still in force at ``now``."""
