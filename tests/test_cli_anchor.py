@@ -160,6 +160,34 @@ def test_each_step_refuses_out_of_order_in_one_line(
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written
 
 
+@pytest.mark.parametrize("crash_after", ["retiring-copy", "active-key", "active-cert"])
+def test_an_interrupted_activation_is_finished_by_running_it_again(
+    d: Path, cli: Run, clock: FrozenClock, crash_after: str
+) -> None:
+    a = _cert(d / "trust-anchor.crt")
+    a_key = (d / "trust-anchor.key").read_bytes()
+    ok(cli("anchor", "prepare", "--dir", d, clock=clock))
+    b = _cert(d / "trust-anchor.next.crt")
+    # What activate had written when it stopped, in its order.
+    (d / "trust-anchor.old.key").write_bytes(a_key)
+    (d / "trust-anchor.old.key").chmod(0o600)
+    (d / "trust-anchor.old.crt").write_bytes((d / "trust-anchor.crt").read_bytes())
+    if crash_after in ("active-key", "active-cert"):
+        (d / "trust-anchor.key").write_bytes((d / "trust-anchor.next.key").read_bytes())
+    if crash_after == "active-cert":
+        (d / "trust-anchor.crt").write_bytes((d / "trust-anchor.next.crt").read_bytes())
+    out = ok(cli("anchor", "activate", "--dir", d, "--force", clock=clock)).stdout
+    assert f"activated anchor {fingerprint(b)[:23]}; {fingerprint(a)[:23]} is retiring" in out
+    assert _cert(d / "trust-anchor.crt") == b and _cert(d / "trust-anchor.old.crt") == a
+    assert (d / "trust-anchor.old.key").read_bytes() == a_key  # A's key is never lost
+    assert meshca.load_private_key((d / "trust-anchor.key").read_bytes()).public_key() == b.public_key()
+    assert chains_to([meshca.TrustDir.at(d).load_issuer().certificate], b)
+    assert [e["state"] for e in json.loads(ok(cli("anchor", "list", "--dir", d, "--json")).stdout)] == [
+        "active",
+        "retiring",
+    ]
+
+
 def test_a_directory_without_an_anchor_is_refused(tmp_path: Path, cli: Run) -> None:
     for action in ("prepare", "activate", "retire", "list"):
         result = cli("anchor", action, "--dir", tmp_path)

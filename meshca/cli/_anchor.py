@@ -150,8 +150,12 @@ def activate(args: argparse.Namespace, clock: Clock) -> int:
     prepared = slots.get(AnchorState.PREPARED)
     if prepared is None:
         raise CliError("no prepared anchor to activate: run meshca anchor prepare first")
-    if AnchorState.RETIRING in slots:
-        raise CliError(f"anchor {_short(slots[AnchorState.RETIRING])} is still retiring: retire it first")
+    active, retiring = slots[AnchorState.ACTIVE], slots.get(AnchorState.RETIRING)
+    # A retiring anchor here is an activation interrupted after its first writes: the retiring copy
+    # is still the active anchor, or the active anchor is the prepared one already. Running again finishes it.
+    interrupted = retiring is not None and active.certificate in (retiring.certificate, prepared.certificate)
+    if retiring is not None and not interrupted:
+        raise CliError(f"anchor {_short(retiring)} is still retiring: retire it first")
     now = clock()
     if not args.force:
         if prepared.prepared_at is None:
@@ -167,13 +171,14 @@ def activate(args: argparse.Namespace, clock: Clock) -> int:
                 "or pass --force"
             )
     issuer = tdir.activate_anchor(now=now, issuer_lifetime=args.issuer_lifetime, passphrase=passphrase(args))
+    old = retiring if retiring is not None else active
     data = {
         "active": prepared.fingerprint,
-        "retiring": slots[AnchorState.ACTIVE].fingerprint,
+        "retiring": old.fingerprint,
         "activated_at": now.isoformat(),
         "issuer": describe_certificate(issuer) if issuer is not None else None,
     }
-    text = f"activated anchor {_short(prepared)}; {_short(slots[AnchorState.ACTIVE])} is retiring"
+    text = f"activated anchor {_short(prepared)}; {_short(old)} is retiring"
     if issuer is not None:
         text += f"\nre-issued {tdir.issuer_cert} under it (until {_when(issuer.not_valid_after_utc)})"
     emit(args, data, text)

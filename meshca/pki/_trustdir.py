@@ -295,7 +295,8 @@ class TrustDir:
         (0600; a key on a token is kept and certified again), then the issuer
         certificate, signed by the new anchor for ``issuer_lifetime`` (default:
         the current issuer's). Returns the new issuer certificate, or None when
-        DIR holds no issuer (managed mode: the service mints its own).
+        DIR holds no issuer (managed mode: the service mints its own). Run again after an
+        interruption, it finishes the same activation.
         """
         prepared_key_path = self.anchor_key_for(AnchorState.PREPARED)
         new_anchor = self._anchor_certificate(self.anchor_cert_for(AnchorState.PREPARED))
@@ -322,8 +323,11 @@ class TrustDir:
                 lifetime=issuer_lifetime,
             )
         # The active anchor becomes the retiring one (copies first: the active files are replaced next).
-        _copy_key(self.anchor_key, self.anchor_key_for(AnchorState.RETIRING))
-        atomic_write(self.anchor_cert_for(AnchorState.RETIRING), _read(self.anchor_cert, BundleError))
+        # A retiring certificate already there is an activation that was interrupted after the copies:
+        # the active key may be the new one by now, so the copies are not made again.
+        if not self.anchor_cert_for(AnchorState.RETIRING).exists():
+            _copy_key(self.anchor_key, self.anchor_key_for(AnchorState.RETIRING))
+            atomic_write(self.anchor_cert_for(AnchorState.RETIRING), _read(self.anchor_cert, BundleError))
         _copy_key(prepared_key_path, self.anchor_key)
         atomic_write(self.anchor_cert, certificates_pem([new_anchor]))
         if issuer_cert is not None:
