@@ -405,9 +405,14 @@ def test_a_bundle_that_no_longer_verifies_the_svid_renews_it_at_once_with_the_bo
     clock.advance(1 * S)
     assert renewal.send(None) == Sleep(4 * S)
     # Retired: A leaves. The SVID chains to A alone: the watch wakes the renewal flow.
-    assert isinstance(watch.send(bundle_message(rogue_ca)), Publish)
-    assert watch.send(None) == RenewNow()
+    machine.hooks.append(log_event)
+    with capture_logs() as logs:
+        assert isinstance(watch.send(bundle_message(rogue_ca)), Publish)
+        assert watch.send(None) == RenewNow()
     assert watch.send(None) == NextBundle()
+    [line] = [e for e in logs if e["event"] == "svid.untrusted"]
+    assert (line["log_level"], line["spiffe_id"], line["action"]) == ("warning", str(WEB), "renewing now")
+    assert "anchor" in line["reason"]
     [untrusted] = [e for e in events if isinstance(e, ChainUntrusted)]
     assert untrusted.spiffe_id == WEB
     assert "anchor" in untrusted.reason
