@@ -195,6 +195,15 @@ def test_a_directory_without_an_anchor_is_refused(tmp_path: Path, cli: Run) -> N
         assert f"no active anchor at {tmp_path / 'trust-anchor.crt'} (run meshca init)" in result.stderr
 
 
+def test_an_unreadable_anchor_record_is_refused_in_one_line(d: Path, cli: Run, clock: FrozenClock) -> None:
+    ok(cli("anchor", "prepare", "--dir", d, clock=clock))
+    (d / "anchors.json").write_text('{"anchors": {"ab": {"prepared_at": "yesterday"}}}')
+    for action in ("list", "activate"):
+        result = cli("anchor", action, "--dir", d, clock=clock)
+        assert_clean_failure(result, 1)
+        assert f"{d / 'anchors.json'} is not an anchor record meshca wrote" in result.stderr
+
+
 def test_activation_without_a_record_of_preparation_needs_force(d: Path, cli: Run, clock: FrozenClock) -> None:
     ok(cli("anchor", "prepare", "--dir", d, clock=clock))
     (d / "anchors.json").unlink()

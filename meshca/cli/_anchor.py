@@ -131,8 +131,9 @@ def prepare(args: argparse.Namespace, clock: Clock) -> int:
                 raise CliError(f"{path} exists without a prepared anchor: remove it first")
     if AnchorState.RETIRING in slots:
         raise CliError(f"anchor {_short(slots[AnchorState.RETIRING])} is still retiring: retire it first")
+    secret = passphrase(args)  # read before a key is made (on a token, say)
     now = clock()
-    cert = tdir.prepare_anchor(new_key(args), now=now, lifetime=args.lifetime, passphrase=passphrase(args))
+    cert = tdir.prepare_anchor(new_key(args), now=now, lifetime=args.lifetime, passphrase=secret)
     data = {**describe_certificate(cert), "fingerprint": fingerprint(cert), "prepared_at": now.isoformat()}
     emit(
         args,
