@@ -14,6 +14,7 @@ from importlib.metadata import version
 from typing import NoReturn
 
 from meshca.cli import (
+    _agent,
     _anchor,
     _bundle,
     _check,
@@ -34,7 +35,22 @@ from meshca.pki._time import Clock, system_clock
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "run"]
 
-COMMANDS = (_init, _anchor, _issuer, _issue, _bundle, _verify, _inspect, _check, _serve, _install, _token, _log, _fetch)
+COMMANDS = (
+    _init,
+    _anchor,
+    _issuer,
+    _issue,
+    _bundle,
+    _verify,
+    _inspect,
+    _check,
+    _serve,
+    _install,
+    _token,
+    _log,
+    _fetch,
+    _agent,
+)
 
 Command = Callable[[argparse.Namespace, Clock], int]
 

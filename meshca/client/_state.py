@@ -20,12 +20,19 @@ import random
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from meshca._proto import meshca_identity_pb2 as pb
-from meshca.client._core import Credentials, Snapshot, bundle_from_message, make_request, svid_from_response
+from meshca.client._core import (
+    Credentials,
+    Snapshot,
+    X509Svid,
+    bundle_from_message,
+    make_request,
+    svid_from_response,
+)
 from meshca.pki._bundle import TrustBundle
-from meshca.pki._errors import MeshcaError
+from meshca.pki._errors import AuthenticationError, MeshcaError
 from meshca.pki._keys import KeyType, generate_key
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 from meshca.pki._spiffe import SpiffeId
@@ -170,6 +177,7 @@ class SourceMachine:
         clock: Clock,
         rng: random.Random,
         hooks: Sequence[Hook] = (),
+        initial: X509Svid | None = None,
     ) -> None:
         if bundle.trust_domain != config.spiffe_id.trust_domain:
             raise ValueError(
@@ -180,7 +188,9 @@ class SourceMachine:
         self.hooks = list(hooks)
         self._rng = rng
         self._lock = threading.Lock()
-        self._snapshot = Snapshot(None, bundle)
+        if initial is not None and initial.spiffe_id != config.spiffe_id:
+            raise ValueError(f"the initial SVID is for {initial.spiffe_id}, not {config.spiffe_id}")
+        self._snapshot = Snapshot(initial, bundle)
         # Drivers open their first channel on the initial bundle; a changed bundle, or a failure
         # that asks for it, makes the next call go over a new one.
         self._channel_bundle = bundle
@@ -205,7 +215,8 @@ class SourceMachine:
         """Fetch at once, then at the renewal moment; back off on failure; give up only on a first refusal."""
         policy = self.config.renewal
         attempt = 0
-        renew_at: datetime | None = None
+        initial = self._snapshot.svid
+        renew_at = renewal_time(initial.not_before, initial.not_after, policy, self._rng) if initial else None
         while True:
             if renew_at is not None and (wait := renew_at - self.clock()) > timedelta():
                 yield Sleep(wait)
@@ -264,6 +275,8 @@ class SourceMachine:
             )
         except OSError as exc:  # the JWT file is missing or unreadable: it may appear
             return Failure(f"cannot read {exc.filename}: {exc.strerror}")
+        except AuthenticationError as exc:  # an initial SVID expired, and nothing else can prove who we are
+            return Failure(str(exc), refusal=exc)
         reply = yield Fetch(request)
         if isinstance(reply, Failure):
             if reply.reconnect:
