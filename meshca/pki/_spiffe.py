@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from meshca.pki._errors import InvalidSpiffeId
 
-__all__ = ["RESERVED_PATH", "SpiffeId", "TrustDomain"]
+__all__ = ["AGENT_PATH", "RESERVED_PATH", "SpiffeId", "TrustDomain"]
 
 RESERVED_PATH = "/meshca"
+AGENT_PATH = RESERVED_PATH + "/agent"  # spiffe://TD/meshca/agent/NAME: a node agent
 
 SCHEME_PREFIX = "spiffe://"
 MAX_ID_BYTES = 2048
@@ -106,6 +107,12 @@ class TrustDomain:
         """The SPIFFE ID with this trust domain and ``path`` (which starts with '/')."""
         return SpiffeId(self, path)
 
+    def agent_id(self, name: str) -> SpiffeId:
+        """The node agent ``name``'s ID, ``spiffe://TD/meshca/agent/NAME`` (``name`` is one path segment)."""
+        if not isinstance(name, str) or not name or "/" in name:
+            raise InvalidSpiffeId(f"an agent name is one non-empty path segment, got {name!r}")
+        return SpiffeId(self, f"{AGENT_PATH}/{name}")
+
     def __str__(self) -> str:
         return self.name
 
@@ -163,6 +170,12 @@ class SpiffeId:
         can obtain one (docs/architecture.md, Reserved identities).
         """
         return self.path == RESERVED_PATH or self.path.startswith(RESERVED_PATH + "/")
+
+    @property
+    def is_agent(self) -> bool:
+        """True for a node agent's ID, ``spiffe://TD/meshca/agent/NAME`` (one segment after ``agent``)."""
+        prefix = AGENT_PATH + "/"
+        return self.path.startswith(prefix) and "/" not in self.path[len(prefix) :]
 
     def __str__(self) -> str:
         return f"{SCHEME_PREFIX}{self.trust_domain.name}{self.path}"

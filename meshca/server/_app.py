@@ -23,12 +23,14 @@ from meshca.server import api
 from meshca.server._config import ServerConfig
 from meshca.server._health import StoreHealth
 from meshca.server._interceptor import Boundary
+from meshca.server._jwt_keys import JwtKeyring
 from meshca.server._metrics import Metrics, MetricsServer, StoreMetrics
 from meshca.server._pipeline import Pipeline
 from meshca.server._ports import claim
 from meshca.server._state import IssuerState
 from meshca.server._store import Store, open_store
 from meshca.server.credentials import (
+    AgentEntryCredential,
     Credential,
     JoinTokenCredential,
     K8sJwtCredential,
@@ -100,16 +102,19 @@ class IdentityServer:
             if config.token_review:
                 credentials.append(TokenReviewCredential(config.token_review, td, clock))
             credentials.append(SvidProofCredential(lambda: self.state.bundle, clock))
+            credentials.append(AgentEntryCredential())  # what the Agent API makes of an entry an agent may serve
         except (MeshcaError, ValueError, OSError):
             if store is None:
                 self.store.close()  # ours: no writer thread outlives a server that never started
             raise
         self.store_health = StoreHealth(self.store.check, lambda up: self.metrics.store_up.set(1 if up else 0))
         self.pipeline = Pipeline(config, self.state, self.store, credentials, self.metrics, clock, self.store_health)
+        self.jwt_keys = JwtKeyring(self.store, clock)
         self.apis = (
             api.NativeApi(config, self.pipeline, self.state),
             api.LinkerdApi(config, self.pipeline),
             api.IstioApi(config, self.pipeline),
+            api.AgentApi(config, self.pipeline, self.state, self.store, self.jwt_keys, self.metrics, clock),
         )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
@@ -175,6 +180,7 @@ class IdentityServer:
         if self._metrics_server is not None:
             self._metrics_server.start()
             self.metrics_port = self._metrics_server.port
+        await self._maintain_jwt_keys()
         self._tasks.append(asyncio.create_task(self._reload_loop()))
         self._tasks.append(asyncio.create_task(self._store_loop()))
         log.info(
@@ -244,6 +250,14 @@ class IdentityServer:
             if self.store_health.due():
                 await loop.run_in_executor(self._checker, self.store_health.probe)
             await self._set_health()
+            await self._maintain_jwt_keys()
+
+    async def _maintain_jwt_keys(self) -> None:
+        """Publishes this process's JWT key, or its successor when due (docs/architecture.md, JWT keys)."""
+        try:
+            await asyncio.to_thread(self.jwt_keys.maintain)
+        except MeshcaError as exc:  # the store is away: JWT-SVIDs wait for it, X.509 issuance goes on
+            log.warning("jwt_key.publish_failed", reason=str(exc))
 
     async def stop(self, grace: timedelta | None = None) -> None:
         """Stops taking new calls, lets in-flight ones finish within the grace period, closes the store."""

@@ -47,6 +47,7 @@ class Metrics:
             registry=r,
         )
         self.issued = Counter("meshca_svids_issued", "X.509-SVIDs issued", ["trust_domain", "api"], registry=r)
+        self.jwt_issued = Counter("meshca_jwt_svids_issued", "JWT-SVIDs issued", ["trust_domain"], registry=r)
         self.auth_failures = Counter(
             "meshca_authentication_failures", "Refused credentials by reason", ["reason"], registry=r
         )

@@ -176,7 +176,7 @@ class Pipeline:
         spiffe_id = principal.spiffe_id
         if request.spiffe_id is not None and request.spiffe_id != spiffe_id:
             raise IdentityMismatch(f"credential grants {spiffe_id}, the request names {request.spiffe_id}")
-        refuse_reserved(spiffe_id)  # also here: a credential kind to come cannot forget it
+        refuse_reserved(spiffe_id, agent=principal.agent)  # also here: a credential kind to come cannot forget it
         if self._limiter is not None:
             self._limiter.take(principal.name)
         ttl = self.lifetime(request.ttl_seconds)

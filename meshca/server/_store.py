@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import os
 import queue
 import secrets
@@ -51,13 +52,16 @@ from meshca.server._audit import (
     legacy_links,
     sign_checkpoint,
 )
+from meshca.server._entries import RegistrationEntry
 from meshca.server._metrics import StoreMetrics
 
 __all__ = [
+    "AGENT_TOKEN_PREFIX",
     "CHECKPOINT_INTERVAL",
     "IssuanceChain",
     "IssuanceRecord",
     "JoinToken",
+    "JwtPublicKey",
     "SqliteStore",
     "Store",
     "hash_token",
@@ -69,11 +73,21 @@ __all__ = [
 log = structlog.get_logger("meshca.server")
 
 TOKEN_PREFIX = "mtok_"  # noqa: S105 - a prefix that marks join tokens, not a secret
+AGENT_TOKEN_PREFIX = "mtok_agent_"  # noqa: S105 - a node agent's join token (`meshca token create --agent`)
 
 
-def new_token() -> str:
-    """A random join token: 32 bytes, URL-safe, with a recognisable prefix."""
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+def new_token(*, agent: bool = False) -> str:
+    """A random join token: 32 bytes, URL-safe, with a recognisable prefix.
+
+    ``agent``: a node agent's token, the only kind that can grant an agent ID
+    (``spiffe://TD/meshca/agent/NAME``). The prefix is part of what is hashed,
+    so a stored workload token can never pass for one.
+    """
+    if agent:
+        return AGENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    while (token := TOKEN_PREFIX + secrets.token_urlsafe(32)).startswith(AGENT_TOKEN_PREFIX):
+        pass  # one in 2**36: a workload token never looks like an agent's
+    return token
 
 
 def hash_token(token: str) -> str:
@@ -99,6 +113,17 @@ class IssuanceRecord:
     issued_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class JwtPublicKey:
+    """A published JWT-SVID signing key: its public JWK (JSON, with ``kid`` and ``use``), until ``not_after``."""
+
+    kid: str
+    writer: str  # the keyring (one per serving process) that holds the private half
+    jwk: str
+    not_after: datetime
+    recorded_at: datetime
+
+
 class Store(Protocol):
     """What the issuance pipeline needs of a store (docs/architecture.md, Store contract)."""
 
@@ -110,8 +135,43 @@ class Store(Protocol):
     ) -> list[IssuanceRecord]: ...
     def log_records(self) -> list[LoggedRecord]: ...
     def log_checkpoints(self) -> list[Checkpoint]: ...
+    def add_entry(self, entry: RegistrationEntry) -> None: ...
+    def entries(self, parent: SpiffeId | None = None) -> list[RegistrationEntry]: ...
+    def get_entry(self, entry_id: str) -> RegistrationEntry | None: ...
+    def delete_entry(self, entry_id: str) -> bool: ...
+    def publish_jwt_key(self, key: JwtPublicKey) -> None: ...
+    def jwt_keys(self, now: datetime) -> list[JwtPublicKey]: ...
     def check(self) -> None: ...
     def close(self) -> None: ...
+
+
+# -- registration entries and JWT keys: rows both stores share (docs/architecture.md, Agent API)
+
+_SELECT_ENTRIES = (
+    "SELECT id, spiffe_id, selectors, parent, x509_ttl, jwt_ttl, dns_names, created_at FROM registration_entries"
+)
+
+
+def entry_from_row(
+    row: Sequence[Any], when: Callable[[Any], datetime], seconds: Callable[[Any], float]
+) -> RegistrationEntry:
+    """A row of `_SELECT_ENTRIES`; selectors and dns_names are JSON arrays (text in SQLite, jsonb in PostgreSQL)."""
+    selectors, dns_names = (json.loads(v) if isinstance(v, str) else v for v in (row[2], row[6]))
+    return RegistrationEntry(
+        id=row[0],
+        spiffe_id=SpiffeId.parse(row[1]),
+        selectors=tuple(selectors),
+        parent=SpiffeId.parse(row[3]) if row[3] else None,
+        x509_ttl=timedelta(seconds=seconds(row[4])),
+        jwt_ttl=timedelta(seconds=seconds(row[5])),
+        dns_names=tuple(dns_names),
+        created_at=when(row[7]),
+    )
+
+
+def parent_column(parent: SpiffeId | None) -> str:
+    """The parent as stored: '' for "every agent"."""
+    return str(parent) if parent is not None else ""
 
 
 def _ts(value: datetime) -> float:
@@ -583,6 +643,77 @@ class SqliteStore(WritingStore):
         if row is None:
             return None
         return JoinToken(token_hash, SpiffeId.parse(row[0]), _dt(row[1]), row[2])
+
+    # -- registration entries and JWT keys
+
+    def _execute(self, op: str, what: str, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        with self._read_lock, self._metrics.timed(op):
+            try:
+                cur = self._read.execute(sql, params)
+                return cur.fetchall() if cur.description is not None else [cur.rowcount]
+            except sqlite3.Error as exc:
+                self._metrics.error(op, exc)
+                raise StoreError(f"cannot {what}: {exc}") from exc
+
+    def add_entry(self, entry: RegistrationEntry) -> None:
+        self._execute(
+            "add_entry",
+            "store the registration entry",
+            "INSERT INTO registration_entries (id, spiffe_id, selectors, parent, x509_ttl, jwt_ttl, dns_names,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.id,
+                str(entry.spiffe_id),
+                json.dumps(list(entry.selectors)),
+                parent_column(entry.parent),
+                entry.x509_ttl.total_seconds(),
+                entry.jwt_ttl.total_seconds(),
+                json.dumps(list(entry.dns_names)),
+                _ts(entry.created_at),
+            ),
+        )
+
+    def entries(self, parent: SpiffeId | None = None) -> list[RegistrationEntry]:
+        """Every entry (oldest first); with ``parent``, those that agent may serve (its own and those of no parent)."""
+        sql = _SELECT_ENTRIES + " WHERE ? IS NULL OR parent = ? OR parent = '' ORDER BY created_at, id"
+        who = str(parent) if parent is not None else None
+        rows = self._execute("entries", "read registration entries", sql, (who, who))
+        return [entry_from_row(r, _dt, float) for r in rows]
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry | None:
+        sql = _SELECT_ENTRIES + " WHERE id = ?"
+        rows = self._execute("get_entry", "read the registration entry", sql, (entry_id,))
+        return entry_from_row(rows[0], _dt, float) if rows else None
+
+    def delete_entry(self, entry_id: str) -> bool:
+        """True when the entry existed."""
+        sql = "DELETE FROM registration_entries WHERE id = ?"
+        return bool(self._execute("delete_entry", "delete the registration entry", sql, (entry_id,))[0])
+
+    def publish_jwt_key(self, key: JwtPublicKey) -> None:
+        """Records (or extends) a public key; keys whose not_after passed are dropped on the way."""
+        with self._read_lock, self._metrics.timed("publish_jwt_key"):
+            try:
+                self._read.execute("BEGIN IMMEDIATE")
+                self._read.execute("DELETE FROM jwt_keys WHERE not_after <= ?", (_ts(key.recorded_at),))
+                self._read.execute(
+                    "INSERT INTO jwt_keys (kid, writer, jwk, not_after, recorded_at) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (kid) DO UPDATE SET not_after = excluded.not_after",
+                    (key.kid, key.writer, key.jwk, _ts(key.not_after), _ts(key.recorded_at)),
+                )
+                self._read.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._read.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._read.execute("ROLLBACK")
+                self._metrics.error("publish_jwt_key", exc)
+                raise StoreError(f"cannot publish a JWT signing key: {exc}") from exc
+
+    def jwt_keys(self, now: datetime) -> list[JwtPublicKey]:
+        """Every key published and not past its not_after at ``now``, oldest first."""
+        sql = "SELECT kid, writer, jwk, not_after, recorded_at FROM jwt_keys WHERE not_after > ? ORDER BY recorded_at"
+        rows = self._execute("jwt_keys", "read JWT signing keys", sql, (_ts(now),))
+        return [JwtPublicKey(r[0], r[1], r[2], _dt(r[3]), _dt(r[4])) for r in rows]
 
     # -- issuance log
 

@@ -16,6 +16,7 @@ error message or a repr.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from meshca.pki._keys import PrivateKey
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock, system_clock
 from meshca.server._audit import ChainLink, Checkpoint, LoggedRecord
+from meshca.server._entries import RegistrationEntry
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import (
     UNSIGNED_LEGACY_QUERY,
@@ -39,11 +41,14 @@ from meshca.server._store import (
     IssuanceChain,
     IssuanceRecord,
     JoinToken,
+    JwtPublicKey,
     WritingStore,
     chain_legacy,
     duplicate_serial,
+    entry_from_row,
     logged_checkpoint,
     logged_record,
+    parent_column,
     schema_too_new,
 )
 
@@ -323,6 +328,76 @@ class PostgresStore(WritingStore):
         sid, expires_at, uses_left = rows[0]
         return JoinToken(token_hash, SpiffeId.parse(sid), _utc(expires_at), uses_left)
 
+    # -- registration entries and JWT keys
+
+    def add_entry(self, entry: RegistrationEntry) -> None:
+        self._query(
+            "add_entry",
+            "store the registration entry",
+            "INSERT INTO registration_entries (id, spiffe_id, selectors, parent, x509_ttl, jwt_ttl, dns_names,"
+            " created_at) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s::jsonb, %s)",
+            (
+                entry.id,
+                str(entry.spiffe_id),
+                json.dumps(list(entry.selectors)),
+                parent_column(entry.parent),
+                entry.x509_ttl,
+                entry.jwt_ttl,
+                json.dumps(list(entry.dns_names)),
+                entry.created_at,
+            ),
+        )
+
+    def entries(self, parent: SpiffeId | None = None) -> list[RegistrationEntry]:
+        """Every entry (oldest first); with ``parent``, those that agent may serve (its own and those of no parent)."""
+        rows = self._query(
+            "entries",
+            "read registration entries",
+            "SELECT id, spiffe_id, selectors, parent, x509_ttl, jwt_ttl, dns_names, created_at"
+            " FROM registration_entries WHERE %(parent)s::text IS NULL OR parent = %(parent)s OR parent = ''"
+            " ORDER BY created_at, id",
+            {"parent": str(parent) if parent is not None else None},
+        )
+        return [entry_from_row(r, _utc, _seconds) for r in rows]
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry | None:
+        rows = self._query(
+            "get_entry",
+            "read the registration entry",
+            "SELECT id, spiffe_id, selectors, parent, x509_ttl, jwt_ttl, dns_names, created_at"
+            " FROM registration_entries WHERE id = %s",
+            (entry_id,),
+        )
+        return entry_from_row(rows[0], _utc, _seconds) if rows else None
+
+    def delete_entry(self, entry_id: str) -> bool:
+        """True when the entry existed."""
+        sql: LiteralString = "DELETE FROM registration_entries WHERE id = %s RETURNING id"
+        return bool(self._query("delete_entry", "delete the registration entry", sql, (entry_id,)))
+
+    def publish_jwt_key(self, key: JwtPublicKey) -> None:
+        """Records (or extends) a public key; keys whose not_after passed are dropped in the same statement."""
+        self._query(
+            "publish_jwt_key",
+            "publish a JWT signing key",
+            "WITH gone AS (DELETE FROM jwt_keys WHERE not_after <= %(now)s AND kid <> %(kid)s)"
+            " INSERT INTO jwt_keys (kid, writer, jwk, not_after, recorded_at)"
+            " VALUES (%(kid)s, %(writer)s, %(jwk)s::jsonb, %(not_after)s, %(now)s)"
+            " ON CONFLICT (kid) DO UPDATE SET not_after = excluded.not_after",
+            {"kid": key.kid, "writer": key.writer, "jwk": key.jwk, "not_after": key.not_after, "now": key.recorded_at},
+        )
+
+    def jwt_keys(self, now: datetime) -> list[JwtPublicKey]:
+        """Every key published and not past its not_after at ``now``, oldest first."""
+        rows = self._query(
+            "jwt_keys",
+            "read JWT signing keys",
+            "SELECT kid, writer, jwk::text, not_after, recorded_at FROM jwt_keys WHERE not_after > %s"
+            " ORDER BY recorded_at, kid",
+            (now,),
+        )
+        return [JwtPublicKey(r[0], r[1], r[2], _utc(r[3]), _utc(r[4])) for r in rows]
+
     # -- issuance log
 
     def issuances(
@@ -460,6 +535,10 @@ def _each(cur: psycopg.Cursor[Any], sql: LiteralString, params: list[tuple[Any, 
         found.append(cur.fetchone() is not None)
         if not cur.nextset():
             return found
+
+
+def _seconds(value: timedelta) -> float:
+    return value.total_seconds()
 
 
 def _utc(value: datetime) -> datetime:

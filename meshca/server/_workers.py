@@ -50,15 +50,17 @@ from meshca.pki._bundle import TrustBundle
 from meshca.pki._errors import DuplicateSerial, MeshcaError, StoreError, TokenUsedUp
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import PrivateKey
+from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock, system_clock
 from meshca.pki._trustdir import TrustDir
 from meshca.server._audit import Checkpoint, LoggedRecord
 from meshca.server._config import ServerConfig
+from meshca.server._entries import RegistrationEntry
 from meshca.server._health import StoreHealth
 from meshca.server._metrics import MetricsServer
 from meshca.server._ports import claim, release
 from meshca.server._state import file_stamp, validate
-from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, next_batch, sqlite_path
+from meshca.server._store import IssuanceRecord, JoinToken, JwtPublicKey, SqliteStore, next_batch, sqlite_path
 
 __all__ = ["PipeStore", "run_supervisor"]
 
@@ -126,6 +128,25 @@ class PipeStore:
 
     def get_token(self, token_hash: str) -> JoinToken | None:
         return self._reader.get_token(token_hash)
+
+    def add_entry(self, entry: RegistrationEntry) -> None:
+        raise StoreError("registration entries are created with 'meshca entry create', not by a serving worker")
+
+    def entries(self, parent: SpiffeId | None = None) -> list[RegistrationEntry]:
+        return self._reader.entries(parent)
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry | None:
+        return self._reader.get_entry(entry_id)
+
+    def delete_entry(self, entry_id: str) -> bool:
+        raise StoreError("registration entries are deleted with 'meshca entry delete', not by a serving worker")
+
+    def publish_jwt_key(self, key: JwtPublicKey) -> None:
+        # Each worker holds its own JWT key; SQLite serializes the publishing processes.
+        self._reader.publish_jwt_key(key)
+
+    def jwt_keys(self, now: datetime) -> list[JwtPublicKey]:
+        return self._reader.jwt_keys(now)
 
     def issuances(
         self, spiffe_id: str | None = None, limit: int | None = None, *, newest_first: bool = False

@@ -1,11 +1,13 @@
 """Credential kinds: each turns what a request carries into a principal (docs/architecture.md, Server)."""
 
+from meshca.server.credentials._agent import AgentEntryCredential
 from meshca.server.credentials._base import (
     Bearer,
     Credential,
     JoinTokenField,
     Presented,
     Principal,
+    ServedEntry,
     SvidPossession,
     grant,
     refuse_reserved,
@@ -16,6 +18,7 @@ from meshca.server.credentials._svid_proof import SvidProofCredential
 from meshca.server.credentials._token_review import TokenReviewCredential
 
 __all__ = [
+    "AgentEntryCredential",
     "Bearer",
     "Credential",
     "JoinTokenCredential",
@@ -23,6 +26,7 @@ __all__ = [
     "K8sJwtCredential",
     "Presented",
     "Principal",
+    "ServedEntry",
     "SvidPossession",
     "SvidProofCredential",
     "TokenReviewCredential",

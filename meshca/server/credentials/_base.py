@@ -21,6 +21,7 @@ __all__ = [
     "JoinTokenField",
     "Presented",
     "Principal",
+    "ServedEntry",
     "SvidPossession",
     "grant",
     "refuse_reserved",
@@ -35,6 +36,7 @@ class Principal:
     name: str
     spiffe_id: SpiffeId
     token_hash: str | None = None  # a join token to consume with the issuance
+    agent: bool = False  # a node agent's own credential: may hold its agent ID (see `grant`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +76,23 @@ class SvidPossession:
         return AuthenticationError("SVID renewal is not enabled on this server", "svid_proof_disabled")
 
 
-Presented = Bearer | JoinTokenField | SvidPossession
+@dataclass(frozen=True, slots=True)
+class ServedEntry:
+    """A node agent asking for an SVID of a registration entry it may serve.
+
+    Made only by the Agent API adapter, after the agent's proof verified and
+    the entry was found among those the agent may serve (docs/architecture.md,
+    Agent API); no wire message becomes one directly.
+    """
+
+    agent: SpiffeId
+    spiffe_id: SpiffeId  # the entry's
+
+    def unclaimed(self) -> AuthenticationError:
+        return AuthenticationError("the node agent API is not enabled on this server", "agent_disabled")
+
+
+Presented = Bearer | JoinTokenField | SvidPossession | ServedEntry
 
 
 class Credential(Protocol):
@@ -83,13 +101,21 @@ class Credential(Protocol):
     async def principal(self, presented: Presented) -> Principal | None: ...
 
 
-def refuse_reserved(spiffe_id: SpiffeId) -> None:
-    """IDs under ``spiffe://TD/meshca/`` belong to meshca's own components; no workload credential grants one."""
-    if spiffe_id.reserved:
+def refuse_reserved(spiffe_id: SpiffeId, *, agent: bool = False) -> None:
+    """IDs under ``spiffe://TD/meshca/`` belong to meshca's own components; no workload credential grants one.
+
+    ``agent``: the credential is a node agent's own (a join token made with
+    ``meshca token create --agent``, or a proof made with an agent SVID); it
+    may grant an agent ID (``spiffe://TD/meshca/agent/NAME``), and no other
+    reserved ID.
+    """
+    if spiffe_id.reserved and not (agent and spiffe_id.is_agent):
         raise PermissionDenied(f"{spiffe_id} is reserved for meshca's own components")
 
 
-def grant(kind: str, name: str, spiffe_id: SpiffeId, token_hash: str | None = None) -> Principal:
-    """The principal a credential maps to; never one holding a reserved ID."""
-    refuse_reserved(spiffe_id)
-    return Principal(kind, name, spiffe_id, token_hash)
+def grant(
+    kind: str, name: str, spiffe_id: SpiffeId, token_hash: str | None = None, *, agent: bool = False
+) -> Principal:
+    """The principal a credential maps to; never one holding a reserved ID, but for an agent's own credential."""
+    refuse_reserved(spiffe_id, agent=agent)
+    return Principal(kind, name, spiffe_id, token_hash, agent=agent and spiffe_id.is_agent)

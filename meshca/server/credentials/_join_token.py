@@ -6,7 +6,7 @@ import asyncio
 
 from meshca.pki._errors import AuthenticationError
 from meshca.pki._time import Clock
-from meshca.server._store import TOKEN_PREFIX, JoinToken, Store, hash_token
+from meshca.server._store import AGENT_TOKEN_PREFIX, TOKEN_PREFIX, JoinToken, Store, hash_token
 from meshca.server.credentials._base import Bearer, JoinTokenField, Presented, Principal, grant
 
 __all__ = ["JoinTokenCredential"]
@@ -44,7 +44,9 @@ class JoinTokenCredential:
             raise AuthenticationError("join token expired", "token_expired")
         if found.uses_left <= 0:
             raise AuthenticationError("join token has no use left", "token_used_up")
-        return grant("join-token", f"join-token:{token_hash[:12]}", found.spiffe_id, token_hash)
+        # An agent ID only for a token made as an agent's (`new_token(agent=True)`): its form is bound by the hash.
+        agent = token.startswith(AGENT_TOKEN_PREFIX)
+        return grant("join-token", f"join-token:{token_hash[:12]}", found.spiffe_id, token_hash, agent=agent)
 
     async def _lookup(self, token_hash: str) -> JoinToken | None:
         now = self._clock().timestamp()

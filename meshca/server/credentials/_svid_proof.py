@@ -13,7 +13,11 @@ __all__ = ["SvidProofCredential"]
 
 
 class SvidProofCredential:
-    """The proof grants the SPIFFE ID of the SVID it was made with, and nothing else."""
+    """The proof grants the SPIFFE ID of the SVID it was made with, and nothing else.
+
+    A node agent renews its own SVID this way: a proof made with an agent SVID
+    grants exactly that agent ID; every other reserved ID stays refused.
+    """
 
     def __init__(self, bundles: Callable[[], BundleSource], clock: Clock) -> None:
         self._bundles = bundles  # read per request: a reload may change the bundle
@@ -23,4 +27,4 @@ class SvidProofCredential:
         if not isinstance(presented, SvidPossession):
             return None
         sid = verify_svid_proof(presented.proof, presented.csr_der, self._bundles(), now=self._clock())
-        return grant("svid", f"svid:{sid}", sid)
+        return grant("svid", f"svid:{sid}", sid, agent=sid.is_agent)
