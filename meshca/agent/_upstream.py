@@ -1,19 +1,16 @@
 """The agent's calls to the identity service: its own first SVID, and the Agent API with a proof on each call.
 
 The proof (proto/meshca_agent.proto, AgentProof) binds the call to its method
-and body: ``"meshca-agent-proof-v1\\0" || method || "\\0" || SHA-256(body) ||
-signed_at`` (8-byte big-endian Unix seconds), signed with the agent SVID's key.
+and body; its construction is pki/_proof (`sign_agent_proof`), shared with the service.
 """
 
 from __future__ import annotations
 
-import hashlib
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from google.protobuf.message import Message
 
 from meshca._proto import meshca_agent_pb2 as apb
@@ -24,35 +21,26 @@ from meshca.client._core import X509Svid
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._csr import build_csr
 from meshca.pki._errors import VerificationError
-from meshca.pki._keys import PrivateKey, generate_key, signature_hash
+from meshca.pki._keys import PrivateKey, generate_key
+from meshca.pki._proof import agent_proof_body, sign_agent_proof
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._verify import authorize_if, verify_chain
 
-__all__ = ["AGENT_PATH", "Upstream", "bootstrap", "is_agent_id", "sign_agent_proof"]
+__all__ = ["Upstream", "bootstrap", "is_agent_id"]
 
-AGENT_PATH = "/meshca/agent/"
-_CONTEXT = b"meshca-agent-proof-v1\x00"
 _M = TypeVar("_M", bound=Message)
 
 
 def is_agent_id(sid: SpiffeId) -> bool:
-    return sid.path.startswith(AGENT_PATH)
+    return sid.is_agent
 
 
-def sign_agent_proof(method: str, request: Message, svid: X509Svid, now: datetime) -> apb.AgentProof:
-    """The proof for ``request`` (its ``proof`` field unset) on ``method``, signed with the SVID's key."""
-    body = request.SerializeToString(deterministic=True)
-    signed_at = datetime.fromtimestamp(int(now.timestamp()), UTC)
-    message = _CONTEXT + method.encode() + b"\x00" + hashlib.sha256(body).digest()
-    message += int(signed_at.timestamp()).to_bytes(8, "big")
-    key = svid.key
-    if isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(message, padding.PKCS1v15(), signature_hash(key))
-    else:
-        signature = key.sign(message, ec.ECDSA(signature_hash(key)))
-    proof = apb.AgentProof(chain=list(svid.chain_der), signature=signature)
-    proof.signed_at.FromDatetime(signed_at)
-    return proof
+def _proof(method: str, request: Message, svid: X509Svid, now: datetime) -> apb.AgentProof:
+    body = agent_proof_body(request)  # type: ignore[arg-type]  # protobuf's stubs type CopyFrom narrower
+    proof = sign_agent_proof(svid.chain_der, svid.key, method, body, now)
+    message = apb.AgentProof(chain=list(proof.chain), signature=proof.signature)
+    message.signed_at.FromDatetime(proof.signed_at)
+    return message
 
 
 def _chain(leaf: bytes, intermediates: list[bytes] | tuple[bytes, ...]) -> tuple[x509.Certificate, ...]:
@@ -101,7 +89,7 @@ class Upstream:
         self._timeout = timeout
 
     async def _call(self, name: str, request: _M, svid: X509Svid, now: datetime) -> Message:
-        request.proof.CopyFrom(sign_agent_proof(f"/meshca.agent.v1.Agent/{name}", request, svid, now))  # type: ignore[attr-defined]
+        request.proof.CopyFrom(_proof(f"/meshca.agent.v1.Agent/{name}", request, svid, now))  # type: ignore[attr-defined]
         response: Message = await getattr(self._stub, name)(request, timeout=self._timeout)
         return response
 

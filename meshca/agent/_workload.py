@@ -18,6 +18,7 @@ import contextlib
 import os
 import socket
 import stat
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,9 @@ class WorkloadApi:
         self._agent = agent
         self._server: Server | None = None
         self._path: Path | None = None
+        # Connections that made a call: grpclib's close stops the listener and the calls, and Python 3.11's
+        # asyncio server leaves accepted connections open, so `stop` closes these itself.
+        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
 
     def __mapping__(self) -> dict[str, Handler]:
         calls: list[tuple[str, Callable[[Stream[Any, Any]], Awaitable[None]], Cardinality, Any, Any]] = [
@@ -120,6 +124,9 @@ class WorkloadApi:
             with contextlib.suppress(asyncio.TimeoutError):
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
+            for transport in list(self._transports):
+                transport.close()
+            await asyncio.sleep(0)  # the transports' close callbacks run
         if self._path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
@@ -132,6 +139,7 @@ class WorkloadApi:
         requests = self._agent.metrics.requests
 
         async def call(stream: Stream[Any, Any]) -> None:
+            self._transports.add(self._transport(stream))
             try:
                 if dict(stream.metadata or {}).get("workload.spiffe.io") != "true":
                     raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
@@ -146,10 +154,13 @@ class WorkloadApi:
 
         return call
 
-    def _selectors(self, stream: Stream[Any, Any]) -> frozenset[str]:
+    def _transport(self, stream: Stream[Any, Any]) -> asyncio.Transport:
         # grpclib's Peer keeps the connection's asyncio transport; the transport keeps the accepted socket.
-        transport = stream.peer._transport  # the one way to the socket; see the module docstring
-        sock = transport.get_extra_info("socket")
+        transport: asyncio.Transport = stream.peer._transport  # the one way to the socket; see the module docstring
+        return transport
+
+    def _selectors(self, stream: Stream[Any, Any]) -> frozenset[str]:
+        sock = self._transport(stream).get_extra_info("socket")
         if sock is None:
             raise GRPCError(Status.INTERNAL, "the connection's socket is not available")
         return selectors_of(peer_credentials(sock))

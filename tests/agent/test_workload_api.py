@@ -1,0 +1,219 @@
+"""meshca agent against the real identity service, and py-spiffe's own clients against the agent.
+
+The service runs in-process (support.serving), the agent on the test's loop,
+py-spiffe's synchronous clients on threads (asyncio.to_thread) or in
+subprocesses that change their uid before they connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from spiffe import JwtSource, WorkloadApiClient, X509Source
+from support.ids import API, TD, WEB
+from support.poll import eventually
+from support.serving import Harness, serving
+
+import meshca
+from meshca._proto import workload_pb2 as wpb
+from meshca.agent import AgentConfig, NodeAgent
+from meshca.server import JoinToken, hash_token, new_token
+from meshca.server._entries import new_entry
+
+AGENT = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/agent/node1")
+OTHER_UID = 4242  # an entry gives it API
+STRANGER_UID = 4343  # no entry
+
+
+def agent_token(h: Harness) -> str:
+    token = new_token(agent=True)
+    h.server.store.add_token(JoinToken(hash_token(token), AGENT, h.clock() + timedelta(hours=1), 1))
+    return token
+
+
+def add_entry(h: Harness, sid: meshca.SpiffeId, *selectors: str, x509_ttl: timedelta | None = None) -> None:
+    entry = new_entry(
+        meshca.TrustDomain.parse(TD), sid, selectors, now=h.clock(), x509_ttl=x509_ttl, max_x509_ttl=timedelta(days=1)
+    )
+    h.server.store.add_entry(entry)
+
+
+def socket_dir() -> Path:
+    """A directory other uids can reach (pytest's tmp_path sits under a 0700 one), removed by the caller."""
+    path = Path(tempfile.mkdtemp(prefix="meshca-agent-"))
+    path.chmod(0o755)
+    return path
+
+
+def config(h: Harness, tmp: Path, sock: Path, token: str | None) -> AgentConfig:
+    return AgentConfig(
+        server=f"localhost:{h.port}",
+        bundle=h.ca.bundle,
+        socket=sock,
+        data_dir=tmp / "agent-data",
+        join_token=token,
+        sync_interval=timedelta(milliseconds=200),
+    )
+
+
+@pytest.fixture
+def sock_path() -> AsyncIterator[Path]:
+    directory = socket_dir()
+    yield directory / "api.sock"
+    for child in directory.iterdir():
+        child.unlink()
+    directory.rmdir()
+
+
+async def _ready(agent: NodeAgent, count: int) -> None:
+    await eventually(lambda: len(agent.state.held) >= count, 10, f"{count} workload SVIDs held")
+
+
+async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: Path, sock_path: Path) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB, f"unix:uid:{os.getuid()}", x509_ttl=timedelta(seconds=6))
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            assert agent.own.spiffe_id == AGENT
+            await _ready(agent, 1)
+            endpoint = f"unix://{sock_path}"
+
+            def fetch() -> tuple[str, str, str]:
+                with WorkloadApiClient(socket_path=endpoint) as client:
+                    svid = client.fetch_x509_svid()
+                    jwt = client.fetch_jwt_svid(audience={"payments"})
+                    checked = client.validate_jwt_svid(jwt.token, "payments")
+                    return str(svid.spiffe_id), str(jwt.spiffe_id), str(checked.spiffe_id)
+
+            assert await asyncio.to_thread(fetch) == (str(WEB),) * 3
+
+            # An X509Source follows renewal: the 6 s leaf is renewed at about half its life.
+            source = await asyncio.to_thread(X509Source, socket_path=endpoint, timeout_in_seconds=10)
+            try:
+
+                def serial() -> int:
+                    return int(source.get_x509_context().default_svid.leaf.serial_number)
+
+                first = serial()
+                await eventually(lambda: serial() != first, 15, "the source's SVID renewed")
+            finally:
+                await asyncio.to_thread(source.close)
+
+            jwt_source = await asyncio.to_thread(JwtSource, socket_path=endpoint, timeout_in_seconds=10)
+            try:
+                svid = await asyncio.to_thread(jwt_source.fetch_svid, {"orders"})
+                assert str(svid.spiffe_id) == str(WEB)
+                bundle = jwt_source.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+                assert bundle is not None and bundle.jwt_authorities
+            finally:
+                await asyncio.to_thread(jwt_source.close)
+        finally:
+            await agent.stop()
+        assert not sock_path.exists()
+
+
+async def test_refusals_other_uids_and_missing_metadata(tmp_path: Path, sock_path: Path) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB, f"unix:uid:{os.getuid()}")
+        add_entry(h, API, f"unix:uid:{OTHER_UID}")
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await _ready(agent, 2)
+            async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
+                call = channel.unary_stream(
+                    "/SpiffeWorkloadAPI/FetchX509SVID",
+                    request_serializer=wpb.X509SVIDRequest.SerializeToString,
+                    response_deserializer=wpb.X509SVIDResponse.FromString,
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async for _ in call(wpb.X509SVIDRequest()):
+                        pass
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            if os.geteuid() != 0:
+                pytest.skip("another uid needs root to switch to (CI runs as root)")
+            assert await asyncio.to_thread(as_uid, OTHER_UID, sock_path) == f"ok {API}"
+            assert await asyncio.to_thread(as_uid, STRANGER_UID, sock_path) == "refused PERMISSION_DENIED"
+        finally:
+            await agent.stop()
+
+
+CLIENT = textwrap.dedent(
+    """
+    import os, sys
+    import grpc
+    from spiffe import WorkloadApiClient
+    from spiffe.workloadapi.errors import FetchX509SvidError
+
+    uid, path = int(sys.argv[1]), sys.argv[2]
+    # Made as root (this interpreter lives under /root, 0700); the channel connects at the first call.
+    client = WorkloadApiClient(socket_path="unix://" + path)
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)  # every thread: the connection below is made as this uid, which the agent sees
+    try:
+        with client:
+            print("ok", client.fetch_x509_svid(timeout=5).spiffe_id)
+    except FetchX509SvidError as exc:
+        cause = exc.__cause__ or exc.__context__
+        print("refused", cause.code().name if isinstance(cause, grpc.RpcError) else exc)
+    """
+)
+
+
+def as_uid(uid: int, sock: Path) -> str:
+    """py-spiffe in a process that switched to ``uid`` before connecting (its interpreter under /root is root's)."""
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(uid), str(sock)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def test_serves_while_the_service_is_down_and_a_restart_recovers_from_the_data_dir(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    endpoint = f"unix://{sock_path}"
+
+    def spiffe_id() -> str:
+        with WorkloadApiClient(socket_path=endpoint) as client:
+            return str(client.fetch_x509_svid(timeout=5).spiffe_id)
+
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB, f"unix:uid:{os.getuid()}")
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        await _ready(agent, 1)
+        ca = h.ca
+        port = h.port
+    try:
+        # The service is gone: the agent keeps serving what it holds.
+        assert await asyncio.to_thread(spiffe_id) == str(WEB)
+        await eventually(lambda: agent.metrics.syncs.labels("unavailable")._value.get() > 0, 10, "a failed sync")
+        assert await asyncio.to_thread(spiffe_id) == str(WEB)
+    finally:
+        await agent.stop()
+    saved = tmp_path / "agent-data" / "agent-svid.pem"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "agent-data").stat().st_mode & 0o777 == 0o700
+    # A new agent with no token (the one token was used) recovers from the data dir, against the same service.
+    async with serving(tmp_path / "ca", ca, write=False, port=port) as h2:
+        restarted = NodeAgent(config(h2, tmp_path, sock_path, None))
+        await restarted.start()
+        try:
+            assert restarted.own.spiffe_id == AGENT
+            await _ready(restarted, 1)
+            assert await asyncio.to_thread(spiffe_id) == str(WEB)
+        finally:
+            await restarted.stop()
