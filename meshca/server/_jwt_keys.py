@@ -13,8 +13,9 @@ The rotation rules are pure (`RotationPolicy`, `KeyWindow`):
 - its successor is published ``publish_ahead`` (10 minutes) before it
   signs, so every agent that syncs at least that often knows a key before
   any token it signed arrives. A successor made late (the process was
-  stopped) still waits ``publish_ahead``: the current key signs on until
-  then, and its publication is extended to match;
+  stopped or stalled, even past the current key's window) still waits
+  ``publish_ahead``: the current key signs on until then, and its
+  publication is extended (published again) to match;
 - a key stays published until the last token it signed has expired:
   ``signs_until + max_token_ttl + CLOCK_SKEW``;
 - the first key of a process signs at once: nothing older is held, and
@@ -128,7 +129,8 @@ class JwtKeyring:
         """Publishes a first key, or the next one when due; forgets private keys that no longer sign."""
         now = self._clock()
         with self._lock:
-            self._held = [h for h in self._held if h.window.signs_until > now]
+            # A superseded key whose window ended signs no more; the newest is kept even then (see `successor`).
+            self._held = [h for h in self._held[:-1] if h.window.signs_until > now] + self._held[-1:]
             if not self._held:
                 self._held = [self._publish(self.policy.first(now), now)]
                 return

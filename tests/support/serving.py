@@ -104,8 +104,16 @@ class Harness:
         """The issuance log without the server's own SVIDs (api "self"), which every start adds."""
         return workload_records(self.server.store.issuances())
 
-    def token(self, spiffe_id: meshca.SpiffeId = WEB, *, uses: int = 1, ttl: timedelta = timedelta(hours=1)) -> str:
-        return add_token(self.server.store, spiffe_id, uses=uses, ttl=ttl, now=self.clock())
+    def token(
+        self,
+        spiffe_id: meshca.SpiffeId = WEB,
+        *,
+        uses: int = 1,
+        ttl: timedelta = timedelta(hours=1),
+        agent: bool = False,
+    ) -> str:
+        """A join token in the server's store (``agent``: one made as ``meshca token create --agent`` makes it)."""
+        return add_token(self.server.store, spiffe_id, uses=uses, ttl=ttl, now=self.clock(), agent=agent)
 
     async def scrape(self) -> str:
         assert self.server.metrics_port, "start the server with metrics_listen"

@@ -21,17 +21,21 @@ from .ids import K8S_ISSUER, WEB
 
 
 def add_token(
-    store: SqliteStore | Path,
+    store: meshca.server.Store | Path,
     spiffe_id: meshca.SpiffeId = WEB,
     *,
     uses: int = 1,
     ttl: timedelta = timedelta(hours=1),
     now: datetime | None = None,
+    agent: bool = False,
 ) -> str:
-    """A new join token for ``spiffe_id``, added to ``store``: a store, or a trust directory (server running or not)."""
-    token = new_token()
+    """A new join token for ``spiffe_id``, added to ``store``: a store, or a trust directory (server running or not).
+
+    ``agent``: a node agent's token (as ``meshca token create --agent`` makes), which may grant an agent ID.
+    """
+    token = new_token(agent=agent)
     record = JoinToken(hash_token(token), spiffe_id, (now or datetime.now(UTC)) + ttl, uses)
-    if isinstance(store, SqliteStore):
+    if not isinstance(store, Path):
         store.add_token(record)
         return token
     opened = SqliteStore(store_path(TrustDir.at(store)))
