@@ -20,6 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 from spiffe import JwtSource, WorkloadApiClient, X509Source
+from spiffe import TrustDomain as SpiffeTrustDomain
+from support.agents import add_entry
+from support.certs import write_bundle
 from support.ids import API, TD, WEB
 from support.poll import eventually
 from support.serving import Harness, serving
@@ -27,8 +30,7 @@ from support.serving import Harness, serving
 import meshca
 from meshca._proto import workload_pb2 as wpb
 from meshca.agent import AgentConfig, NodeAgent
-from meshca.server import JoinToken, hash_token, new_token
-from meshca.server._entries import new_entry
+from meshca.testing import TestCA
 
 AGENT = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/agent/node1")
 OTHER_UID = 4242  # an entry gives it API
@@ -36,16 +38,7 @@ STRANGER_UID = 4343  # no entry
 
 
 def agent_token(h: Harness) -> str:
-    token = new_token(agent=True)
-    h.server.store.add_token(JoinToken(hash_token(token), AGENT, h.clock() + timedelta(hours=1), 1))
-    return token
-
-
-def add_entry(h: Harness, sid: meshca.SpiffeId, *selectors: str, x509_ttl: timedelta | None = None) -> None:
-    entry = new_entry(
-        meshca.TrustDomain.parse(TD), sid, selectors, now=h.clock(), x509_ttl=x509_ttl, max_x509_ttl=timedelta(days=1)
-    )
-    h.server.store.add_entry(entry)
+    return h.token(AGENT, agent=True)
 
 
 def socket_dir() -> Path:
@@ -81,7 +74,7 @@ async def _ready(agent: NodeAgent, count: int) -> None:
 
 async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB, f"unix:uid:{os.getuid()}", x509_ttl=timedelta(seconds=6))
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(seconds=6))
         agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
@@ -107,6 +100,15 @@ async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: 
 
                 first = serial()
                 await eventually(lambda: serial() != first, 15, "the source's SVID renewed")
+
+                # A bundle change: a second anchor published by the service reaches the source with a Sync.
+                def anchors() -> int:
+                    bundle = source.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
+                    return len(bundle.x509_authorities) if bundle is not None else 0
+
+                assert anchors() == 1
+                write_bundle(tmp_path / "ca", h.ca.anchor, TestCA(TD).anchor)
+                await eventually(lambda: anchors() == 2, 15, "the source's bundle holding both anchors")
             finally:
                 await asyncio.to_thread(source.close)
 
@@ -125,8 +127,8 @@ async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: 
 
 async def test_refusals_other_uids_and_missing_metadata(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB, f"unix:uid:{os.getuid()}")
-        add_entry(h, API, f"unix:uid:{OTHER_UID}")
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        add_entry(h, API.path, [f"unix:uid:{OTHER_UID}"])
         agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
@@ -191,7 +193,7 @@ async def test_serves_while_the_service_is_down_and_a_restart_recovers_from_the_
             return str(client.fetch_x509_svid(timeout=5).spiffe_id)
 
     async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB, f"unix:uid:{os.getuid()}")
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
         agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         await _ready(agent, 1)
