@@ -84,11 +84,11 @@ async def _serve(config: AgentConfig, clock: Clock, metrics_at: tuple[str, int] 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    http = None
+    http, port = None, 0
     try:
         if metrics_at is not None:
             try:
-                http, _port = serve_metrics(metrics, *metrics_at)
+                http, port = serve_metrics(metrics, *metrics_at)
             except OSError as exc:
                 raise CliError(
                     f"cannot listen on {metrics_at[0]}:{metrics_at[1]} for metrics: {exc.strerror}"
@@ -97,8 +97,9 @@ async def _serve(config: AgentConfig, clock: Clock, metrics_at: tuple[str, int] 
             await agent.start()
         except grpc.aio.AioRpcError as exc:
             raise CliError(f"cannot join through {config.server}: {exc.code().name}: {exc.details()}") from None
+        where = f"; metrics on {metrics_at[0]}:{port}" if metrics_at is not None else ""
         print(
-            f"meshca agent: serving the Workload API on {config.socket} as {agent.own.spiffe_id}",
+            f"meshca agent: serving the Workload API on {config.socket} as {agent.own.spiffe_id}{where}",
             file=sys.stderr,
             flush=True,
         )
