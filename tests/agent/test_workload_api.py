@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -219,3 +220,59 @@ async def test_serves_while_the_service_is_down_and_a_restart_recovers_from_the_
             assert await asyncio.to_thread(spiffe_id) == str(WEB)
         finally:
             await restarted.stop()
+
+
+# spiffe-tls 0.4 reads X509Source.svid and .bundles (deprecated by spiffe 0.3) and hands pyOpenSSL X509 objects
+# and PKey objects (deprecated by pyOpenSSL 26): their warnings, not ours.
+@pytest.mark.filterwarnings("ignore:X509Source.(svid|bundles) is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Passing pyOpenSSL (X509|PKey) objects is deprecated:DeprecationWarning")
+async def test_spiffe_tls_mutual_tls_between_workloads_of_the_agent(tmp_path: Path, sock_path: Path) -> None:
+    from OpenSSL import SSL
+    from spiffe import SpiffeId as PySpiffeId
+    from spiffetls import ListenOptions, dial, listen
+    from spiffetls.tlsconfig.authorize import authorize_id
+
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+
+            def exchange(server_accepts: meshca.SpiffeId) -> bytes:
+                """One ping over mutual TLS between two py-spiffe workloads (both WEB, this process)."""
+                source = X509Source(socket_path=f"unix://{sock_path}", timeout_in_seconds=10)
+                accept = ListenOptions(authorize_fn=authorize_id(PySpiffeId(str(server_accepts))))
+                server = listen("127.0.0.1:0", source, accept)
+                port = server.getsockname()[1]
+
+                def serve_one() -> None:
+                    conn, _ = server.accept()
+                    try:
+                        conn.do_handshake()
+                        conn.sendall(b"pong " + conn.recv(64))
+                    except SSL.Error:
+                        pass  # the client sees the refusal
+                    finally:
+                        conn.close()
+
+                thread = threading.Thread(target=serve_one)
+                thread.start()
+                try:
+                    conn = dial(f"127.0.0.1:{port}", source, authorize_fn=authorize_id(PySpiffeId(str(WEB))))
+                    try:
+                        conn.sendall(b"ping")
+                        return bytes(conn.recv(64))
+                    finally:
+                        conn.close()
+                finally:
+                    thread.join(10)
+                    server.close()
+                    source.close()
+
+            assert await asyncio.to_thread(exchange, WEB) == b"pong ping"
+            # A server that accepts only API refuses this WEB client: the client's read fails.
+            with pytest.raises(SSL.Error):
+                await asyncio.to_thread(exchange, API)
+        finally:
+            await agent.stop()
