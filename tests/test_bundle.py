@@ -151,6 +151,22 @@ def test_spiffe_json_without_refresh_hint(ca: TestCA) -> None:
     assert TrustBundle.from_spiffe_json(ca.bundle.to_spiffe_json(), TD).refresh_hint is None
 
 
+JWT_KEY = {"kty": "EC", "crv": "P-256", "x": "eA", "y": "eQ", "kid": "k1", "use": "jwt-svid"}
+
+
+def test_spiffe_json_carries_jwt_svid_keys_after_the_x509_ones(ca: TestCA) -> None:
+    doc = json.loads(ca.bundle.to_spiffe_json([JWT_KEY]))
+    assert [k["use"] for k in doc["keys"]] == ["x509-svid", "jwt-svid"]
+    assert doc["keys"][1] == JWT_KEY
+    assert TrustBundle.from_spiffe_json(json.dumps(doc), TD) == ca.bundle  # readers of anchors skip them
+
+
+@pytest.mark.parametrize("change", [{"use": "sig"}, {"kid": ""}, {"kid": None}])
+def test_spiffe_json_refuses_a_jwt_key_without_its_use_and_kid(ca: TestCA, change: dict[str, object]) -> None:
+    with pytest.raises(BundleError, match="a jwt-svid key needs"):
+        ca.bundle.to_spiffe_json([{**JWT_KEY, **change}])
+
+
 def test_spiffe_json_rsa_anchor() -> None:
     ca = TestCA("example.org", now=NOW, key_type=meshca.KeyType.RSA_2048)
     doc = json.loads(ca.bundle.to_spiffe_json())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -138,8 +139,9 @@ class TrustBundle:
         refresh = timedelta(seconds=hint) if hint is not None else None
         return cls(trust_domain, tuple(anchors), sequence, refresh)
 
-    def to_spiffe_json(self) -> bytes:
-        keys = [
+    def to_spiffe_json(self, jwt_keys: Sequence[Mapping[str, Any]] = ()) -> bytes:
+        """The SPIFFE bundle; ``jwt_keys`` (public JWKs with ``kid``, ``use: jwt-svid``) follow the x509-svid keys."""
+        keys: list[Mapping[str, Any]] = [
             {
                 "use": "x509-svid",
                 **_jwk_params(cert),
@@ -147,6 +149,10 @@ class TrustBundle:
             }
             for cert in self.anchors
         ]
+        for jwk in jwt_keys:
+            if jwk.get("use") != "jwt-svid" or not isinstance(jwk.get("kid"), str) or not jwk["kid"]:
+                raise BundleError("a jwt-svid key needs 'use': 'jwt-svid' and a 'kid'")
+            keys.append(jwk)
         doc: dict[str, Any] = {"keys": keys, "spiffe_sequence": self.sequence}
         if self.refresh_hint is not None:
             doc["spiffe_refresh_hint"] = int(self.refresh_hint.total_seconds())

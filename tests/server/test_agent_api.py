@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from support.calls import proof_message as svid_proof_message
 from support.certs import cert, csr_der, dns_names, p256, spiffe_csr, uris
 from support.ids import TD, WEB
 from support.metrics import sample_value
+from support.procs import meshca_cmd
 from support.serving import serving
 
 from meshca import SpiffeId, TrustDomain
@@ -325,6 +327,24 @@ async def test_a_jwt_svid_request_is_refused_precisely(
         request = apb.NewJWTSVIDRequest(entry_id=ids.get(entry_of, "none"), audience=audience)
         refused = await _refused(agent_stub(h).NewJWTSVID(agent.prove(request, "NewJWTSVID", h.clock())))
         assert refused.code() == code
+
+
+async def test_the_spiffe_bundle_of_the_directory_carries_the_published_jwt_keys(d: Path, server_ca: TestCA) -> None:
+    async with serving(d, server_ca) as h:
+        agent = await enroll(h)
+        result = await asyncio.to_thread(meshca_cmd, "bundle", "--dir", d, "--format", "spiffe")
+        assert result.code == 0, result
+        doc = json.loads(result.stdout)
+        assert [k["use"] for k in doc["keys"]] == ["x509-svid", "jwt-svid"]
+        assert set(_jwks(await _sync(h, agent))) == {doc["keys"][1]["kid"]}
+
+
+def test_the_spiffe_bundle_of_a_directory_without_a_store_creates_none(d: Path, server_ca: TestCA) -> None:
+    server_ca.write(d)
+    result = meshca_cmd("bundle", "--dir", d, "--format", "spiffe")
+    assert result.code == 0, result
+    assert [k["use"] for k in json.loads(result.stdout)["keys"]] == ["x509-svid"]
+    assert not (d / "meshca.db").exists()
 
 
 # -- replicas
