@@ -215,8 +215,10 @@ class SourceMachine:
         """Fetch at once, then at the renewal moment; back off on failure; give up only on a first refusal."""
         policy = self.config.renewal
         attempt = 0
+        # An SVID held from before: when it was received is unknown (NotBefore is backdated), so the
+        # renewal moment counts from now, over what is left of its life.
         initial = self._snapshot.svid
-        renew_at = renewal_time(initial.not_before, initial.not_after, policy, self._rng) if initial else None
+        renew_at = renewal_time(self.clock(), initial.not_after, policy, self._rng) if initial else None
         while True:
             if renew_at is not None and (wait := renew_at - self.clock()) > timedelta():
                 yield Sleep(wait)
