@@ -374,3 +374,79 @@ async def test_replicas_on_one_store_each_publish_their_key_and_validate_each_ot
                 assert jwt.decode(
                     token, keys[jwt.get_unverified_header(token)["kid"]], algorithms=["ES256"], audience="db"
                 )
+
+
+# -- malformed input: a clean status, never INTERNAL
+
+
+def _with_proof(agent: Agent, h: Any, request: Any, method: str, **proof: Any) -> Any:
+    agent.prove(request, method, h.clock())
+    for name, value in proof.items():
+        if name == "signed_at_seconds":
+            request.proof.signed_at.seconds = value
+        else:
+            getattr(request.proof, name)[:] = value
+    return request
+
+
+MALFORMED: dict[str, tuple[Callable[[Any, Agent, str], Any], grpc.StatusCode]] = {
+    "signed_at-out-of-range": (
+        lambda h, a, e: agent_stub(h).Sync(_with_proof(a, h, apb.SyncRequest(), "Sync", signed_at_seconds=2**62)),
+        C.UNAUTHENTICATED,
+    ),
+    "chain-of-garbage": (
+        lambda h, a, e: agent_stub(h).Sync(_with_proof(a, h, apb.SyncRequest(), "Sync", chain=[b"\x30\x03\x02\x01"])),
+        C.UNAUTHENTICATED,
+    ),
+    "body-of-garbage": (
+        lambda h, a, e: h.channel.unary_unary("/meshca.agent.v1.Agent/Sync")(b"\xff\xff\xff"),
+        C.INVALID_ARGUMENT,
+    ),
+    "huge-ttl": (
+        lambda h, a, e: agent_stub(h).NewJWTSVID(
+            a.prove(
+                apb.NewJWTSVIDRequest(entry_id=e, audience=["db"], ttl={"seconds": 315_576_000_000}),
+                "NewJWTSVID",
+                h.clock(),
+            )
+        ),
+        C.OK,  # capped at the maximum
+    ),
+    "negative-ttl": (
+        lambda h, a, e: agent_stub(h).NewJWTSVID(
+            a.prove(apb.NewJWTSVIDRequest(entry_id=e, audience=["db"], ttl={"seconds": -5}), "NewJWTSVID", h.clock())
+        ),
+        C.INVALID_ARGUMENT,
+    ),
+    "empty-csr": (
+        lambda h, a, e: agent_stub(h).BatchNewX509SVID(
+            a.prove(
+                apb.BatchNewX509SVIDRequest(requests=[apb.X509SVIDRequest(entry_id=e)]), "BatchNewX509SVID", h.clock()
+            )
+        ),
+        C.OK,  # refused in its result
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+async def test_malformed_agent_requests_get_a_clean_status(d: Path, server_ca: TestCA, case: str) -> None:
+    call, code = MALFORMED[case]
+    async with serving(d, server_ca) as h:
+        agent = await enroll(h)
+        entry = add_entry(h, "/web")
+        try:
+            answer = await call(h, agent, entry.id)
+            got = C.OK
+        except grpc.aio.AioRpcError as exc:
+            got = exc.code()
+        assert got == code
+        assert h.events("request.failed") == []  # nothing reached the INTERNAL path
+        if case == "empty-csr":
+            assert (answer.results[0].error_code, answer.results[0].error) == (
+                C.INVALID_ARGUMENT.value[0],
+                "csr is required",
+            )
+        if case == "huge-ttl":
+            claims = jwt.decode(answer.token, options={"verify_signature": False})
+            assert claims["exp"] - claims["iat"] == 3600
