@@ -45,7 +45,7 @@ __all__ = ["AgentConfig", "NodeAgent"]
 
 log = structlog.get_logger("meshca.agent")
 
-MAX_BATCH = 100
+MAX_BATCH = 64  # the service's cap on CSRs a batch (server/api/_agent.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +82,7 @@ class NodeAgent:
         self._upstream: Upstream | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._ticking = asyncio.Lock()  # one sync-and-sign at a time (the loop's, or one a caller asked for)
         self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[str, datetime]] = {}
         self.api = WorkloadApi(self)
 
@@ -177,7 +178,15 @@ class NodeAgent:
             self._wake.clear()
             await self._tick()
 
+    async def refresh(self) -> None:
+        """Syncs now (ValidateJWTSVID meeting a key id it does not know: the service may have just published it)."""
+        await self._tick()
+
     async def _tick(self) -> None:
+        async with self._ticking:
+            await self._sync_and_sign()
+
+    async def _sync_and_sign(self) -> None:
         """One sync and the signing it calls for. Failures are logged and counted; what is held stays."""
         try:
             await self._sync()

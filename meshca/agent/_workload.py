@@ -253,6 +253,8 @@ class WorkloadApi:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
+        if _unknown_kid(request.svid, self._agent.state.jwt_key_set()):
+            await self._agent.refresh()  # a key published since the last sync
         try:
             sid, claims = validate_jwt_svid(
                 request.svid, request.audience, self._agent.state.jwt_key_set(), str(self._agent.trust_domain)
@@ -262,6 +264,15 @@ class WorkloadApi:
         response = wpb.ValidateJWTSVIDResponse(spiffe_id=str(sid))
         response.claims.update(claims)
         await stream.send_message(response)
+
+
+def _unknown_kid(token: str, jwks: dict[str, Any]) -> bool:
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError:
+        return False  # refused below, with the reason
+    keys = jwks.get("keys")
+    return bool(kid) and not any(isinstance(k, dict) and k.get("kid") == kid for k in keys or [])
 
 
 def validate_jwt_svid(
