@@ -20,6 +20,7 @@ import socket
 import stat
 import weakref
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -257,7 +258,11 @@ class WorkloadApi:
             await self._agent.refresh()  # a key published since the last sync
         try:
             sid, claims = validate_jwt_svid(
-                request.svid, request.audience, self._agent.state.jwt_key_set(), str(self._agent.trust_domain)
+                request.svid,
+                request.audience,
+                self._agent.state.jwt_key_set(),
+                str(self._agent.trust_domain),
+                now=self._agent.clock(),
             )
         except (jwt.PyJWTError, MeshcaError, ValueError) as exc:
             raise GRPCError(Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {exc}") from None
@@ -276,9 +281,11 @@ def _unknown_kid(token: str, jwks: dict[str, Any]) -> bool:
 
 
 def validate_jwt_svid(
-    token: str, audience: str, jwks: dict[str, Any], trust_domain: str
+    token: str, audience: str, jwks: dict[str, Any], trust_domain: str, *, now: datetime
 ) -> tuple[SpiffeId, dict[str, Any]]:
-    """The SPIFFE ID and claims of ``token`` if a key of ``jwks`` signed it, it is unexpired and for ``audience``."""
+    """The SPIFFE ID and claims of ``token`` if a key of ``jwks`` signed it, it is unexpired at ``now`` and for
+    ``audience``. PyJWT checks signature, audience and claim types; expiry is checked here on the agent's clock.
+    """
     kid = jwt.get_unverified_header(token).get("kid")
     if not kid:
         raise ValueError("the token has no key id")
@@ -290,8 +297,10 @@ def validate_jwt_svid(
         keys[0].key,
         algorithms=_JWT_ALGORITHMS,
         audience=audience,
-        options={"require": ["sub", "exp", "aud"]},
+        options={"require": ["sub", "exp", "aud"], "verify_exp": False},
     )
+    if not isinstance(claims["exp"], int | float) or claims["exp"] <= now.timestamp():
+        raise ValueError("the token has expired")
     sid = SpiffeId.parse(claims["sub"])
     if str(sid.trust_domain) != trust_domain:
         raise ValueError(f"the token's subject {sid} is not in {trust_domain}")

@@ -276,3 +276,41 @@ async def test_spiffe_tls_mutual_tls_between_workloads_of_the_agent(tmp_path: Pa
                 await asyncio.to_thread(exchange, API)
         finally:
             await agent.stop()
+
+
+async def test_jwt_svids_are_validated_for_signature_expiry_and_audience(tmp_path: Path, sock_path: Path) -> None:
+    from spiffe.workloadapi.errors import ValidateJwtSvidError
+
+    def validated(client: WorkloadApiClient, token: str, audience: str) -> str:
+        try:
+            return str(client.validate_jwt_svid(token, audience).spiffe_id)
+        except ValidateJwtSvidError as exc:
+            cause = exc.__cause__
+            assert isinstance(cause, grpc.RpcError)
+            return f"{cause.code().name}: {cause.details()}"  # type: ignore[attr-defined]
+
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], jwt_ttl=timedelta(minutes=1))
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+
+            def check() -> list[str]:
+                with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
+                    token = client.fetch_jwt_svid(audience={"orders"}).token
+                    header, payload, signature = token.split(".")
+                    forged = f"{header}.{payload}.{signature[:-4]}AAAA"
+                    outcomes = [validated(client, token, "orders"), validated(client, token, "billing")]
+                    outcomes.append(validated(client, forged, "orders"))
+                    h.clock.advance(timedelta(minutes=2))  # the agent's clock too: past the 1-minute token's exp
+                    outcomes.append(validated(client, token, "orders"))
+                    return outcomes
+
+            valid, other_audience, forged, expired = await asyncio.to_thread(check)
+            assert valid == str(WEB)
+            assert other_audience == "INVALID_ARGUMENT: invalid JWT-SVID: Audience doesn't match"
+            assert forged == "INVALID_ARGUMENT: invalid JWT-SVID: Signature verification failed"
+            assert expired == "INVALID_ARGUMENT: invalid JWT-SVID: the token has expired"
+        finally:
+            await agent.stop()
