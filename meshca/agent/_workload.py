@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 import stat
@@ -32,7 +33,7 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.server import Server, Stream
 
 from meshca._proto import workload_pb2 as wpb
-from meshca.pki._errors import MeshcaError, UnsafePermissions
+from meshca.pki._errors import MeshcaError, PortTaken, UnsafePermissions
 from meshca.pki._files import check_private, make_dirs
 from meshca.pki._spiffe import SpiffeId
 
@@ -51,6 +52,27 @@ _PKCS8 = serialization.PrivateFormat.PKCS8
 _JWT_ALGORITHMS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 
 
+class _Server(Server):
+    """grpclib's server, keeping its accepted connections: grpclib's close stops the listener and the calls,
+    and Python 3.11's asyncio server leaves accepted connections open, so `WorkloadApi.stop` closes these.
+    """
+
+    def __init__(self, handlers: list[Any]) -> None:
+        super().__init__(handlers)
+        self.transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> Any:
+        protocol = super()._protocol_factory()
+        made = protocol.connection_made
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            self.transports.add(transport)
+            made(transport)
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        return protocol
+
+
 def _entries_or_denied(agent: NodeAgent, selectors: frozenset[str]) -> list[Entry]:
     entries = agent.state.matching(selectors)
     if not entries:
@@ -61,11 +83,9 @@ def _entries_or_denied(agent: NodeAgent, selectors: frozenset[str]) -> list[Entr
 class WorkloadApi:
     def __init__(self, agent: NodeAgent) -> None:
         self._agent = agent
-        self._server: Server | None = None
+        self._server: _Server | None = None
         self._path: Path | None = None
-        # Connections that made a call: grpclib's close stops the listener and the calls, and Python 3.11's
-        # asyncio server leaves accepted connections open, so `stop` closes these itself.
-        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self._lock_fd: int | None = None
 
     def __mapping__(self) -> dict[str, Handler]:
         calls: list[tuple[str, Callable[[Stream[Any, Any]], Awaitable[None]], Cardinality, Any, Any]] = [
@@ -104,10 +124,11 @@ class WorkloadApi:
         directory = path.parent
         make_dirs(directory, 0o755)
         check_private(directory)
+        self._lock(path.with_name(path.name + ".lock"))
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise UnsafePermissions(f"{path} exists and is not a socket: remove it or choose another --socket")
-            os.unlink(path)  # a socket left by an agent that did not stop cleanly
+            os.unlink(path)  # a socket left by an agent that did not stop cleanly (the lock is free)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
@@ -115,9 +136,22 @@ class WorkloadApi:
         except OSError:
             sock.close()
             raise
-        self._server = Server([self])
+        self._server = _Server([self])
         await self._server.start(sock=sock)
         self._path = path
+
+    def _lock(self, lock_path: Path) -> None:
+        """Holds ``PATH.lock`` while serving, so a second agent on the same socket is refused, not let to replace it.
+
+        The file stays: unlinking a lock file races with a process about to take it.
+        """
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PortTaken(f"{lock_path.with_suffix('')} is served by another agent (it holds {lock_path})") from None
+        self._lock_fd = fd
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -125,12 +159,15 @@ class WorkloadApi:
             with contextlib.suppress(asyncio.TimeoutError):
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
-            for transport in list(self._transports):
+            for transport in list(self._server.transports):
                 transport.close()
             await asyncio.sleep(0)  # the transports' close callbacks run
         if self._path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with it
+            self._lock_fd = None
 
     # -- per call
 
@@ -140,7 +177,6 @@ class WorkloadApi:
         requests = self._agent.metrics.requests
 
         async def call(stream: Stream[Any, Any]) -> None:
-            self._transports.add(self._transport(stream))
             try:
                 if dict(stream.metadata or {}).get("workload.spiffe.io") != "true":
                     raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")

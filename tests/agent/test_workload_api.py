@@ -184,42 +184,61 @@ def as_uid(uid: int, sock: Path) -> str:
     return result.stdout.strip()
 
 
-async def test_serves_while_the_service_is_down_and_a_restart_recovers_from_the_data_dir(
+def syncs(agent: NodeAgent, outcome: str) -> float:
+    return agent.metrics.registry.get_sample_value("meshca_agent_syncs_total", {"outcome": outcome}) or 0.0
+
+
+async def test_serves_while_the_service_is_down_catches_up_and_a_restart_recovers_from_the_data_dir(
     tmp_path: Path, sock_path: Path
 ) -> None:
     endpoint = f"unix://{sock_path}"
 
-    def spiffe_id() -> str:
+    def spiffe_ids() -> set[str]:
         with WorkloadApiClient(socket_path=endpoint) as client:
-            return str(client.fetch_x509_svid(timeout=5).spiffe_id)
+            return {str(svid.spiffe_id) for svid in client.fetch_x509_svids(timeout=5)}
 
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
         agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         await _ready(agent, 1)
-        ca = h.ca
-        port = h.port
+        ca, port = h.ca, h.port
     try:
         # The service is gone: the agent keeps serving what it holds.
-        assert await asyncio.to_thread(spiffe_id) == str(WEB)
-        await eventually(lambda: agent.metrics.syncs.labels("unavailable")._value.get() > 0, 10, "a failed sync")
-        assert await asyncio.to_thread(spiffe_id) == str(WEB)
+        failed = syncs(agent, "unavailable")
+        await eventually(lambda: syncs(agent, "unavailable") > failed, 10, "a failed sync")
+        assert await asyncio.to_thread(spiffe_ids) == {str(WEB)}
+        # It comes back (same port, same store) with a new entry for this caller: the agent catches up.
+        async with serving(tmp_path / "ca", ca, write=False, port=port) as h2:
+            add_entry(h2, API.path, [f"unix:gid:{os.getgid()}"])
+            await eventually(lambda: len(agent.state.held) == 2, 15, "the new entry's SVID after the outage")
+            assert await asyncio.to_thread(spiffe_ids) == {str(WEB), str(API)}
     finally:
         await agent.stop()
     saved = tmp_path / "agent-data" / "agent-svid.pem"
     assert saved.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "agent-data").stat().st_mode & 0o777 == 0o700
     # A new agent with no token (the one token was used) recovers from the data dir, against the same service.
-    async with serving(tmp_path / "ca", ca, write=False, port=port) as h2:
-        restarted = NodeAgent(config(h2, tmp_path, sock_path, None))
+    async with serving(tmp_path / "ca", ca, write=False, port=port) as h3:
+        restarted = NodeAgent(config(h3, tmp_path, sock_path, None))
         await restarted.start()
         try:
             assert restarted.own.spiffe_id == AGENT
-            await _ready(restarted, 1)
-            assert await asyncio.to_thread(spiffe_id) == str(WEB)
+            await _ready(restarted, 2)
+            assert await asyncio.to_thread(spiffe_ids) == {str(WEB), str(API)}
+            # A second agent on the same socket is refused while the first serves; so is a file at the path.
+            second = NodeAgent(config(h3, tmp_path, sock_path, None))
+            with pytest.raises(meshca.PortTaken, match="served by another agent"):
+                await second.start()
+            await second.stop()
         finally:
             await restarted.stop()
+        sock_path.write_text("not a socket")
+        third = NodeAgent(config(h3, tmp_path, sock_path, None))
+        with pytest.raises(meshca.UnsafePermissions, match="is not a socket"):
+            await third.start()
+        await third.stop()
+        assert sock_path.read_text() == "not a socket"
 
 
 # spiffe-tls 0.4 reads X509Source.svid and .bundles (deprecated by spiffe 0.3) and hands pyOpenSSL X509 objects
