@@ -81,6 +81,7 @@ class NodeAgent:
         self._channel_anchors: frozenset[x509.Certificate] = frozenset()
         self._upstream: Upstream | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._ticking = asyncio.Lock()  # one sync-and-sign at a time (the loop's, or one a caller asked for)
         self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[str, datetime]] = {}
@@ -142,6 +143,8 @@ class NodeAgent:
             await self._source.aclose()
         if self._channel is not None:
             await self._channel.close(None)
+        for closing in list(self._closing):
+            await closing
 
     # -- the agent's own SVID
 
@@ -163,8 +166,10 @@ class NodeAgent:
         )
         self._channel_anchors = frozenset(bundle.anchors)
         self._upstream = Upstream(self._channel, self.config.call_timeout.total_seconds())
-        if old is not None:
-            asyncio.get_running_loop().create_task(old.close(grace=1.0))
+        if old is not None:  # calls in flight on it may finish; held until closed (a task must be referenced)
+            closing = asyncio.get_running_loop().create_task(old.close(grace=1.0))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def _loop(self) -> None:
         while True:
