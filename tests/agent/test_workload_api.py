@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe import TrustDomain as SpiffeTrustDomain
 from support.agents import add_entry
@@ -331,5 +332,55 @@ async def test_jwt_svids_are_validated_for_signature_expiry_and_audience(tmp_pat
             assert other_audience == "INVALID_ARGUMENT: invalid JWT-SVID: Audience doesn't match"
             assert forged == "INVALID_ARGUMENT: invalid JWT-SVID: Signature verification failed"
             assert expired == "INVALID_ARGUMENT: invalid JWT-SVID: the token has expired"
+        finally:
+            await agent.stop()
+
+
+async def test_workload_svids_renew_at_half_life_on_the_agents_clock(tmp_path: Path, sock_path: Path) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(hours=1))
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            (entry_id,) = agent.state.held
+
+            def serial() -> int:
+                return int(agent.state.held[entry_id].svid.leaf.serial_number)
+
+            async def two_more_syncs() -> None:
+                start = syncs(agent, "ok")
+                await eventually(lambda: syncs(agent, "ok") >= start + 2, 10, "two more syncs")
+
+            first = serial()
+            h.clock.advance(timedelta(minutes=20))  # before 50 % +- 10 % of the hour
+            await two_more_syncs()  # each tick signs what is due right after its sync
+            assert serial() == first
+            h.clock.advance(timedelta(minutes=20))  # 40 minutes: past any renewal moment
+            await eventually(lambda: serial() != first, 10, "the renewed SVID")
+            renewed = agent.state.held[entry_id].svid
+            assert renewed.not_after - h.clock() > timedelta(minutes=55)
+        finally:
+            await agent.stop()
+
+
+async def test_the_agent_renews_its_own_svid_by_proof_and_saves_each(tmp_path: Path, sock_path: Path) -> None:
+    async with serving(tmp_path / "ca", leaf_ttl=timedelta(seconds=6)) as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            saved = tmp_path / "agent-data" / "agent-svid.pem"
+
+            def saved_serial() -> int:
+                return int(x509.load_pem_x509_certificates(saved.read_bytes())[0].serial_number)
+
+            first = saved_serial()
+            assert first == agent.own.leaf.serial_number
+            await eventually(lambda: saved_serial() != first, 15, "a renewed agent SVID saved")
+            assert agent.own.spiffe_id == AGENT
+            agent_records = [r for r in h.issued() if str(r.spiffe_id) == str(AGENT)]
+            assert len(agent_records) >= 2  # the join, then renewals (the token was single-use)
+            await _ready(agent, 1)  # and it still signs workload SVIDs with the renewed one
         finally:
             await agent.stop()
