@@ -15,7 +15,15 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-PROTOS = ["meshca_identity.proto", "meshca_agent.proto", "linkerd_identity.proto", "istio_ca.proto"]
+PROTOS = [
+    "meshca_identity.proto",
+    "meshca_agent.proto",
+    "linkerd_identity.proto",
+    "istio_ca.proto",
+    "workload.proto",
+]
+# Messages only: the agent serves the Workload API with grpclib, on the SPIFFE paths (see proto/workload.proto).
+NO_STUBS = {"workload.proto"}
 
 
 def generate(repo: Path, out_root: Path) -> None:
@@ -28,7 +36,7 @@ def generate(repo: Path, out_root: Path) -> None:
             f"-I{well_known}",
             f"--python_out={out_root}",
             f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}",
+            *([] if name in NO_STUBS else [f"--grpc_python_out={out_root}"]),
             f"meshca/_proto/{name}",
         ]
         if protoc.main(args) != 0:

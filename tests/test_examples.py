@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,20 @@ def test_sidecar_demo_authorizes_web_and_refuses_the_intruder() -> None:
     assert "[web app] got: api says hello" in out
     assert "spiffe://cluster.local/ns/default/sa/intruder is not authorized" in out
     assert "[intruder app] got: (connection closed)" in out
+
+
+def test_workload_api_example_serves_a_py_spiffe_client() -> None:
+    bindir = str(Path(sys.executable).parent)  # the meshca console script beside this interpreter
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["sh", str(ROOT / "examples" / "workload-api" / "run.sh")],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "X.509-SVID spiffe://example.org/python-tool valid until" in out
+    assert "X.509-SVID spiffe://example.org/web valid until" in out
+    assert re.search(r"JWT-SVID for (spiffe://example.org/\S+), audience \['orders'\]: validated as \1$", out, re.M)
 
 
 def test_dashboard_queries_only_metrics_meshca_exports() -> None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "meshca"
 ALLOWED: dict[str, set[str]] = {
     "pki": set(),
     "server": {"pki", "_proto"},
-    "agent": {"pki", "_proto", "client", "server"},
+    "agent": {"pki", "_proto", "client"},
     "client": {"pki", "_proto"},
     "cli": {"pki", "_proto", "server", "agent", "client"},
     "testing": {"pki"},

@@ -49,3 +49,33 @@ def test_wire_names_are_the_ones_linkerd_and_istio_use() -> None:
     ireq = istio_ca_pb2.IstioCertificateRequest.DESCRIPTOR
     assert {f.name: f.number for f in ireq.fields} == {"csr": 1, "validity_duration": 3, "metadata": 4}
     assert {f.name: f.number for f in istio_ca_pb2.IstioCertificateResponse.DESCRIPTOR.fields} == {"cert_chain": 1}
+
+
+def _shape(descriptor) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Every message's fields as (number, type, label, map) by name: what reaches the wire."""
+    shape: dict[str, object] = {}
+    for name, message in descriptor.message_types_by_name.items():
+        fields = {}
+        for f in message.fields:
+            entry = (
+                f.message_type.fields_by_name["value"].type
+                if f.message_type and f.message_type.GetOptions().map_entry
+                else None
+            )
+            fields[f.name] = (f.number, f.type, f.is_repeated, entry)
+        shape[name] = fields
+    return shape
+
+
+def test_workload_api_matches_py_spiffe() -> None:
+    from spiffe._proto import workload_pb2 as theirs
+
+    from meshca._proto import workload_pb2 as ours
+
+    assert _shape(ours.DESCRIPTOR) == _shape(theirs.DESCRIPTOR)
+    mine = ours.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"]
+    spec = theirs.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"]
+    assert spec.full_name == "SpiffeWorkloadAPI"  # the SPIFFE paths: /SpiffeWorkloadAPI/<Rpc>
+    assert [(m.name, m.input_type.name, m.output_type.name, m.server_streaming) for m in mine.methods] == [
+        (m.name, m.input_type.name, m.output_type.name, m.server_streaming) for m in spec.methods
+    ]

@@ -14,6 +14,7 @@ from importlib.metadata import version
 from typing import NoReturn
 
 from meshca.cli import (
+    _agent,
     _anchor,
     _bundle,
     _check,
@@ -50,6 +51,7 @@ COMMANDS = (
     _entry,
     _log,
     _fetch,
+    _agent,
 )
 
 Command = Callable[[argparse.Namespace, Clock], int]

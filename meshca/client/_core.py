@@ -18,7 +18,7 @@ from meshca._proto import meshca_identity_pb2 as pb
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem
 from meshca.pki._csr import build_csr
-from meshca.pki._errors import VerificationError
+from meshca.pki._errors import AuthenticationError, VerificationError
 from meshca.pki._keys import PrivateKey, private_key_pem
 from meshca.pki._proof import sign_svid_proof
 from meshca.pki._spiffe import SpiffeId, TrustDomain
@@ -84,14 +84,19 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """How the source proves who it is on first issuance. Renewals use the current SVID."""
+    """How the source proves who it is on first issuance. Renewals use the current SVID.
+
+    Neither (``renewal_only``): the source starts from an SVID it was given, and renews by proof only.
+    """
 
     join_token: str | None = field(default=None, repr=False)
     jwt_file: Path | None = None
+    renewal_only: bool = False
 
     def __post_init__(self) -> None:
-        if (self.join_token is None) == (self.jwt_file is None):
-            raise ValueError("give exactly one of join_token and jwt_file")
+        given = (self.join_token is not None) + (self.jwt_file is not None)
+        if given > 1 or (given == 0 and not self.renewal_only):
+            raise ValueError("give exactly one of join_token and jwt_file, or neither with an initial SVID")
 
 
 def make_request(
@@ -117,10 +122,11 @@ def make_request(
         )
     elif credentials.join_token is not None:
         request.credential.join_token = credentials.join_token
-    else:
-        assert credentials.jwt_file is not None
+    elif credentials.jwt_file is not None:
         # Projected service-account tokens rotate on disk: read it on every attempt.
         request.credential.jwt = Path(credentials.jwt_file).read_text().strip()
+    else:
+        raise AuthenticationError("the current SVID is not valid now and no other credential is configured", "expired")
     return request
 
 

@@ -77,13 +77,18 @@ class _SourceBase:
         clock: Clock = system_clock,
         metrics: ClientMetrics | None = None,
         rng: random.Random | None = None,
+        initial: X509Svid | None = None,
     ) -> None:
         """``server_name``: the DNS name to expect in the server's certificate when it is not the host
         in ``server`` (dialling an IP address, say). ``metrics``: where to count; a new registry of
         this source's own by default. ``rng``: the random source of the renewal jitter and backoff.
+        ``initial``: an SVID held from before (a restarted process's); the source is ready at once and
+        renews it by proof at its renewal moment, with no other credential needed.
         """
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
-        credentials = Credentials(join_token, Path(jwt_file) if jwt_file is not None else None)
+        credentials = Credentials(
+            join_token, Path(jwt_file) if jwt_file is not None else None, renewal_only=initial is not None
+        )
         config = SourceConfig(server, sid, credentials, key_type, ttl, renewal, server_name)
         self._metrics = metrics if metrics is not None else ClientMetrics()
         self._contexts = TlsContexts()
@@ -93,6 +98,7 @@ class _SourceBase:
             clock=clock,
             rng=rng if rng is not None else random.Random(),  # noqa: S311 - jitter, not secrets
             hooks=[self._contexts, self._metrics, log_event],
+            initial=initial,
         )
         self._clock = clock
         self._setup()
@@ -176,6 +182,8 @@ class SvidSource(_SourceBase):
         self._stop = threading.Event()
         self._wake = threading.Event()  # RenewNow: ends the renewal thread's sleep (close() sets it too)
         self._settled = threading.Event()  # an SVID arrived, or the server refused for good
+        if self._core.snapshot.ready:
+            self._settled.set()
         self._lock = threading.Lock()  # the channel, the watch call, the listeners
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._channel: grpc.Channel | None = None
@@ -338,6 +346,8 @@ class AsyncSvidSource(_SourceBase):
             raise RuntimeError("this source is already started")
         self._settled = asyncio.Event()
         self._wake = asyncio.Event()
+        if self._core.snapshot.ready:
+            self._settled.set()
         await self._open(self._core.snapshot.bundle)
         self._tasks = [
             asyncio.create_task(self._drive(self._core.renewal(), wakes=True)),

@@ -20,12 +20,19 @@ import random
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from meshca._proto import meshca_identity_pb2 as pb
-from meshca.client._core import Credentials, Snapshot, bundle_from_message, make_request, svid_from_response
+from meshca.client._core import (
+    Credentials,
+    Snapshot,
+    X509Svid,
+    bundle_from_message,
+    make_request,
+    svid_from_response,
+)
 from meshca.pki._bundle import TrustBundle
-from meshca.pki._errors import MeshcaError, VerificationError
+from meshca.pki._errors import AuthenticationError, MeshcaError, VerificationError
 from meshca.pki._keys import KeyType, generate_key
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 from meshca.pki._spiffe import SpiffeId
@@ -186,6 +193,7 @@ class SourceMachine:
         clock: Clock,
         rng: random.Random,
         hooks: Sequence[Hook] = (),
+        initial: X509Svid | None = None,
     ) -> None:
         if bundle.trust_domain != config.spiffe_id.trust_domain:
             raise ValueError(
@@ -196,7 +204,9 @@ class SourceMachine:
         self.hooks = list(hooks)
         self._rng = rng
         self._lock = threading.Lock()
-        self._snapshot = Snapshot(None, bundle)
+        if initial is not None and initial.spiffe_id != config.spiffe_id:
+            raise ValueError(f"the initial SVID is for {initial.spiffe_id}, not {config.spiffe_id}")
+        self._snapshot = Snapshot(initial, bundle)
         # Drivers open their first channel on the initial bundle; a changed bundle, or a failure
         # that asks for it, makes the next call go over a new one.
         self._channel_bundle = bundle
@@ -225,7 +235,10 @@ class SourceMachine:
         """
         policy = self.config.renewal
         attempt = 0
-        renew_at: datetime | None = None
+        # An SVID held from before: when it was received is unknown (NotBefore is backdated), so the
+        # renewal moment counts from now, over what is left of its life.
+        initial = self._snapshot.svid
+        renew_at = renewal_time(self.clock(), initial.not_after, policy, self._rng) if initial else None
         while True:
             # Sleeps may end early (a RenewNow, or a stale wake-up): each one is decided again.
             while (
@@ -305,6 +318,8 @@ class SourceMachine:
             request = make_request(key, config.spiffe_id, config.credentials, current, now=self.clock(), ttl=config.ttl)
         except OSError as exc:  # the JWT file is missing or unreadable: it may appear
             return Failure(f"cannot read {exc.filename}: {exc.strerror}")
+        except AuthenticationError as exc:  # an initial SVID expired, and nothing else can prove who we are
+            return Failure(str(exc), refusal=exc)
         reply = yield Fetch(request)
         if isinstance(reply, Failure):
             if reply.reconnect:

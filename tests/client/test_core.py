@@ -623,3 +623,36 @@ def test_log_lines_name_what_happened_and_never_the_key(ca: TestCA, rogue_ca: Te
     assert logs[1]["reason"] == BUSY.reason and logs[1]["permanent"] is False
     assert logs[2]["anchors"] == 2
     assert "PRIVATE KEY" not in repr(logs) and "tok" not in repr(logs)
+
+
+def test_a_machine_started_from_an_svid_is_ready_and_renews_it_by_proof_at_half_life(
+    ca: TestCA, clock: FrozenClock
+) -> None:
+    """A restarted process (the node agent) hands in the SVID it saved: no join token is needed or sent."""
+    held = svid_of(ca, WEB, clock())
+    config = SourceConfig("localhost:1", WEB, Credentials(renewal_only=True), renewal=POLICY)
+    machine = SourceMachine(config, ca.bundle, clock=clock, rng=Pinned(0.5), initial=held)
+    assert machine.snapshot.svid is held
+    flow = machine.renewal()
+    wait = next(flow)
+    assert wait == Sleep(5 * S)  # half of what is left of its 10 s
+    clock.advance(wait.delay)
+    assert credential(flow.send(None)) == "svid"
+
+
+def test_a_machine_whose_initial_svid_expired_has_no_credential_left(ca: TestCA, clock: FrozenClock) -> None:
+    held = svid_of(ca, WEB, clock())
+    config = SourceConfig("localhost:1", WEB, Credentials(renewal_only=True), renewal=POLICY)
+    machine = SourceMachine(config, ca.bundle, clock=clock, rng=Pinned(0.5), initial=held)
+    clock.advance(timedelta(hours=1))
+    flow = machine.renewal()
+    step = next(flow)
+    assert isinstance(step, Sleep)  # retried with backoff: an operator may still give a credential
+    assert machine.last_failure is not None and machine.last_failure.refusal is not None
+    assert "no other credential" in machine.last_failure.reason
+
+
+def test_an_initial_svid_must_be_for_the_configured_id(ca: TestCA, clock: FrozenClock) -> None:
+    config = SourceConfig("localhost:1", OTHER, Credentials(renewal_only=True), renewal=POLICY)
+    with pytest.raises(ValueError, match="initial SVID is for"):
+        SourceMachine(config, ca.bundle, clock=clock, rng=Pinned(0.5), initial=svid_of(ca, WEB, clock()))

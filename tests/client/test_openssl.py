@@ -6,6 +6,7 @@ snapshot the way a sidecar would hand them to a proxy.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import ssl
 import subprocess
@@ -58,9 +59,11 @@ class OpenSSL:
         eventually_sync(printed, timeout, f"openssl to print {text!r}")
 
     def send(self, data: bytes) -> None:
+        """Writes to openssl's stdin; an openssl that already exited (a refused handshake) reads nothing."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
 
     def end_input(self) -> None:
         assert self.proc.stdin is not None
@@ -78,7 +81,8 @@ class OpenSSL:
         self._reader.join(5)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
-                pipe.close()
+                with contextlib.suppress(BrokenPipeError):  # unread input of an openssl that exited
+                    pipe.close()
 
 
 @pytest.fixture

@@ -1,0 +1,169 @@
+"""`meshca agent` as a process against `meshca serve` as one; py-spiffe finds it by SPIFFE_ENDPOINT_SOCKET."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from spiffe import WorkloadApiClient
+from support.ids import TD, WEB
+from support.metrics import http_get
+from support.poll import eventually_sync
+from support.procs import ServeProcess, meshca_exe, run_meshca
+from support.serving import free_port
+from support.tokens import add_token
+
+import meshca
+
+AGENT = meshca.TrustDomain(TD).agent_id("node-1")
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """The socket's directory: 0755 under /tmp (pytest's tmp_path is under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="meshca-agent-cli-"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def _entry(d: Path) -> None:
+    store = meshca.server.SqliteStore(meshca.server.store_path(meshca.TrustDir.at(d)))
+    try:
+        entry = meshca.server._entries.new_entry(
+            meshca.TrustDomain(TD), WEB, [f"unix:uid:{os.getuid()}"], now=meshca.system_clock(),
+            max_x509_ttl=timedelta(days=1),
+        )  # fmt: skip
+        store.add_entry(entry)
+    finally:
+        store.close()
+
+
+def _agent(*args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [meshca_exe(), "agent", *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_serving(proc: subprocess.Popen[str]) -> str:
+    """The agent's startup line (it comes after its JSON log lines of joining)."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("meshca agent: serving"):
+            return line
+    raise AssertionError(f"meshca agent exited {proc.wait(10)}:\n{''.join(seen)}")
+
+
+def test_agent_serves_py_spiffe_through_the_endpoint_variable_and_stops_cleanly(
+    tmp_path: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "ca"
+    meshca.TrustDir.at(d).init(meshca.TrustDomain(TD), now=meshca.system_clock())
+    with ServeProcess(d, "--workers", "1") as server:
+        server.wait_started()
+        _entry(d)
+        token_file = tmp_path / "token"
+        token_file.write_text(add_token(d, AGENT, agent=True) + "\n")
+        sock = run_dir / "api.sock"
+        proc = _agent(
+            "--server", f"localhost:{server.port}", "--bundle", d / "bundle.pem", "--token-file", token_file,
+            "--socket", sock, "--data-dir", tmp_path / "data", "--metrics-listen", "127.0.0.1:0",
+            "--sync-interval", "1s",
+        )  # fmt: skip
+        try:
+            line = _wait_serving(proc)
+            assert f"as {AGENT}" in line
+            assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o777
+            monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", f"unix://{sock}")
+
+            def fetched() -> str:
+                with WorkloadApiClient() as client:
+                    return str(client.fetch_x509_svid(timeout=5).spiffe_id)
+
+            eventually_sync(lambda: fetched() == str(WEB), 15, "py-spiffe getting its SVID")
+            match = re.search(r"metrics on 127\.0\.0\.1:(\d+)", line)
+            assert match is not None
+            code, text = http_get(int(match.group(1)), "/metrics")
+            assert code == 200
+            # py-spiffe reads one message of the stream and cancels it
+            assert re.search(
+                r'meshca_agent_workload_requests_total\{code="(OK|CANCELLED)",method="FetchX509SVID"\} [1-9]', text
+            )
+            assert 'meshca_agent_syncs_total{outcome="ok"}' in text
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            assert not sock.exists()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            assert proc.stderr is not None
+            proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bundle", "b.pem", "--socket", "/tmp/x.sock"], "the following arguments are required: --server"),
+        (["--server", "h:1", "--bundle", "b.pem", "--socket", "rel.sock"], "--socket must be an absolute path"),
+        (
+            [
+                "--server",
+                "h:1",
+                "--bundle",
+                "b.pem",
+                "--socket",
+                "/tmp/x.sock",
+                "--join-token",
+                "a",
+                "--token-file",
+                "f",
+            ],
+            "not allowed with argument",
+        ),
+        (["--server", "h:1", "--bundle", "missing.pem", "--socket", "/tmp/x.sock"], "missing.pem"),
+    ],
+    ids=["no-server", "relative-socket", "two-tokens", "no-bundle"],
+)
+def test_bad_flags_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_meshca("agent", *args, cwd=tmp_path)
+    assert result.returncode in (1, 2)
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("meshca: error: ")
+
+
+def test_an_unreachable_service_is_one_line(tmp_path: Path, run_dir: Path) -> None:
+    d = tmp_path / "ca"
+    meshca.TrustDir.at(d).init(meshca.TrustDomain(TD), now=meshca.system_clock())
+    result = run_meshca(
+        "agent", "--server", f"localhost:{free_port()}", "--bundle", d / "bundle.pem", "--join-token", "mtok_agent_x",
+        "--socket", run_dir / "api.sock", "--data-dir", tmp_path / "data", timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshca: error: cannot join through localhost:") and "UNAVAILABLE" in last
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "api.sock").exists()
+
+
+def test_without_a_token_or_a_saved_svid_the_agent_says_what_it_needs(tmp_path: Path, run_dir: Path) -> None:
+    d = tmp_path / "ca"
+    meshca.TrustDir.at(d).init(meshca.TrustDomain(TD), now=meshca.system_clock())
+    result = run_meshca(
+        "agent", "--server", f"localhost:{free_port()}", "--bundle", d / "bundle.pem",
+        "--socket", run_dir / "api.sock", "--data-dir", tmp_path / "data",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith("give --join-token or --token-file")
