@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from support import procs
@@ -18,6 +20,7 @@ from support.certbuild import NOW
 from support.softhsm import SoftHsm, make_softhsm
 
 import meshca
+from meshca.cli import main
 from meshca.testing import FrozenClock, TestCA
 
 ASYNC_TEST_TIMEOUT = 30.0
@@ -94,3 +97,23 @@ def meshca_cmd() -> Callable[..., procs.Result]:
     """Runs the installed ``meshca`` console script in a subprocess."""
     procs.meshca_exe()  # fails at once when the console script is not installed
     return procs.meshca_cmd
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., procs.Result]]:
+    """Runs `meshca.cli.main` in-process, optionally with a frozen clock."""
+
+    def run(*args: str | Path, clock: FrozenClock | None = None) -> procs.Result:
+        capsys.readouterr()
+        crash = ""
+        try:
+            code = main([str(a) for a in args], clock=clock) if clock else main([str(a) for a in args])
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:
+            # What the console script would print: an escaped exception is a traceback.
+            code, crash = 1, traceback.format_exc()
+        out, err = capsys.readouterr()
+        return procs.Result(code, out, err + crash)
+
+    yield run

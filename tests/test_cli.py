@@ -10,8 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,11 +18,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from support.certbuild import NOW
-from support.procs import Result
+from support.procs import Result, assert_clean_failure
 
 import meshca
 from meshca import SpiffeId, TrustBundle, TrustDomain
-from meshca.cli import build_parser, main
+from meshca.cli import build_parser
 from meshca.cli._options import duration
 from meshca.pki._time import format_duration, parse_duration
 from meshca.testing import FrozenClock, TestCA
@@ -37,38 +36,6 @@ LOG_FILES = ["log-signing.key", "log-signing.pub"]  # the issuance log's checkpo
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def assert_clean_failure(result: Result, code: int | None = None) -> None:
-    """Non-zero, no traceback, and one ``meshca: error:`` line: usage errors too, no usage dump."""
-    assert result.code != 0, result
-    if code is not None:
-        assert result.code == code, result
-    assert "Traceback" not in result.stderr
-    assert "Traceback" not in result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("meshca: error: "), result.stderr
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., Result]]:
-    """Runs `meshca.cli.main` in-process, optionally with a frozen clock."""
-
-    def run(*args: str | Path, clock: FrozenClock | None = None) -> Result:
-        capsys.readouterr()
-        crash = ""
-        try:
-            code = main([str(a) for a in args], clock=clock) if clock else main([str(a) for a in args])
-        except SystemExit as exc:  # argparse
-            code = exc.code if isinstance(exc.code, int) else 1
-        except Exception:
-            # What the console script would print: an escaped exception is a traceback.
-            code, crash = 1, traceback.format_exc()
-        out, err = capsys.readouterr()
-        return Result(code, out, err + crash)
-
-    yield run
 
 
 @pytest.fixture

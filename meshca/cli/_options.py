@@ -22,6 +22,7 @@ __all__ = [
     "CliError",
     "add_dir",
     "add_duration",
+    "add_force",
     "add_json",
     "add_key_type",
     "add_key_uri",
@@ -121,9 +122,18 @@ def add_json(p: argparse._ActionsContainer) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def add_force(p: argparse._ActionsContainer) -> None:
+    """--force: one help for every command (replacing key files, or a rotation step before it is safe)."""
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="do it anyway: replace existing key files, or take a rotation step its safety rule refuses",
+    )
+
+
 def add_key_writing(p: argparse._ActionsContainer) -> None:
     """For commands that write private keys: --force to replace, --passphrase-file to encrypt."""
-    p.add_argument("--force", action="store_true", help="replace existing key files")
+    add_force(p)
     add_passphrase_file(p)
 
 

@@ -13,7 +13,7 @@ from weakref import WeakSet
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meshca.client._state import BundleIgnored, Event, FetchFailed, Published, WatchFailed
+from meshca.client._state import BundleIgnored, ChainUntrusted, Event, FetchFailed, Published, WatchFailed
 from meshca.client._tls import SpiffeSSLContext, refresh
 
 __all__ = ["ClientMetrics", "TlsContexts", "log_event"]
@@ -111,3 +111,5 @@ def log_event(event: Event) -> None:
         )
     elif isinstance(event, BundleIgnored):
         log.warning("bundle.ignored", reason=event.reason)
+    elif isinstance(event, ChainUntrusted):
+        log.warning("svid.untrusted", spiffe_id=str(event.spiffe_id), reason=event.reason, action="renewing now")

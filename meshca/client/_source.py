@@ -37,6 +37,7 @@ from meshca.client._state import (
     NextBundle,
     Publish,
     Reconnect,
+    RenewNow,
     Reply,
     Sleep,
     SourceConfig,
@@ -173,6 +174,7 @@ class SvidSource(_SourceBase):
 
     def _setup(self) -> None:
         self._stop = threading.Event()
+        self._wake = threading.Event()  # RenewNow: ends the renewal thread's sleep (close() sets it too)
         self._settled = threading.Event()  # an SVID arrived, or the server refused for good
         self._lock = threading.Lock()  # the channel, the watch call, the listeners
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -180,8 +182,12 @@ class SvidSource(_SourceBase):
         self._watch_call: Any = None  # gRPC's rendezvous: an iterator of messages and a future to cancel
         self._open(self._core.snapshot.bundle)
         self._threads = [
-            threading.Thread(target=self._drive, args=(self._core.renewal(),), name="meshca-svid-renewal", daemon=True),
-            threading.Thread(target=self._drive, args=(self._core.watch(),), name="meshca-bundle-watch", daemon=True),
+            threading.Thread(
+                target=self._drive, args=(self._core.renewal(), self._wake), name="meshca-svid-renewal", daemon=True
+            ),
+            threading.Thread(
+                target=self._drive, args=(self._core.watch(), self._stop), name="meshca-bundle-watch", daemon=True
+            ),
         ]
         for t in self._threads:
             t.start()
@@ -209,19 +215,24 @@ class SvidSource(_SourceBase):
             raise self._core.timeout_error(timeout)
         return self._outcome()
 
-    def _drive(self, flow: Flow) -> None:
+    def _drive(self, flow: Flow, sleeper: threading.Event) -> None:
+        """Runs ``flow``; its sleeps end early when ``sleeper`` is set (the stop event, or the renewal's wake)."""
         reply: Reply = None
         while not self._stop.is_set():
             try:
                 step = flow.send(reply)
             except StopIteration:
                 return
-            reply = self._run(step)
+            reply = self._run(step, sleeper)
 
-    def _run(self, step: Step) -> Reply:
+    def _run(self, step: Step, sleeper: threading.Event) -> Reply:
         match step:
             case Sleep(delay):
-                self._stop.wait(delay.total_seconds())
+                sleeper.wait(delay.total_seconds())
+                if sleeper is self._wake:
+                    self._wake.clear()  # the machine decides again whether to sleep on
+            case RenewNow():
+                self._wake.set()
             case Reconnect(bundle):
                 self._open(bundle)
             case Fetch(request):
@@ -277,6 +288,7 @@ class SvidSource(_SourceBase):
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         with self._lock:
             if self._watch_call is not None:
                 self._watch_call.cancel()
@@ -316,6 +328,7 @@ class AsyncSvidSource(_SourceBase):
     def _setup(self) -> None:
         self._tasks: list[asyncio.Task[None]] = []
         self._settled: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None  # RenewNow: ends the renewal task's sleep
         self._channel: grpc.aio.Channel | None = None
         self._watch_call: AsyncIterator[pb.Bundle] | None = None
         self._queues: set[asyncio.Queue[Snapshot | None]] = set()  # None: the source closed
@@ -324,10 +337,11 @@ class AsyncSvidSource(_SourceBase):
         if self._settled is not None:
             raise RuntimeError("this source is already started")
         self._settled = asyncio.Event()
+        self._wake = asyncio.Event()
         await self._open(self._core.snapshot.bundle)
         self._tasks = [
-            asyncio.create_task(self._drive(self._core.renewal())),
-            asyncio.create_task(self._drive(self._core.watch())),
+            asyncio.create_task(self._drive(self._core.renewal(), wakes=True)),
+            asyncio.create_task(self._drive(self._core.watch(), wakes=False)),
         ]
 
     async def wait_ready(self, timeout: float | None = None) -> Snapshot:
@@ -351,20 +365,27 @@ class AsyncSvidSource(_SourceBase):
         finally:
             self._queues.discard(queue)
 
-    async def _drive(self, flow: Flow) -> None:
+    async def _drive(self, flow: Flow, *, wakes: bool) -> None:
+        """Runs ``flow``; with ``wakes`` (the renewal flow) a `RenewNow` ends its sleeps early."""
         reply: Reply = None
         while True:
             try:
                 step = flow.send(reply)
             except StopIteration:
                 return
-            reply = await self._run(step)
+            reply = await self._run(step, wakes)
 
-    async def _run(self, step: Step) -> Reply:
-        assert self._settled is not None and self._channel is not None
+    async def _run(self, step: Step, wakes: bool = False) -> Reply:
+        assert self._settled is not None and self._channel is not None and self._wake is not None
         match step:
+            case Sleep(delay) if wakes:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay.total_seconds())
+                self._wake.clear()  # the machine decides again whether to sleep on
             case Sleep(delay):
                 await asyncio.sleep(delay.total_seconds())
+            case RenewNow():
+                self._wake.set()
             case Reconnect(bundle):
                 await self._open(bundle)
             case Fetch(request):

@@ -25,14 +25,16 @@ from datetime import datetime, timedelta
 from meshca._proto import meshca_identity_pb2 as pb
 from meshca.client._core import Credentials, Snapshot, bundle_from_message, make_request, svid_from_response
 from meshca.pki._bundle import TrustBundle
-from meshca.pki._errors import MeshcaError
+from meshca.pki._errors import MeshcaError, VerificationError
 from meshca.pki._keys import KeyType, generate_key
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock
+from meshca.pki._verify import verify_chain
 
 __all__ = [
     "BundleIgnored",
+    "ChainUntrusted",
     "Event",
     "Failure",
     "Fetch",
@@ -44,6 +46,7 @@ __all__ = [
     "Publish",
     "Published",
     "Reconnect",
+    "RenewNow",
     "Reply",
     "Sleep",
     "SourceConfig",
@@ -109,13 +112,18 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
+class RenewNow:
+    """Wake the renewal flow if it sleeps: the current SVID no longer verifies against the bundle."""
+
+
+@dataclass(frozen=True, slots=True)
 class GiveUp:
     """No SVID is coming: the server refused for good before the first one. The flow ends after this."""
 
     error: MeshcaError
 
 
-Step = Sleep | Reconnect | Fetch | NextBundle | Publish | GiveUp
+Step = Sleep | Reconnect | Fetch | NextBundle | Publish | RenewNow | GiveUp
 Reply = pb.IssueSVIDResponse | pb.Bundle | Failure | None
 Flow = Generator[Step, Reply, None]
 
@@ -151,7 +159,15 @@ class BundleIgnored:
     reason: str
 
 
-Event = Published | FetchFailed | WatchFailed | BundleIgnored
+@dataclass(frozen=True, slots=True)
+class ChainUntrusted:
+    """A new bundle no longer verifies the current SVID's chain (its anchor was retired): renewing now."""
+
+    spiffe_id: SpiffeId
+    reason: str
+
+
+Event = Published | FetchFailed | WatchFailed | BundleIgnored | ChainUntrusted
 Hook = Callable[[Event], None]
 
 
@@ -202,12 +218,21 @@ class SourceMachine:
     # -- the flows
 
     def renewal(self) -> Flow:
-        """Fetch at once, then at the renewal moment; back off on failure; give up only on a first refusal."""
+        """Fetch at once, then at the renewal moment; back off on failure; give up only on a first refusal.
+
+        The renewal moment comes early when the current SVID stops verifying
+        against the bundle (the driver wakes this flow's sleep on `RenewNow`).
+        """
         policy = self.config.renewal
         attempt = 0
         renew_at: datetime | None = None
         while True:
-            if renew_at is not None and (wait := renew_at - self.clock()) > timedelta():
+            # Sleeps may end early (a RenewNow, or a stale wake-up): each one is decided again.
+            while (
+                renew_at is not None
+                and (wait := renew_at - self.clock()) > timedelta()
+                and self._untrusted(self._snapshot) is None
+            ):
                 yield Sleep(wait)
             if (reconnect := self._reconnect_step()) is not None:
                 yield reconnect
@@ -242,6 +267,10 @@ class SourceMachine:
                 snapshot = self._bundle_update(reply)
                 if snapshot is not None:
                     yield Publish(snapshot)
+                    if (reason := self._untrusted(snapshot)) is not None:
+                        assert snapshot.svid is not None
+                        self._emit(ChainUntrusted(snapshot.svid.spiffe_id, reason))
+                        yield RenewNow()
                 continue
             assert isinstance(reply, Failure)
             if reply.reconnect:
@@ -255,13 +284,25 @@ class SourceMachine:
 
     # -- the parts
 
+    def _untrusted(self, snapshot: Snapshot) -> str | None:
+        """Why the snapshot's SVID does not verify against its bundle (None: it does, or there is no SVID)."""
+        if snapshot.svid is None:
+            return None
+        try:
+            verify_chain(snapshot.svid.chain, snapshot.bundle, at=self.clock())
+        except VerificationError as exc:
+            return str(exc)
+        return None
+
     def _fetch(self) -> Generator[Step, Reply, Snapshot | Failure]:
         key = generate_key(self.config.key_type)
         config = self.config
+        snapshot = self._snapshot
+        # An SVID the bundle no longer vouches for is no credential either (the server checks its proof
+        # against the same anchors): renew with the bootstrap credential instead.
+        current = snapshot.svid if self._untrusted(snapshot) is None else None
         try:
-            request = make_request(
-                key, config.spiffe_id, config.credentials, self._snapshot.svid, now=self.clock(), ttl=config.ttl
-            )
+            request = make_request(key, config.spiffe_id, config.credentials, current, now=self.clock(), ttl=config.ttl)
         except OSError as exc:  # the JWT file is missing or unreadable: it may appear
             return Failure(f"cannot read {exc.filename}: {exc.strerror}")
         reply = yield Fetch(request)

@@ -2,12 +2,14 @@
 
 The runbook: (1) publish A+B in the bundle, and wait until every client has
 it; (2) sign with an issuer under B, and wait until every SVID chains to B;
-(3) drop A from the bundle.
+(3) drop A from the bundle. First by hand (the files), then with `meshca
+anchor prepare|activate|retire`.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -18,6 +20,7 @@ from support.certs import serial as svid_serial
 from support.certs import write_bundle
 from support.ids import API, TD, WEB
 from support.poll import eventually_sync
+from support.procs import Result
 from support.serving import ServerThread, Trust, start_pair
 from support.tls import HandshakeLoop, TlsEcho, refused
 
@@ -26,6 +29,8 @@ from meshca.client import SvidSource
 from meshca.pki._certs import certificates_pem
 from meshca.pki._files import atomic_write
 from meshca.testing import TestCA
+
+Run = Callable[..., Result]
 
 
 @pytest.mark.slow
@@ -110,3 +115,62 @@ def test_anchor_rotation_with_handshakes_succeeding_throughout(
     assert len(echo.errors) == 1
     assert isinstance(echo.errors[0], ssl.SSLCertVerificationError)
     assert "anchor" in str(echo.errors[0])
+
+
+@pytest.mark.slow
+def test_meshca_anchor_prepare_activate_retire_under_continuous_mutual_tls(
+    trust: Trust, servers: Callable[..., ServerThread], sources: Callable[..., SvidSource], meshca_cmd: Run
+) -> None:
+    """The staged commands, run as an operator would, while two sources handshake every 0.1 s: none fails."""
+    started = time.monotonic()
+    d = trust.dir
+    a = trust.ca.anchor
+    pair = start_pair(trust, servers, sources, leaf_ttl=timedelta(seconds=6))
+    web, api = pair.web, pair.api
+    both = (web, api)
+    server_ctx = web.server_ssl_context(meshca.authorize_id(API))
+    client_ctx = api.client_ssl_context(meshca.authorize_id(WEB))
+    issuers: dict[int, x509.Certificate] = {}  # every SVID either source held: serial -> its issuer
+    for source in both:
+        issuers[svid_serial(source.svid)] = source.svid.chain[1]
+        source.subscribe(lambda snap: issuers.setdefault(svid_serial(snap.svid), snap.svid.chain[1]))
+
+    def run(*args: str) -> Result:
+        return meshca_cmd("anchor", *args, "--dir", d)
+
+    with TlsEcho(server_ctx) as echo, HandshakeLoop(client_ctx, echo.port, interval=0.1) as loop:
+
+        def handshakes(what: str) -> None:
+            start = len(loop.replies)
+            eventually_sync(lambda: len(loop.replies) >= start + 3 or loop.failures, 10, f"handshakes {what}")
+
+        handshakes("under A")
+        # 1. prepare: B reaches both sources through the watch stream.
+        assert run("prepare").code == 0
+        b = x509.load_pem_x509_certificate((d / "trust-anchor.next.crt").read_bytes())
+        eventually_sync(lambda: all(set(s.bundle.anchors) == {a, b} for s in both), 5, "B at both sources")
+        handshakes("with A and B trusted")
+        # 2. activate: refused by default (clients had 90 days to fetch B in production), forced here.
+        refused = run("activate")
+        assert refused.code == 1 and "activation is allowed from" in refused.stderr
+        assert run("activate", "--force").code == 0
+        new_issuer = x509.load_pem_x509_certificate((d / "issuer.crt").read_bytes())
+        assert new_issuer.issuer == b.subject
+        # The server reloads the issuer by itself; the sources renew under it at half life.
+        eventually_sync(lambda: all(s.svid.chain[1] == new_issuer for s in both), 15, "SVIDs renewed under B")
+        handshakes("with SVIDs under B, A and B trusted")
+        # 3. retire: refused while leaves issued under A live (and the grace after activation runs).
+        refused = run("retire", "--grace", "2s")
+        assert refused.code == 1 and "earliest safe time" in refused.stderr, refused
+        eventually_sync(lambda: run("retire", "--grace", "2s").code == 0, 20, "retire allowed", interval=0.5)
+        eventually_sync(lambda: all(s.bundle.anchors == (b,) for s in both), 5, "A gone at both sources")
+        renewed = {s.spiffe_id: svid_serial(s.svid) for s in both}
+        eventually_sync(lambda: all(svid_serial(s.svid) != renewed[s.spiffe_id] for s in both), 10, "renewals under B")
+        handshakes("under B alone")
+    assert loop.failures == [], (loop.failures, echo.errors)
+    assert echo.errors == []
+    # Both eras were on the wire, on both sides.
+    for seen in ([issuers[r.serial] for r in loop.replies], [issuers[acc.serial] for acc in echo.accepted]):
+        assert seen[0] == trust.ca.issuer_certificate
+        assert seen[-1] == new_issuer
+    assert time.monotonic() - started < 60

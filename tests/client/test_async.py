@@ -78,6 +78,27 @@ async def test_async_source_follows_bundle_changes_after_renewals(trust: Trust) 
         assert all(not t.done() for t in source._tasks)
 
 
+async def test_async_source_renews_at_once_when_its_anchor_leaves_the_bundle(trust: Trust) -> None:
+    """A forced anchor retirement: the SVID under A verifies no more, so it is renewed now, not at half its hour."""
+    tdir = meshca.TrustDir.at(trust.dir)
+    async with (
+        serving(trust.dir, trust.ca, write=False, leaf_ttl=timedelta(hours=1)) as h,
+        AsyncSvidSource(
+            h.address, trust.ca.bundle, WEB, join_token=add_token(trust.dir, WEB, uses=2), server_name=SERVER_NAME
+        ) as source,
+    ):
+        await source.wait_ready(10)
+        first = source.svid
+        now = meshca.system_clock()
+        b = tdir.prepare_anchor(meshca.generate_key(), now=now)
+        tdir.activate_anchor(now=now)
+        tdir.retire_anchor()
+        await eventually(lambda: source.bundle.anchors == (b,), 5, "the bundle without A")
+        await eventually(lambda: source.svid.chain[1].issuer == b.subject, 5, "an SVID under B")
+        assert source.svid is not first
+        assert all(not t.done() for t in source._tasks)
+
+
 # -- Kubernetes service-account JWT from a file
 
 

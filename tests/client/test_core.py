@@ -29,6 +29,7 @@ from meshca.client._core import Credentials, bundle_from_message, make_request, 
 from meshca.client._hooks import ClientMetrics, TlsContexts, log_event
 from meshca.client._state import (
     BundleIgnored,
+    ChainUntrusted,
     Event,
     Failure,
     Fetch,
@@ -39,6 +40,7 @@ from meshca.client._state import (
     Publish,
     Published,
     Reconnect,
+    RenewNow,
     Sleep,
     SourceConfig,
     SourceMachine,
@@ -387,6 +389,49 @@ def test_watch_applies_changed_anchors_backs_off_and_reconnects_once(
     ]
 
 
+def test_a_bundle_that_no_longer_verifies_the_svid_renews_it_at_once_with_the_bootstrap_credential(
+    ca: TestCA, rogue_ca: TestCA, clock: FrozenClock
+) -> None:
+    """Anchor rotation as a source sees it (A = ca, B = rogue_ca): A+B changes nothing; B alone renews early."""
+    machine, events = make_machine(ca, clock)
+    renewal = first_svid(machine, ca, clock)
+    assert renewal.send(None) == Sleep(5 * S)
+    watch = machine.watch()
+    next(watch)
+    # Prepared: B joins the bundle. The SVID still verifies: no early renewal.
+    assert isinstance(watch.send(bundle_message(ca, rogue_ca)), Publish)
+    assert watch.send(None) == NextBundle()
+    # A sleep that ends without cause (a stale wake-up) is decided again: it sleeps on, for the time left.
+    clock.advance(1 * S)
+    assert renewal.send(None) == Sleep(4 * S)
+    # Retired: A leaves. The SVID chains to A alone: the watch wakes the renewal flow.
+    machine.hooks.append(log_event)
+    with capture_logs() as logs:
+        assert isinstance(watch.send(bundle_message(rogue_ca)), Publish)
+        assert watch.send(None) == RenewNow()
+    assert watch.send(None) == NextBundle()
+    [line] = [e for e in logs if e["event"] == "svid.untrusted"]
+    assert (line["log_level"], line["spiffe_id"], line["action"]) == ("warning", str(WEB), "renewing now")
+    assert "anchor" in line["reason"]
+    [untrusted] = [e for e in events if isinstance(e, ChainUntrusted)]
+    assert untrusted.spiffe_id == WEB
+    assert "anchor" in untrusted.reason
+    # Woken with no time passed, it renews now, over a channel that trusts B alone, and with the
+    # join token: the server would refuse a proof of an SVID under A.
+    assert renewal.send(None) == Reconnect(machine.snapshot.bundle)
+    step = renewal.send(None)
+    assert credential(step) == "join_token"
+    assert renewal.send(BUSY) == Sleep(250 * MS)  # a failure backs off...
+    step = renewal.send(None)
+    assert credential(step) == "join_token"  # ...and tries again at once after it, not at half life
+    renewed = renewal.send(answer(rogue_ca, step, clock))
+    assert isinstance(renewed, Publish)
+    assert renewed.snapshot.svid is not None and renewed.snapshot.svid.chain[1] == rogue_ca.issuer_certificate
+    assert renewal.send(None) == Sleep(5 * S)  # under B: half of the new life
+    clock.advance(5 * S)
+    assert credential(renewal.send(None)) == "svid"  # renewals prove the SVID again
+
+
 def test_an_unreadable_bundle_message_is_ignored(ca: TestCA, clock: FrozenClock) -> None:
     machine, events = make_machine(ca, clock)
     watch = machine.watch()
@@ -453,7 +498,8 @@ def test_concurrent_renewal_and_bundle_update_lose_neither(ca: TestCA, rogue_ca:
     """The renewal thread and the watch thread both swap the snapshot; each keeps the other's half."""
     machine, _ = make_machine(ca, clock)
     renewal = first_svid(machine, ca, clock)
-    renewal.send(None)
+    assert renewal.send(None) == Sleep(5 * S)
+    clock.advance(5 * S)  # a renewal sleep that ends early is decided again: the time must have come
     step = renewal.send(None)
     reply = answer(ca, step, clock)
     watch = machine.watch()
@@ -503,7 +549,8 @@ def test_live_contexts_end_with_the_newest_svid_when_updates_race(
 
     monkeypatch.setattr(hooks_module, "refresh", slow_refresh)
     machine._lock = lock = CountingLock()  # type: ignore[assignment]
-    renewal.send(None)
+    renewal.send(None)  # the renewal sleep
+    clock.advance(5 * S)
     reply = answer(ca, renewal.send(None), clock)
     watch = machine.watch()
     next(watch)
@@ -556,6 +603,7 @@ def test_log_lines_name_what_happened_and_never_the_key(ca: TestCA, rogue_ca: Te
     with capture_logs() as logs:
         renewal = first_svid(machine, ca, clock)
         renewal.send(None)  # the renewal sleep
+        clock.advance(5 * S)
         assert isinstance(renewal.send(None), Fetch)
         renewal.send(BUSY)
         watch = machine.watch()

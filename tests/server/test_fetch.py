@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from support.ids import WEB
 from support.poll import eventually_sync
 from support.procs import ServeProcess, meshca_exe, run_meshca
@@ -148,6 +149,51 @@ def test_fetch_watch_renews_rewrites_and_runs_the_command(d: Path, tmp_path: Pat
                 key = meshca.load_private_key((out / "svid.key").read_bytes())
                 leaf = meshca.pki._certs.load_certificates((out / "svid.pem").read_bytes())[0]
             assert leaf.public_key() == key.public_key()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+
+
+def test_fetch_watch_follows_an_anchor_rotation_and_renews_at_once_when_its_anchor_is_retired(
+    d: Path, tmp_path: Path
+) -> None:
+    """bundle.pem is rewritten at each step; a forced retire renews the SVID now, not at half of its hour."""
+    with _serve(d, "--leaf-ttl", "1h") as server:
+        out = tmp_path / "out"
+        proc = subprocess.Popen(
+            [meshca_exe(), "fetch", "--server", f"localhost:{server.port}", "--bundle", str(d / "bundle.pem"),
+             "--token", _token(d, uses=2), "--spiffe-id", str(WEB), "--out-dir", str(out), "--watch"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+
+            def anchors() -> list[x509.Certificate]:
+                with contextlib.suppress(OSError, ValueError):
+                    return meshca.pki._certs.load_certificates((out / "bundle.pem").read_bytes())
+                return []
+
+            eventually_sync(lambda: len(anchors()) == 1, 20, "the first files", interval=0.2)
+            first = (out / "svid.pem").read_bytes()
+            a = anchors()[0]
+            assert run_meshca("anchor", "prepare", "--dir", d).returncode == 0
+            b = x509.load_pem_x509_certificate((d / "trust-anchor.next.crt").read_bytes())
+            eventually_sync(lambda: anchors() == [a, b], 10, "bundle.pem with the prepared anchor", interval=0.2)
+            assert run_meshca("anchor", "activate", "--dir", d, "--force").returncode == 0
+            assert run_meshca("anchor", "retire", "--dir", d, "--force").returncode == 0
+            eventually_sync(lambda: anchors() == [b], 10, "bundle.pem without the retired anchor", interval=0.2)
+
+            def renewed_under_b() -> bool:
+                with contextlib.suppress(OSError, ValueError):
+                    chain = meshca.pki._certs.load_certificates((out / "svid.pem").read_bytes())
+                    return chain[1].issuer == b.subject
+                return False
+
+            # The SVID under A verifies no more: renewed at once with the join token's second use.
+            eventually_sync(renewed_under_b, 10, "an SVID under the new anchor", interval=0.2)
+            assert (out / "svid.pem").read_bytes() != first
+            chain = meshca.pki._certs.load_certificates((out / "svid.pem").read_bytes())
+            bundle = meshca.TrustBundle.from_pem((out / "bundle.pem").read_bytes())
+            meshca.verify_chain(chain, bundle, at=meshca.system_clock())
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0

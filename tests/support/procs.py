@@ -149,6 +149,18 @@ class Result:
     stderr: str
 
 
+def assert_clean_failure(result: Result, code: int | None = None) -> None:
+    """Non-zero, no traceback, and one ``meshca: error:`` line: usage errors too, no usage dump."""
+    assert result.code != 0, result
+    if code is not None:
+        assert result.code == code, result
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("meshca: error: "), result.stderr
+
+
 def meshca_cmd(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 30) -> Result:
     proc = run_meshca(*args, cwd=cwd, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
