@@ -35,7 +35,22 @@ from meshca.pki._time import Clock, system_clock
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "run"]
 
-COMMANDS = (_init, _anchor, _issuer, _issue, _bundle, _verify, _inspect, _check, _serve, _install, _token, _log, _fetch, _simulate)
+COMMANDS = (
+    _init,
+    _anchor,
+    _issuer,
+    _issue,
+    _bundle,
+    _verify,
+    _inspect,
+    _check,
+    _serve,
+    _install,
+    _token,
+    _log,
+    _fetch,
+    _simulate,
+)
 
 Command = Callable[[argparse.Namespace, Clock], int]
 
