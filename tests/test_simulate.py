@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import pytest
+from support.procs import Result, assert_clean_failure
 
 from meshca.client._simulate import START, Outage, Policy, Report, _Verdicts, simulate
 from meshca.pki._anchors import DEFAULT_RETIRE_GRACE
@@ -17,7 +18,6 @@ from meshca.pki._lifecycle import mint_issuer
 from meshca.pki._profiles import build_anchor
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 from meshca.pki._verify import verify_chain
-from tests.support.procs import Result, assert_clean_failure
 
 H = timedelta(hours=1)
 D = timedelta(days=1)
