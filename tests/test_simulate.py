@@ -89,6 +89,15 @@ def test_a_leaf_ttl_longer_than_the_issuer_ttl_fails_the_policy() -> None:
     assert "cut to" in failure["why"] and "leaf TTL 10d" in failure["why"]
 
 
+def test_leaves_longer_than_a_sixth_of_the_issuer_are_cut_near_handover_and_warned_of() -> None:
+    report = simulate(Policy(days=15, workloads=2, leaf_ttl=2 * D, issuer_ttl=7 * D))
+    assert report.ok  # nothing failed, and the lifetime rules hold: a warning, not an error
+    assert 0 < report.leaves_cut_short < report.leaves_issued
+    warning = next(f for f in report.findings if f["severity"] == "warning")
+    assert "hands over with 28h of its life left, less than the leaf TTL 2d" in warning["message"]
+    assert not simulate(Policy(days=15, workloads=2, leaf_ttl=28 * H, issuer_ttl=7 * D)).leaves_cut_short
+
+
 def test_retiring_the_old_anchor_too_early_fails_handshakes() -> None:
     policy = Policy(days=20, workloads=3, rotate_anchor_on_day=10, retire_anchor_after=H)
     report = simulate(policy)

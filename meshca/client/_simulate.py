@@ -11,9 +11,9 @@ meshca's real code, not a model of it:
   backoff are the client's own;
 - an anchor rotation really makes a new anchor, publishes a bundle with both,
   switches issuance over with `IssuerSlots.replace` and drops the old anchor;
-- every handshake round, each workload dials every other one and both sides
-  verify the peer's current chain against their own current bundle with
-  `verify_chain` at the simulated time.
+- every handshake round, and whenever a workload's SVID or bundle changes,
+  workloads dial each other and both sides verify the peer's current chain
+  against their own current bundle with `verify_chain` at the simulated time.
 
 An outage is the identity service being down: no issuance, no bundle stream,
 no issuer step; an anchor step due in an outage is taken when it ends. A
@@ -58,8 +58,8 @@ from meshca.pki._check import lifetime_findings
 from meshca.pki._csr import check_csr, load_csr
 from meshca.pki._errors import MeshcaError, VerificationError
 from meshca.pki._issuer import Issuer
-from meshca.pki._keys import generate_key
-from meshca.pki._lifecycle import IssuerSlots, mint_issuer
+from meshca.pki._keys import PrivateKey, generate_key
+from meshca.pki._lifecycle import ACTIVATE_CAP, IssuerSlots, mint_issuer
 from meshca.pki._profiles import ANCHOR_LIFETIME, LEAF_TTL, build_anchor
 from meshca.pki._proof import SvidProof, verify_svid_proof
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy
@@ -420,9 +420,8 @@ class _Simulation:
         self._events: list[tuple[datetime, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self.workloads = [self._workload(i) for i in range(policy.workloads)]
-        self.new_anchor: tuple[x509.Certificate, Any] | None = None
+        self.new_anchor: tuple[x509.Certificate, PrivateKey] | None = None
         self.old_anchor: x509.Certificate | None = None
-        self.prepared_at: datetime | None = None
         self.activated_at: datetime | None = None
         self.outage_end: datetime | None = None
         self._deferred: list[Callable[[], None]] = []
@@ -473,7 +472,19 @@ class _Simulation:
         while self._events and self._events[0][0] <= self.end:
             self.now, _, action = heapq.heappop(self._events)
             action()
-        return self.report
+        report = self.report
+        handover = min(self.policy.issuer_ttl / 6, ACTIVATE_CAP)
+        if report.leaves_cut_short and not report.policy_errors:
+            report.findings.append(
+                {
+                    "severity": "warning",
+                    "rule": "leaf lifetime",
+                    "message": f"{report.leaves_cut_short} leaves were cut short by their issuer chain: an issuer "
+                    f"hands over with {format_duration(handover)} of its life left, less than the leaf TTL "
+                    f"{format_duration(self.policy.leaf_ttl)} (an issuer TTL of six leaf lifetimes avoids it)",
+                }
+            )
+        return report
 
     # -- the workloads' flows
 
@@ -613,7 +624,7 @@ class _Simulation:
         service = self.service
         key = generate_key()
         anchor = build_anchor(key, _TRUST_DOMAIN, now=self.now, lifetime=self.policy.anchor_lifetime)
-        self.new_anchor, self.prepared_at = (anchor, key), self.now
+        self.new_anchor = anchor, key
         service.set_bundle(service.bundle.with_anchor(anchor))
         self.report.anchor_steps.append(("prepare", self.now))
         self.bundle_changed()
