@@ -11,8 +11,8 @@ meshca's real code, not a model of it:
   backoff are the client's own;
 - an anchor rotation really makes a new anchor, publishes a bundle with both,
   switches issuance over with `IssuerSlots.replace` and drops the old anchor;
-- every handshake round, and whenever a workload's SVID or bundle changes,
-  workloads dial each other and both sides verify the peer's current chain
+- every handshake round, and whenever a workload's SVID or bundle changes or
+  its SVID expires, workloads dial each other and both sides verify the peer's current chain
   against their own current bundle with `verify_chain` at the simulated time.
 
 An outage is the identity service being down: no issuance, no bundle stream,
@@ -37,7 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshca._proto import meshca_identity_pb2 as pb
-from meshca.client._core import Credentials
+from meshca.client._core import Credentials, X509Svid
 from meshca.client._state import (
     Failure,
     Fetch,
@@ -80,6 +80,7 @@ _DER = Encoding.DER
 _DAY = timedelta(days=1)
 _RETRY_STEP = timedelta(hours=1)  # how soon a failed issuer step (the anchor expired) is tried again
 _MIN_STEP = timedelta(minutes=1)
+_SECOND = timedelta(seconds=1)
 _TRUST_DOMAIN = TrustDomain.parse("sim.example")
 
 
@@ -353,6 +354,7 @@ class _Workload:
     parked: bool = False  # the watch waits on its stream for the next bundle
     bundle_delay: timedelta = timedelta()  # how long a bundle change takes to reach it
     naps: int = 0  # the renewal flow's current sleep: an older wake-up is stale
+    watched: X509Svid | None = None  # the SVID whose expiry is on the heap
 
 
 class _Verdicts:
@@ -527,8 +529,12 @@ class _Simulation:
                     else:
                         w.parked = True
                         return
-                case Publish():
+                case Publish(snapshot):
                     self.handshakes_with(w)
+                    if snapshot.svid is not None and snapshot.svid is not w.watched:
+                        # and the moment it expires, should it still be in use
+                        w.watched = svid = snapshot.svid
+                        self.at(svid.not_after + _SECOND, partial(self.expired, w, svid))
                 case GiveUp(error):
                     raise AssertionError(f"{w.name} gave up: {error}")  # only refusals before a first SVID
 
@@ -684,6 +690,10 @@ class _Simulation:
         for client, server in itertools.permutations(self.workloads, 2):
             self.handshake(client, server)
         self.at(self.now + self.policy.handshake_every, self.handshake_round)
+
+    def expired(self, w: _Workload, svid: X509Svid) -> None:
+        if w.machine.snapshot.svid is svid:
+            self.handshakes_with(w)
 
     def handshakes_with(self, w: _Workload) -> None:
         """``w`` changed its SVID or bundle: it dials every peer and every peer dials it (once all have started)."""
