@@ -91,13 +91,18 @@ def test_a_leaf_ttl_longer_than_the_issuer_ttl_fails_the_policy() -> None:
     assert "cut to" in failure["why"] and "leaf TTL 10d" in failure["why"]
 
 
-def test_leaves_longer_than_a_sixth_of_the_issuer_are_cut_near_handover_and_warned_of() -> None:
+def test_leaves_longer_than_a_sixth_of_the_issuer_are_cut_at_handover_and_fail_the_policy() -> None:
     report = simulate(Policy(days=15, workloads=2, leaf_ttl=2 * D, issuer_ttl=7 * D))
-    assert report.ok  # nothing failed, and the lifetime rules hold: a warning, not an error
-    assert 0 < report.leaves_cut_short < report.leaves_issued
-    warning = next(f for f in report.findings if f["severity"] == "warning")
-    assert "hands over with 28h of its life left, less than the leaf TTL 2d" in warning["message"]
-    assert not simulate(Policy(days=15, workloads=2, leaf_ttl=28 * H, issuer_ttl=7 * D)).leaves_cut_short
+    assert not report.ok and report.failed_handshakes == 0
+    assert 0 < report.leaves_cut_short < report.leaves_issued  # only those signed close to a handover
+    error = next(f for f in report.findings if f["severity"] == "error")
+    assert error["rule"] == "issuer handover"
+    assert "hands over with 28h of its life left" in error["message"]
+    failure = report.as_json()["first_failure"]
+    assert failure["kind"] == "policy" and failure["day"] >= 4  # the first handover comes at 5d20h
+    # a sixth of the issuer TTL exactly: no leaf is cut, the policy holds
+    fits = simulate(Policy(days=15, workloads=2, leaf_ttl=28 * H, issuer_ttl=7 * D))
+    assert fits.ok and fits.leaves_cut_short == 0
 
 
 def test_retiring_the_old_anchor_too_early_fails_handshakes() -> None:
