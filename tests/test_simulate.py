@@ -238,6 +238,7 @@ def test_human_summary(cli: Callable[..., Result]) -> None:
         (["--days", "30", "--retire-anchor-after", "1h"], "need --rotate-anchor-on-day"),
         (["--days", "30", "--leaf-ttl", "0s"], "must be positive"),
         (["--days", "30", "--handshake-every", "10s"], "at least 1m"),
+        (["--days", "3650", "--workloads", "100"], "handshakes would take too long"),
         ([], "--days"),
     ],
 )

@@ -71,6 +71,7 @@ __all__ = ["BUNDLE_DELAY", "DEFAULT_ISSUER_TTL", "HANDSHAKE_EVERY", "START", "Ou
 
 DEFAULT_ISSUER_TTL = timedelta(days=7)
 HANDSHAKE_EVERY = timedelta(hours=1)
+MAX_HANDSHAKES = 20_000_000  # in rounds: about ten minutes here; a default year has 788,400
 BUNDLE_DELAY = timedelta(seconds=30)
 """A bundle change reaches each workload after a delay drawn up to this (the stream, a proxy's reload)."""
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -148,6 +149,12 @@ class Policy:
         for outage in self.outages:
             if outage.day >= self.days:
                 raise ValueError(f"--outage {outage} starts after the {self.days} simulated days")
+        rounds = self.days * _DAY // self.handshake_every
+        if (planned := rounds * self.workloads * (self.workloads - 1)) > MAX_HANDSHAKES:
+            raise ValueError(
+                f"{planned} handshakes would take too long (at most {MAX_HANDSHAKES}): "
+                "fewer --workloads or --days, or a longer --handshake-every"
+            )
         if day is None and (self.activate_anchor_after or self.retire_anchor_after):
             raise ValueError("--activate-anchor-after and --retire-anchor-after need --rotate-anchor-on-day")
 
