@@ -16,6 +16,7 @@ from meshca.pki._errors import VerificationError
 from meshca.pki._keys import generate_key
 from meshca.pki._lifecycle import mint_issuer
 from meshca.pki._profiles import build_anchor
+from meshca.pki._rotation import RenewalPolicy
 from meshca.pki._spiffe import SpiffeId, TrustDomain
 from meshca.pki._verify import verify_chain
 
@@ -35,9 +36,14 @@ def _steps(report: Report) -> dict[str, datetime]:
 
 
 def test_a_year_with_an_anchor_rotation_and_long_outages_fails_no_handshake() -> None:
-    outages = (Outage(100, 13 * H), Outage(181, 13 * H))  # the second one holds up the activation
-    report = simulate(Policy(days=365, workloads=3, rotate_anchor_on_day=180, outages=outages))
+    # Outages longer than half a leaf lifetime (the second one holds up the activation), with workloads
+    # renewing at a third of the lifetime (± 0.1): a leaf has at least 13h36m left when its renewal falls
+    # due, so however the outages fall against the renewals, none outlasts a leaf.
+    outages = (Outage(100, 13 * H), Outage(181, 13 * H))
+    renewal = RenewalPolicy(fraction=1 / 3)
+    report = simulate(Policy(days=365, workloads=3, rotate_anchor_on_day=180, outages=outages, renewal=renewal))
     assert report.failed_handshakes == 0, report.failure
+    assert not [f for f in report.findings if f["severity"] != "ok"]
     assert report.ok and report.failure is None
     assert report.handshakes > 365 * 24 * 6  # every hour, every ordered pair, and at every change
     assert report.anchor_rotations == 1
@@ -54,9 +60,26 @@ def test_a_year_with_an_anchor_rotation_and_long_outages_fails_no_handshake() ->
     assert steps["activate"] < steps["retire"] <= steps["activate"] + 24 * H + DEFAULT_RETIRE_GRACE
 
 
-def test_an_outage_just_shorter_than_the_leaf_lifetime_is_ridden_out() -> None:
-    report = simulate(Policy(days=6, workloads=3, outages=(Outage(2, 11 * H),)))
+def test_outages_within_the_budget_of_the_default_renewal_are_ridden_out() -> None:
+    # renewal at 50% ± 10% of 24h: a leaf has at least 9h36m left when its renewal falls due
+    outages = tuple(Outage(day, 9 * H) for day in (1, 2.3, 3.7, 4.45))
+    report = simulate(Policy(days=6, workloads=4, outages=outages))
     assert report.ok, report.failure
+    assert report.fetch_failures > 0
+    assert not [f for f in report.findings if f["severity"] != "ok"]
+
+
+def test_an_outage_longer_than_what_is_left_when_a_renewal_falls_due_expires_leaves() -> None:
+    # Longer than half a leaf but shorter than a whole one: it begins just as the renewals fall due
+    # (at exactly 60% of the lifetime here: no jitter), when the leaves have 9h36m left.
+    renewal = RenewalPolicy(fraction=0.6, jitter=0.0)
+    report = simulate(Policy(days=3, workloads=2, outages=(Outage(0.599, 13 * H),), renewal=renewal))
+    assert not report.ok and report.failed_handshakes > 0
+    warning = next(f for f in report.findings if f["rule"] == "outage")
+    assert warning["severity"] == "warning" and "9h36m a leaf is sure to have left" in warning["message"]
+    failure = report.as_json()["first_failure"]
+    assert START + 24 * H < _time(failure["time"]) < START + 24 * H + timedelta(seconds=15)
+    assert "leaf expired at" in failure["why"]
 
 
 # -- bad policies
@@ -210,6 +233,7 @@ def test_json_shape(cli: Callable[..., Result]) -> None:
     assert "first_failure" not in data
     assert data["ok"] is True and data["failed_handshakes"] == 0 and data["handshakes"] > 0
     assert data["policy"]["issuer_ttl"] == "7d" and data["policy"]["leaf_ttl"] == "24h"
+    assert data["policy"]["renew_at"] == 0.5
 
 
 def test_a_failed_run_exits_1_with_its_first_failure(cli: Callable[..., Result]) -> None:
@@ -238,6 +262,7 @@ def test_human_summary(cli: Callable[..., Result]) -> None:
         (["--days", "30", "--retire-anchor-after", "1h"], "need --rotate-anchor-on-day"),
         (["--days", "30", "--leaf-ttl", "0s"], "must be positive"),
         (["--days", "30", "--handshake-every", "10s"], "at least 1m"),
+        (["--days", "30", "--renew-at", "0.95"], "--renew-at must be between 0.1 and 0.9"),
         (["--days", "3650", "--workloads", "100"], "handshakes would take too long"),
         ([], "--days"),
     ],

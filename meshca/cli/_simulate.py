@@ -7,6 +7,7 @@ import argparse
 from meshca.cli._options import CliError, add_duration, add_json, add_leaf_ttl, emit
 from meshca.client._simulate import BUNDLE_DELAY, DEFAULT_ISSUER_TTL, HANDSHAKE_EVERY, Outage, Policy, simulate
 from meshca.pki._profiles import ANCHOR_LIFETIME
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy
 from meshca.pki._time import Clock
 
 
@@ -49,12 +50,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_duration(p, "--handshake-every", HANDSHAKE_EVERY, "how often every workload dials every other one")
     add_duration(p, "--bundle-delay", BUNDLE_DELAY, "a bundle change reaches each workload within this")
+    p.add_argument(
+        "--renew-at",
+        type=float,
+        default=DEFAULT_POLICY.fraction,
+        metavar="FRACTION",
+        help="workloads renew at this fraction of their SVID's lifetime, ± 0.1 (SvidSource's "
+        "RenewalPolicy(fraction=...); default 0.5)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of the workloads' jitter (default 0)")
     add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, clock: Clock) -> int:
+    if not DEFAULT_POLICY.jitter < args.renew_at < 1 - DEFAULT_POLICY.jitter:
+        raise CliError(f"--renew-at must be between {DEFAULT_POLICY.jitter} and {1 - DEFAULT_POLICY.jitter}", 2)
     try:
         policy = Policy(
             days=args.days,
@@ -69,6 +80,7 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
             handshake_every=args.handshake_every,
             bundle_delay=args.bundle_delay,
             seed=args.seed,
+            renewal=RenewalPolicy(fraction=args.renew_at),
         )
     except ValueError as exc:
         raise CliError(str(exc), 2) from None

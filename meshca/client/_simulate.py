@@ -172,7 +172,14 @@ class Policy:
             "handshake_every": format_duration(self.handshake_every),
             "bundle_delay": format_duration(self.bundle_delay),
             "seed": self.seed,
+            "renew_at": self.renewal.fraction,
+            "renew_jitter": self.renewal.jitter,
         }
+
+    @property
+    def outage_budget(self) -> timedelta:
+        """The least life a leaf has left when its renewal falls due: an outage longer may outlast it."""
+        return self.leaf_ttl * (1 - self.renewal.fraction - self.renewal.jitter)
 
 
 def _opt_duration(value: timedelta | None) -> str | None:
@@ -456,6 +463,16 @@ class _Simulation:
                 "of its life left, so the leaves it signs last are cut short"
             )
             findings.append({"severity": "error", "rule": "issuer handover", "message": message})
+        budget, renewal = policy.outage_budget, policy.renewal
+        for outage in policy.outages:
+            if outage.duration > budget:
+                message = (
+                    f"the outage {outage} is longer than the {format_duration(budget)} a leaf is sure to have left "
+                    f"when its renewal falls due (at {renewal.fraction:.0%} ± {renewal.jitter:.0%} of "
+                    f"{format_duration(policy.leaf_ttl)}): a workload whose renewal falls due as it begins loses "
+                    "its SVID before it ends"
+                )
+                findings.append({"severity": "warning", "rule": "outage", "message": message})
         return findings
 
     def _workload(self, n: int) -> _Workload:
