@@ -382,14 +382,16 @@ class _Verdicts:
     Within the validity window of a chain (the latest NotBefore to the
     earliest NotAfter of its certificates) the verdict does not depend on
     the time: an issuer never outlives its anchor, so the anchor is valid
-    throughout. Before the window and after it every verification fails on
-    validity. So the real verifier runs once per region; tests/test_simulate.py
-    checks the memo against direct calls.
+    throughout. Before the window and after it, verification fails on the
+    leaf's validity, whose message names the leaf's own time (a leaf never
+    outlives its issuer, nor precedes it). So the real verifier runs once per
+    region; tests/test_simulate.py checks the memo against direct calls.
     """
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[int, int, str, int], tuple[object, object, str | None]] = {}
-        self._windows: dict[int, tuple[tuple[x509.Certificate, ...], datetime, datetime]] = {}
+        Chain = tuple[x509.Certificate, ...]
+        self._memo: dict[tuple[int, int, str, int], tuple[Chain, TrustBundle, str | None]] = {}
+        self._seen: dict[tuple[int, int, str], tuple[Chain, TrustBundle, datetime, datetime, str | None]] = {}
         self._bundles: dict[int, tuple[TrustBundle, TrustBundle]] = {}
         self._by_anchors: dict[frozenset[bytes], TrustBundle] = {}
 
@@ -405,25 +407,32 @@ class _Verdicts:
         self, chain: tuple[x509.Certificate, ...], bundle: TrustBundle, role: PeerRole, at: datetime
     ) -> str | None:
         """None if the chain verifies against ``bundle`` at ``at``; otherwise why not."""
-        window = self._windows.get(id(chain))
-        if window is None or window[0] is not chain:
-            lo = max(c.not_valid_before_utc for c in chain)
-            hi = min(c.not_valid_after_utc for c in chain)
-            window = self._windows[id(chain)] = (chain, lo, hi)
-        region = -1 if at < window[1] else 1 if at > window[2] else 0
-        bundle = self._canonical(bundle)
-        key = (id(chain), id(bundle), role, region)
-        hit = self._memo.get(key)
-        if hit is not None and hit[0] is chain and hit[1] is bundle:
-            return hit[2]
+        key = (id(chain), id(bundle), role)
+        hit = self._seen.get(key)  # the common case, asked every round: one lookup
+        if hit is not None and hit[0] is chain and hit[1] is bundle and hit[2] <= at <= hit[3]:
+            return hit[4]
+        lo = max(c.not_valid_before_utc for c in chain)
+        hi = min(c.not_valid_after_utc for c in chain)
+        region = -1 if at < lo else 1 if at > hi else 0
+        same = self._canonical(bundle)
+        memo_key = (id(chain), id(same), role, region)
+        memo = self._memo.get(memo_key)
+        if memo is not None and memo[0] is chain and memo[1] is same:
+            verdict = memo[2]
+        else:
+            verdict = self._verify(chain, same, role, at)
+            self._memo[memo_key] = (chain, same, verdict)
+        if region == 0:
+            self._seen[key] = (chain, bundle, lo, hi, verdict)
+        return verdict
+
+    @staticmethod
+    def _verify(chain: tuple[x509.Certificate, ...], bundle: TrustBundle, role: PeerRole, at: datetime) -> str | None:
         try:
             verify_chain(list(chain), bundle, at=at, role=role)
-            verdict = None
         except VerificationError as exc:
-            verdict = str(exc)
-        if region == 0:  # before and after the window the message names the time: ask again
-            self._memo[key] = (chain, bundle, verdict)
-        return verdict
+            return str(exc)
+        return None
 
 
 # -- the simulation
