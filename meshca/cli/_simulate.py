@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "simulate",
         help="try a rotation policy on a simulated clock: issuers, anchors, renewals, handshakes",
         description="Runs meshca's issuance, issuer rotation, anchor rotation and client renewal code on a "
-        "simulated clock, with workloads handshaking with each other every --handshake-every. "
+        "simulated clock, with workloads handshaking with each other every --handshake-every and at every change. "
         "Exit 0 when no handshake failed and the lifetimes break no rule, 1 otherwise.",
     )
     p.add_argument("--days", type=int, required=True, metavar="N", help="how many days to simulate (1 to 3650)")
