@@ -477,7 +477,7 @@ class _Simulation:
             if outage.duration > budget:
                 message = (
                     f"the outage {outage} is longer than the {format_duration(budget)} a leaf is sure to have left "
-                    f"when its renewal falls due (at {renewal.fraction:.0%} ± {renewal.jitter:.0%} of "
+                    f"when its renewal falls due (at {renewal.fraction:.0%} +/- {renewal.jitter:.0%} of "
                     f"{format_duration(policy.leaf_ttl)}): a workload whose renewal falls due as it begins loses "
                     "its SVID before it ends"
                 )
