@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/debian-packages.sh openssl:openssl certtool:gnutls-bin sqlite3:sqlite3 psql:postgresql-client
+bash scripts/debian-packages.sh openssl:openssl certtool:gnutls-bin sqlite3:sqlite3 psql:postgresql-client promtool:prometheus
 # The PKCS#11 tests use a throwaway SoftHSM2 token and OpenSC's pkcs11-tool: installed
 # as root; otherwise they skip locally (and fail in CI).
 if [ "$(id -u)" = 0 ]; then

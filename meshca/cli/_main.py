@@ -27,6 +27,7 @@ from meshca.cli import (
     _issuer,
     _log,
     _serve,
+    _simulate,
     _token,
     _verify,
 )
@@ -52,6 +53,7 @@ COMMANDS = (
     _log,
     _fetch,
     _agent,
+    _simulate,
 )
 
 Command = Callable[[argparse.Namespace, Clock], int]
