@@ -3,7 +3,16 @@
 from meshca.server._app import IdentityServer, store_path
 from meshca.server._config import K8sJwtConfig, ServerConfig, TokenReviewConfig
 from meshca.server._metrics import StoreMetrics
-from meshca.server._store import IssuanceRecord, JoinToken, SqliteStore, Store, hash_token, new_token, open_store
+from meshca.server._store import (
+    IssuanceRecord,
+    IssuerCertRecord,
+    JoinToken,
+    SqliteStore,
+    Store,
+    hash_token,
+    new_token,
+    open_store,
+)
 from meshca.server._workers import run_supervisor
 from meshca.server.api import linkerd_identity_to_spiffe_id
 from meshca.server.credentials import Principal, service_account_id
@@ -11,6 +20,7 @@ from meshca.server.credentials import Principal, service_account_id
 __all__ = [
     "IdentityServer",
     "IssuanceRecord",
+    "IssuerCertRecord",
     "JoinToken",
     "K8sJwtConfig",
     "Principal",

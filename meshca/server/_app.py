@@ -78,7 +78,7 @@ class IdentityServer:
         self.config = config
         self.clock = clock
         self.tdir = TrustDir.at(config.dir)
-        self.metrics = Metrics(multiprocess=multiprocess_metrics)
+        self.metrics = Metrics(multiprocess=multiprocess_metrics, managed=config.issuer_ttl is not None)
         self.store: Store = (
             store
             if store is not None
@@ -91,7 +91,7 @@ class IdentityServer:
             )
         )
         try:
-            self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase, last_good=last_good)
+            self.state = self._issuer_state(last_good)
             td = self.state.issuer.trust_domain
             # Asked in this order; the first kind that claims a credential decides (JWKS before TokenReview).
             credentials: list[Credential] = [JoinTokenCredential(self.store, clock)]
@@ -121,6 +121,22 @@ class IdentityServer:
         self._health_ready: bool | None = None  # what gRPC health says now
         # Store checks wait up to the store's timeouts: a thread of their own, joined before the store closes.
         self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshca-store-check")
+
+    def _issuer_state(self, last_good: Issuer | None) -> IssuerState:
+        cfg = self.config
+        if cfg.issuer_ttl is not None:
+            return IssuerState.managed(
+                self.tdir,
+                self.clock,
+                self.metrics,
+                self.store,
+                cfg.passphrase,
+                issuer_ttl=cfg.issuer_ttl,
+                max_leaf_ttl=cfg.max_leaf_ttl,
+            )
+        return IssuerState.from_files(
+            self.tdir, self.clock, self.metrics, self.store, cfg.passphrase, last_good=last_good, warn=cfg.issuer_warn
+        )
 
     @property
     def ready(self) -> bool:

@@ -261,7 +261,7 @@ def state_on(
     store = SqliteStore(d / "meshca.db")
     try:
         with capture_logs() as logs:
-            yield IssuerState(ca.write(d), clock, metrics, store), logs
+            yield IssuerState.from_files(ca.write(d), clock, metrics, store), logs
     finally:
         store.close()
 
