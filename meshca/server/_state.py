@@ -55,6 +55,7 @@ from meshca.pki._certs import fingerprint, load_certificates
 from meshca.pki._check import issuer_warning
 from meshca.pki._custody import SigningKey, as_signer, load_signing_key
 from meshca.pki._errors import IssuerUnavailable, KeyCustodyError, MeshcaError, StoreError
+from meshca.pki._files import check_private
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import generate_key, private_key_pem
 from meshca.pki._lifecycle import IssuerSlots, Rotation, mint_issuer
@@ -65,7 +66,7 @@ from meshca.pki._verify import verify_chain
 from meshca.server._metrics import Labelled, Metrics
 from meshca.server._store import IssuanceRecord, IssuerCertRecord, Store
 
-__all__ = ["FileIssuers", "IssuerState", "ManagedIssuers", "ServingSvid", "replica_name"]
+__all__ = ["FileIssuers", "IssuerState", "ManagedIssuers", "ServingSvid", "check_anchor", "load_anchor", "replica_name"]
 
 log = structlog.get_logger("meshca.server")
 
@@ -285,6 +286,35 @@ class _Anchor:
         return fingerprint(self.certificate)
 
 
+def load_anchor(tdir: TrustDir, passphrase: bytes | None) -> _Anchor:
+    """The active anchor: DIR/trust-anchor.crt and its key (file or URI), which must match."""
+    try:
+        certificate = load_certificates(tdir.anchor_cert.read_bytes())[0]
+    except OSError as exc:
+        raise IssuerUnavailable(f"cannot read {tdir.anchor_cert}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise IssuerUnavailable(f"{tdir.anchor_cert}: {exc}") from exc
+    uri = tdir.anchor_key_uri.exists()
+    source = tdir.anchor_key_uri if uri else tdir.anchor_key
+    if uri and tdir.anchor_key.exists():
+        raise IssuerUnavailable(f"both {tdir.anchor_key} and {tdir.anchor_key_uri} exist: remove one")
+    try:
+        check_private(source)  # a key others could replace would let them choose the issuers' anchor
+        key = load_signing_key(source.read_bytes(), passphrase)
+    except OSError as exc:
+        raise IssuerUnavailable(f"cannot read {source}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise IssuerUnavailable(f"{source}: {exc}") from exc
+    if as_signer(key).public_key() != certificate.public_key():
+        raise IssuerUnavailable(f"{source} is not the key of {tdir.anchor_cert}")
+    return _Anchor(certificate, key)
+
+
+def check_anchor(tdir: TrustDir, passphrase: bytes | None) -> None:
+    """Raises unless DIR holds an anchor a managed service can mint from (for a one-line start failure)."""
+    load_anchor(tdir, passphrase)
+
+
 class ManagedIssuers:
     """Issuers this replica mints from the active anchor (managed mode), scheduled by `IssuerSlots`.
 
@@ -350,26 +380,7 @@ class ManagedIssuers:
     # the anchor files
 
     def _load_anchor(self) -> _Anchor:
-        tdir = self._tdir
-        try:
-            certificate = load_certificates(tdir.anchor_cert.read_bytes())[0]
-        except OSError as exc:
-            raise IssuerUnavailable(f"cannot read {tdir.anchor_cert}: {exc.strerror}") from exc
-        except ValueError as exc:
-            raise IssuerUnavailable(f"{tdir.anchor_cert}: {exc}") from exc
-        uri = tdir.anchor_key_uri.exists()
-        source = tdir.anchor_key_uri if uri else tdir.anchor_key
-        if uri and tdir.anchor_key.exists():
-            raise IssuerUnavailable(f"both {tdir.anchor_key} and {tdir.anchor_key_uri} exist: remove one")
-        try:
-            key = load_signing_key(source.read_bytes(), self._passphrase)
-        except OSError as exc:
-            raise IssuerUnavailable(f"cannot read {source}: {exc.strerror}") from exc
-        except ValueError as exc:
-            raise IssuerUnavailable(f"{source}: {exc}") from exc
-        if as_signer(key).public_key() != certificate.public_key():
-            raise IssuerUnavailable(f"{source} is not the key of {tdir.anchor_cert}")
-        return _Anchor(certificate, key)
+        return load_anchor(self._tdir, self._passphrase)
 
     def _load_bundle(self, anchor: _Anchor) -> TrustBundle:
         bundle = self._tdir.load_bundle()
