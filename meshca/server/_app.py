@@ -249,6 +249,13 @@ class IdentityServer:
                 self.state.poll()
             except Exception:
                 log.exception("issuer.poll_failed")
+            if not self.config.insecure_plaintext and self.state.usable:
+                # Renewed here, ahead of the next handshake, so it follows a new active issuer even while
+                # no client connects (in a thread: recording it waits for the store).
+                try:
+                    await asyncio.to_thread(self.state.serving_svid, self.config.server_names, self.config.leaf_ttl)
+                except MeshcaError as exc:
+                    log.error("server.svid_failed", reason=str(exc))
             await self._set_health()
 
     async def _store_loop(self) -> None:

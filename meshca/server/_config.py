@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from meshca.pki._csr import KeyPolicy
+from meshca.pki._time import format_duration
 
 __all__ = ["ISSUER_TTL", "K8sJwtConfig", "ServerConfig", "TokenReviewConfig", "check_issuer_ttl"]
 
@@ -51,7 +52,8 @@ def check_issuer_ttl(issuer_ttl: timedelta, leaf_ttl: timedelta) -> None:
         raise ValueError("issuer TTL must be at least 1 minute")
     if leaf_ttl > issuer_ttl / 6:
         raise ValueError(
-            f"leaf TTL {leaf_ttl} does not fit an issuer TTL of {issuer_ttl}: an active issuer has a sixth "
+            f"leaf TTL {format_duration(leaf_ttl)} does not fit an issuer TTL of {format_duration(issuer_ttl)}: "
+            "an active issuer has a sixth "
             "of its life left when it hands over, so the leaf TTL must be at most that"
         )
 
