@@ -348,9 +348,11 @@ class ManagedIssuers:
         self._anchor = self._load_anchor()
         self._bundle = self._load_bundle(self._anchor)
         self._slots = IssuerSlots(max_leaf_ttl)
-        self._report(self._slots.advance(clock(), self._mint))
+        done = self._slots.advance(clock(), self._mint)
+        self._report(done)
         if self._slots.active is None:
-            raise IssuerUnavailable("no issuer could be minted from the trust anchor (see issuer.mint_failed)")
+            reason = next((step.reason for step in done if not step.ok), "")
+            raise IssuerUnavailable(f"no issuer could be minted from {tdir.anchor_cert}: {reason}")
 
     @property
     def active(self) -> Issuer:
