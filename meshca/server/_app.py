@@ -246,7 +246,8 @@ class IdentityServer:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.state.poll()
+                await asyncio.to_thread(self.state.refresh)  # may wait for the store or a token
+                self.state.apply()
             except Exception:
                 log.exception("issuer.poll_failed")
             if not self.config.insecure_plaintext and self.state.usable:

@@ -511,6 +511,7 @@ class IssuerState:
         self._unrecorded: dict[str, Issuer] = {}  # file mode: loaded issuers the store has not taken yet
         self._metrics.serving.set(1)
         self._note_issuer()
+        self._record_pending()
         self._export()
 
     @classmethod
@@ -588,17 +589,24 @@ class IssuerState:
     # -- reload
 
     def poll(self) -> bool:
-        """Polls the source (files, schedule); takes its issuer and bundle; refreshes usability and metrics.
+        """`refresh`, then `apply`: for a caller without an event loop to keep free (tests, tools)."""
+        self.refresh()
+        return self.apply()
 
-        Returns True when another issuer became active.
-        """
+    def refresh(self) -> None:
+        """The part of a poll that may wait (files, the anchor's token, the store): the source polls (reloads,
+        takes its due steps, mints) and loaded issuers are recorded. The server runs it off the event loop."""
         self._source.poll(self._clock())
+        self._record_pending()
+
+    def apply(self) -> bool:
+        """Takes the source's issuer and bundle (a new bundle wakes the watchers), exports the metrics,
+        refreshes usability. On the event loop, after `refresh`. Returns True when another issuer became active."""
         swapped = self._source.active is not self.issuer
         if swapped:
             self.issuer = self._source.active
             self._note_issuer()
         self._take_bundle(self._source.bundle)
-        self._record_pending()
         self._export()
         self._refresh_usable()
         return swapped
@@ -613,10 +621,10 @@ class IssuerState:
         self._changed = asyncio.Event()
 
     def _note_issuer(self) -> None:
-        """File mode records each loaded issuer too (managed issuers are recorded before they are used)."""
+        """File mode records each loaded issuer too, at the next `refresh` (managed issuers are recorded
+        before they are used)."""
         if isinstance(self._source, FileIssuers):
             self._unrecorded[fingerprint(self.issuer.certificate)] = self.issuer
-            self._record_pending()
 
     def _record_pending(self) -> None:
         for fp, issuer in list(self._unrecorded.items()):
