@@ -293,6 +293,7 @@ def _assert_one_line(result: Result, code: int, message: str) -> None:
         (["--store-secret", "DB_URL"], "is not a DNS name"),
         (["--server-name", "ca example"], "is not a DNS name"),
         (["--image", "meshca latest"], "is not an image reference"),
+        (["--issuer-ttl", "7d"], "--issuer-ttl goes with --manage-issuers"),
     ],
 )
 def test_usage_errors(install: Install, args: list[str], message: str) -> None:

@@ -89,7 +89,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="put the trust anchor (DIR/trust-anchor.crt and .key) in Secret meshca-anchor and run "
         "'meshca serve --manage-issuers': the pods mint and rotate their own issuers (see SECURITY.md)",
     )
-    add_duration(p, "--issuer-ttl", ISSUER_TTL, "lifetime of each managed issuer (with --manage-issuers)")
+    add_duration(
+        p,
+        "--issuer-ttl",
+        None,
+        f"lifetime of each managed issuer, with --manage-issuers (default {format_duration(ISSUER_TTL)})",
+    )
     p.set_defaults(func=run)
 
 
@@ -150,7 +155,9 @@ def _install(args: argparse.Namespace) -> Install:
         raise CliError(f"--namespace {args.namespace}: meshca installs into a namespace of its own", 2)
     if not args.image.strip() or any(c.isspace() for c in args.image):
         raise CliError(f"--image {args.image!r} is not an image reference", 2)
-    issuer_ttl = args.issuer_ttl if args.manage_issuers else None
+    if args.issuer_ttl is not None and not args.manage_issuers:
+        raise CliError("--issuer-ttl goes with --manage-issuers", 2)
+    issuer_ttl = (args.issuer_ttl or ISSUER_TTL) if args.manage_issuers else None
     if issuer_ttl is not None:
         try:
             check_issuer_ttl(issuer_ttl, LEAF_TTL)  # the pods serve the default leaf TTL

@@ -117,7 +117,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="mint and rotate issuers from DIR/trust-anchor.crt and its key (or key URI) held by this service; "
         "issuer keys stay in memory (see README, Managed issuers)",
     )
-    add_duration(p, "--issuer-ttl", ISSUER_TTL, "lifetime of each managed issuer (with --manage-issuers)")
+    add_duration(
+        p,
+        "--issuer-ttl",
+        None,
+        f"lifetime of each managed issuer, with --manage-issuers (default {format_duration(ISSUER_TTL)})",
+    )
     add_duration(
         p,
         "--issuer-warn",
@@ -151,7 +156,9 @@ def server_config(args: argparse.Namespace, directory: Path) -> ServerConfig:
         )
     if args.max_leaf_ttl < args.leaf_ttl:
         raise CliError("--leaf-ttl must not exceed --max-leaf-ttl", 2)
-    issuer_ttl = args.issuer_ttl if args.manage_issuers else None
+    if args.issuer_ttl is not None and not args.manage_issuers:
+        raise CliError("--issuer-ttl goes with --manage-issuers", 2)
+    issuer_ttl = (args.issuer_ttl or ISSUER_TTL) if args.manage_issuers else None
     if issuer_ttl is not None:
         try:
             check_issuer_ttl(issuer_ttl, args.leaf_ttl)

@@ -168,6 +168,8 @@ def test_serve_refuses_a_leaf_ttl_that_cannot_fit_the_issuer_ttl(d: Path) -> Non
     assert "leaf TTL 24h does not fit an issuer TTL of 1m" in line
     result = meshca_cmd("serve", "--dir", d, "--manage-issuers", "--issuer-ttl", "30s", "--leaf-ttl", "1s")
     assert result.code == 2 and "at least 1 minute" in result.stderr
+    result = meshca_cmd("serve", "--dir", d, "--issuer-ttl", "7d")
+    assert result.code == 2 and "--issuer-ttl goes with --manage-issuers" in result.stderr
 
 
 def test_file_mode_warns_of_an_issuer_close_to_expiry_in_check_and_in_the_log(d: Path) -> None:
