@@ -37,10 +37,12 @@ The probe leaf is never handed to anyone and is not recorded.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -74,6 +76,7 @@ SELF_API = "self"
 SELF_PRINCIPAL = "meshca"
 _RECORD_TIMEOUT = 30.0  # seconds; a store slower than this fails the renewal, the current SVID stays
 EXPIRING_REPEAT = timedelta(hours=1)  # issuer.expiring again this often while the issuer stays close to expiry
+MINT_FAILED_REPEAT = 60.0  # seconds between issuer.mint_failed lines while minting fails the same way
 
 _Stamp = tuple[tuple[str, int, int, int, int], ...]
 _DER = serialization.Encoding.DER
@@ -345,6 +348,7 @@ class ManagedIssuers:
         self._anchor_stamp = file_stamp(self._anchor_paths)
         self._bundle_stamp = file_stamp(self._bundle_paths)
         self._refused: dict[str, object] = {}  # what was refused, by stamp: logged once each
+        self._mint_failure: tuple[str, float] = ("", -math.inf)  # the last logged reason, when (monotonic)
         self._anchor = self._load_anchor()
         self._bundle = self._load_bundle(self._anchor)
         self._slots = IssuerSlots(max_leaf_ttl)
@@ -453,8 +457,14 @@ class ManagedIssuers:
         for step in done:
             self._metrics.rotations.labels("issuer", "success" if step.ok else "failure").inc()
             if not step.ok:
-                log.error("issuer.mint_failed", reason=step.reason, serving=_short_or_none(self._slots.active))
+                # tried at every poll: logged when the reason changes, else once a minute (the counter has them all)
+                now = time.monotonic()
+                last_reason, last_at = self._mint_failure
+                if step.reason != last_reason or now - last_at >= MINT_FAILED_REPEAT:
+                    self._mint_failure = (step.reason, now)
+                    log.error("issuer.mint_failed", reason=step.reason, serving=_short_or_none(self._slots.active))
                 continue
+            self._mint_failure = ("", -math.inf)
             assert step.issuer is not None
             cert = step.issuer.certificate
             fields = {

@@ -155,7 +155,7 @@ def test_a_store_that_cannot_record_stops_the_new_issuer_not_the_current_one(d: 
         assert [s for s, _ in state.in_use()] == ["active", "prepared"]
         assert len(store.issuer_certs()) == 2
     failed = [e for e in logs if e["event"] == "issuer.mint_failed"]
-    assert len(failed) == 2
+    assert len(failed) == 1  # the same reason at the next poll is counted, not logged again
     assert "issuer certificate" in failed[0]["reason"]
     assert failed[0]["serving"] == fp(first.certificate)[:23]
     value = metrics.registry.get_sample_value
