@@ -57,6 +57,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         None,
         "warn when the issuer expires within this (default a third of its lifetime, at most 14 days)",
     )
+    p.add_argument(
+        "--manage-issuers",
+        action="store_true",
+        help="the --server mints its own issuers (serve --manage-issuers): its issuer is not DIR/issuer.crt",
+    )
     add_store(p)
     add_json(p)
     p.set_defaults(func=run)
@@ -148,7 +153,7 @@ def _check_server(
         reason = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc)
         return [Finding("error", "server reachable", f"cannot reach {args.server} over TLS as {name}: {reason}")], None
     expected = None
-    if tdir is not None and tdir.issuer_cert.exists():
+    if tdir is not None and tdir.issuer_cert.exists() and not args.manage_issuers:
         expected = load_certificates(tdir.issuer_cert.read_bytes())[0]
     findings = [Finding("ok", "server reachable", f"{args.server} answers TLS as {name}")]
     findings += check_served_chain(chain, bundle, now=clock(), expected=expected)

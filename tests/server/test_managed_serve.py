@@ -115,6 +115,12 @@ def test_two_workers_on_one_sqlite_store_each_mint_their_own_issuer(d: Path) -> 
         active = {ls["fingerprint"] for n, ls, v in samples(text) if n.startswith("meshca_issuer_expiry") and v > 0}
         assert active == minted
         assert sample_value(text, "meshca_rotations_total", kind="issuer", result="success") == 4
+        live = meshca_cmd("check", "--dir", d, "--server", f"localhost:{port}", "--manage-issuers", "--json")
+        assert live.code == 0, live.stdout + live.stderr
+        live_findings = json.loads(live.stdout)
+        assert [f for f in live_findings if f["level"] != "ok"] == []
+        [served] = [f["message"] for f in live_findings if f["check"] == "recorded issuer" and "served" in f["message"]]
+        assert served.split()[1] in {m[:11] for m in minted}
         assert proc.terminate() == 0
     checked = meshca_cmd("check", "--dir", d, "--json")
     assert checked.code == 0, checked.stdout + checked.stderr
