@@ -54,6 +54,7 @@ def test_dashboard_queries_only_metrics_meshca_exports() -> None:
     server.auth_failures.labels("missing").inc()
     server.reloads.labels("success").inc()
     server.anchor_expiry.labels("ab").set(1)
+    server.issuer_expiry.labels("ab", "active").set(1)
     exported = generate_latest(server.registry).decode()
     from meshca.client import ClientMetrics
 

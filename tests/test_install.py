@@ -293,6 +293,7 @@ def _assert_one_line(result: Result, code: int, message: str) -> None:
         (["--store-secret", "DB_URL"], "is not a DNS name"),
         (["--server-name", "ca example"], "is not a DNS name"),
         (["--image", "meshca latest"], "is not an image reference"),
+        (["--issuer-ttl", "7d"], "--issuer-ttl goes with --manage-issuers"),
     ],
 )
 def test_usage_errors(install: Install, args: list[str], message: str) -> None:
@@ -321,3 +322,48 @@ def test_install_help_lists_its_flags(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for flag in ("--dir", "--namespace", "--replicas", "--store-secret", "--image", "--server-name"):
         assert flag in out
+
+
+# -- managed issuers: the anchor goes into the cluster, the pods mint their own issuers
+
+
+def test_managed_issuers_put_the_anchor_in_a_secret_and_the_flag_in_the_pod(
+    install: Install, td: Path, tmp_path: Path
+) -> None:
+    result = install("--manage-issuers", "--issuer-ttl", "6d", "--store-secret", "db")
+    docs = _docs(result)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    secret = _one(docs, "Secret")
+    assert secret["metadata"]["name"] == "meshca-anchor" and secret["type"] == "kubernetes.io/tls"
+    args = _container(docs)["args"]
+    assert "--manage-issuers" in args and "--issuer-ttl=6d" in args
+    parsed = build_parser().parse_args(["serve", *args])
+    assert server_config(parsed, Path(parsed.dir)).issuer_ttl == timedelta(days=6)
+    # laid out as kubelet would: the directory a managed service mints from, without the issuer's key
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    (trust,) = (v for v in pod["volumes"] if v["name"] == "trust")
+    laid_out = tmp_path / "etc-meshca"
+    laid_out.mkdir()
+    for source in trust["projected"]["sources"]:
+        ((kind, ref),) = source.items()
+        obj = secret if kind == "secret" else _one(docs, "ConfigMap")
+        for item in ref["items"]:
+            value = obj["data"][item["key"]]
+            (laid_out / item["path"]).write_bytes(base64.b64decode(value) if kind == "secret" else value.encode())
+            os.chmod(laid_out / item["path"], item.get("mode", 0o444))
+    assert sorted(p.name for p in laid_out.iterdir()) == ["bundle.pem", "trust-anchor.crt", "trust-anchor.key"]
+    from meshca.server._state import load_anchor
+
+    assert load_anchor(TrustDir.at(laid_out), None).certificate == TrustDir.at(td).load_bundle().anchors[0]
+    issuer_key = (td / "issuer.key").read_bytes().decode()
+    assert base64.b64encode(issuer_key.encode()).decode() not in result.stdout
+    assert "controls the trust domain" in result.stderr and "minting their own issuers" in result.stdout
+
+
+def test_managed_issuers_refuse_what_the_pods_could_not_serve(install: Install, td: Path, tmp_path: Path) -> None:
+    _assert_one_line(install("--manage-issuers", "--issuer-ttl", "1d"), 2, "does not fit")
+    no_anchor = tmp_path / "no-anchor"
+    TrustDir.at(no_anchor).init(TrustDomain("example.org"), now=NOW)
+    (no_anchor / "trust-anchor.key").unlink()
+    _assert_one_line(install("--manage-issuers", directory=no_anchor), 1, "has no trust anchor")

@@ -1,15 +1,16 @@
 """`meshca log`: the issuance log (in DIR/meshca.db, or the store --store names), newest first;
-`meshca log verify`: its chains and checkpoints."""
+`meshca log verify`: its chains and checkpoints; `meshca log issuers`: the issuer certificates the store knows."""
 
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 from pathlib import Path
 
 from meshca.cli._options import CliError, add_dir, add_json, add_store, emit, spiffe_id, store_url
 from meshca.pki._time import Clock
 from meshca.pki._trustdir import TrustDir
-from meshca.server import open_store
+from meshca.server import IssuerCertRecord, Store, open_store
 from meshca.server._audit import LogReport, verify_log
 
 
@@ -33,19 +34,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_store(v)
     add_json(v)
     v.set_defaults(func=verify)
+    i = actions.add_parser(
+        "issuers", help="every issuer certificate the store recorded (minted by a managed replica or loaded from files)"
+    )
+    add_dir(i, "trust domain directory whose meshca.db is the store (needed without a store URL)", required=False)
+    add_store(i)
+    add_json(i)
+    i.set_defaults(func=issuers)
 
 
-def run(args: argparse.Namespace, clock: Clock) -> int:
+def _open_reader(args: argparse.Namespace) -> Store:
+    """The store --store (or MESHCA_STORE) names, else DIR/meshca.db, which must exist (never made here)."""
     url = store_url(args)
-    if args.limit is not None and args.limit < 1:
-        raise CliError("--limit must be at least 1", 2)
     if url is None:
         if args.dir is None:
             raise CliError("--dir is required without --store (or MESHCA_STORE)", 2)
         path = Path(args.dir) / "meshca.db"
         if not path.exists():
             raise CliError(f"no issuance log at {path}")
-    store = open_store(url, Path(args.dir or "."), writer=False)
+    return open_store(url, Path(args.dir or "."), writer=False)
+
+
+def run(args: argparse.Namespace, clock: Clock) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise CliError("--limit must be at least 1", 2)
+    store = _open_reader(args)
     try:
         rows = store.issuances(
             str(args.spiffe_id) if args.spiffe_id else None, args.limit, newest_first=not args.reverse
@@ -69,6 +82,36 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
         for d in data
     )
     emit(args, data, text or "(no issuances)")
+    return 0
+
+
+def issuer_rows(records: list[IssuerCertRecord], now: datetime) -> list[dict[str, object]]:
+    return [
+        {
+            "fingerprint": r.fingerprint,
+            "writer": r.writer,
+            "anchor_fingerprint": r.anchor_fingerprint,
+            "not_before": r.not_before.isoformat(),
+            "not_after": r.not_after.isoformat(),
+            "recorded_at": r.recorded_at.isoformat(),
+            "expired": r.not_after <= now,
+        }
+        for r in records
+    ]
+
+
+def issuers(args: argparse.Namespace, clock: Clock) -> int:
+    store = _open_reader(args)
+    try:
+        data = issuer_rows(store.issuer_certs(), clock())
+    finally:
+        store.close()
+    text = "\n".join(
+        f"{d['fingerprint']}  by={d['writer']}  from={d['not_before']}  until={d['not_after']}"
+        f"{'  (expired)' if d['expired'] else ''}  anchor={str(d['anchor_fingerprint'])[:23]}"
+        for d in data
+    )
+    emit(args, data, text or "(no issuers recorded)")
     return 0
 
 

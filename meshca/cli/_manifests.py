@@ -3,7 +3,10 @@
 The pod reads its trust directory from one read-only projected volume: the
 issuer Secret (type kubernetes.io/tls, so `kubectl create secret tls` and
 cert-manager can write it) and the bundle ConfigMap, mapped to the file names
-`meshca serve --dir` expects. The trust anchor's key is never an input here.
+`meshca serve --dir` expects. The trust anchor's key is never an input here,
+except with managed issuers (`Install.issuer_ttl`): the Secret is then the
+anchor's (`meshca-anchor`, mapped to trust-anchor.crt and trust-anchor.key)
+and the pods mint their own issuers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import base64
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+
+from meshca.pki._time import format_duration
 
 __all__ = ["GRPC_PORT", "METRICS_PORT", "NAME", "Install", "manifests", "yaml_stream"]
 
@@ -36,6 +42,14 @@ class Install:
     replicas: int
     store_secret: str | None  # a Secret whose key `url` is a PostgreSQL URL; None: SQLite on a volume
     extra_server_names: tuple[str, ...] = ()
+    issuer_ttl: timedelta | None = None  # managed issuers (`serve --manage-issuers`); None: the issuer Secret
+
+    @property
+    def secret(self) -> tuple[str, str, str]:
+        """The trust Secret's name and the file names its tls.crt and tls.key become."""
+        if self.issuer_ttl is not None:
+            return f"{NAME}-anchor", "trust-anchor.crt", "trust-anchor.key"
+        return f"{NAME}-issuer", "issuer.crt", "issuer.key"
 
     @property
     def server_names(self) -> tuple[str, ...]:
@@ -52,11 +66,15 @@ class Install:
                 "pass --store-secret NAME to run several replicas on PostgreSQL"
             )
         plural = "s" if self.replicas > 1 else ""
-        return f"{self.replicas} replica{plural} in namespace {self.namespace} {store}"
+        managed = "" if self.issuer_ttl is None else ", minting their own issuers from the anchor"
+        return f"{self.replicas} replica{plural} in namespace {self.namespace} {store}{managed}"
 
 
-def manifests(install: Install, *, issuer_chain: bytes, issuer_key: bytes, bundle: bytes) -> list[Doc]:
-    """Every object of the install, in the order `kubectl apply` should create them."""
+def manifests(install: Install, *, cert: bytes, key: bytes, bundle: bytes) -> list[Doc]:
+    """Every object of the install, in the order `kubectl apply` should create them.
+
+    ``cert`` and ``key``: the issuer's (chain and key), or with managed issuers the anchor's.
+    """
     docs = [
         _object("v1", "Namespace", install.namespace, name=install.namespace, namespaced=False),
         _object("v1", "ServiceAccount", install.namespace),
@@ -74,9 +92,9 @@ def manifests(install: Install, *, issuer_chain: bytes, issuer_key: bytes, bundl
             "v1",
             "Secret",
             install.namespace,
-            name=f"{NAME}-issuer",
+            name=install.secret[0],
             type="kubernetes.io/tls",
-            data={"tls.crt": _b64(issuer_chain), "tls.key": _b64(issuer_key)},
+            data={"tls.crt": _b64(cert), "tls.key": _b64(key)},
         ),
         _object("v1", "ConfigMap", install.namespace, name=f"{NAME}-bundle", data={"bundle.pem": bundle.decode()}),
     ]
@@ -131,6 +149,8 @@ def serve_args(install: Install) -> list[str]:
     ]
     if not install.store_secret:
         args.append(f"--store=sqlite://{STORE_MOUNT}/meshca.db")
+    if install.issuer_ttl is not None:
+        args += ["--manage-issuers", f"--issuer-ttl={format_duration(install.issuer_ttl)}"]
     return args
 
 
@@ -141,6 +161,7 @@ def yaml_stream(docs: Iterable[Doc], header: str) -> str:
 
 
 def _deployment(install: Install) -> Doc:
+    secret, cert_file, key_file = install.secret
     volumes: list[Doc] = [
         {
             "name": "trust",
@@ -148,11 +169,11 @@ def _deployment(install: Install) -> Doc:
                 "sources": [
                     {
                         "secret": {
-                            "name": f"{NAME}-issuer",
+                            "name": secret,
                             "items": [
-                                {"key": "tls.crt", "path": "issuer.crt"},
+                                {"key": "tls.crt", "path": cert_file},
                                 # group-readable only: the pod's fsGroup is meshca's group
-                                {"key": "tls.key", "path": "issuer.key", "mode": 0o440},
+                                {"key": "tls.key", "path": key_file, "mode": 0o440},
                             ],
                         }
                     },

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from meshca.cli._options import (
@@ -20,11 +21,12 @@ from meshca.cli._options import (
 )
 from meshca.cli._options import passphrase as read_passphrase
 from meshca.pki._spiffe import TrustDomain
-from meshca.pki._time import Clock
+from meshca.pki._time import Clock, format_duration
 from meshca.pki._trustdir import TrustDir
 from meshca.server import IdentityServer, K8sJwtConfig, ServerConfig, TokenReviewConfig, run_supervisor
+from meshca.server._config import ISSUER_TTL, check_issuer_ttl
 from meshca.server._logging import configure_logging
-from meshca.server._state import validate
+from meshca.server._state import check_anchor, validate
 
 DEFAULT_DIR = "meshca-data"  # the zero-config directory: created, with a development CA, when absent
 DEV_TRUST_DOMAIN = TrustDomain("cluster.local")
@@ -109,6 +111,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="open WatchBundle streams one client IP address may keep, per serving process "
         f"(default {DEFAULTS.max_watch_streams_per_peer})",
     )
+    p.add_argument(
+        "--manage-issuers",
+        action="store_true",
+        help="mint and rotate issuers from DIR/trust-anchor.crt and its key (or key URI) held by this service; "
+        "issuer keys stay in memory (see README, Managed issuers)",
+    )
+    add_duration(
+        p,
+        "--issuer-ttl",
+        None,
+        f"lifetime of each managed issuer, with --manage-issuers (default {format_duration(ISSUER_TTL)})",
+    )
+    add_duration(
+        p,
+        "--issuer-warn",
+        None,
+        "file mode: log issuer.expiring this long before the issuer expires "
+        "(default a third of its lifetime, at most 14 days)",
+    )
     add_passphrase_file(p)
     p.add_argument(
         "--workers",
@@ -135,6 +156,16 @@ def server_config(args: argparse.Namespace, directory: Path) -> ServerConfig:
         )
     if args.max_leaf_ttl < args.leaf_ttl:
         raise CliError("--leaf-ttl must not exceed --max-leaf-ttl", 2)
+    if args.issuer_ttl is not None and not args.manage_issuers:
+        raise CliError("--issuer-ttl goes with --manage-issuers", 2)
+    issuer_ttl = (args.issuer_ttl or ISSUER_TTL) if args.manage_issuers else None
+    if issuer_ttl is not None:
+        try:
+            check_issuer_ttl(issuer_ttl, args.leaf_ttl)
+        except ValueError as exc:
+            raise CliError(f"--issuer-ttl {format_duration(issuer_ttl)}: {exc}", 2) from None
+    if args.issuer_warn is not None and args.issuer_warn <= timedelta():
+        raise CliError("--issuer-warn must be positive", 2)
     return ServerConfig(
         dir=directory,
         store=store_url(args),
@@ -151,6 +182,8 @@ def server_config(args: argparse.Namespace, directory: Path) -> ServerConfig:
         max_watch_streams=args.max_watch_streams,
         max_watch_streams_per_peer=args.max_watch_streams_per_peer,
         passphrase=read_passphrase(args),
+        issuer_ttl=issuer_ttl,
+        issuer_warn=args.issuer_warn,
     )
 
 
@@ -167,7 +200,7 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
     log_key = tdir.ensure_log_key(config.passphrase)  # signs the issuance log's checkpoints
     if tdir.dev_marker.exists():
         _dev_banner(tdir, config, made)
-    elif tdir.anchor_key.exists():
+    elif config.issuer_ttl is None and tdir.anchor_key.exists():
         print(
             f"meshca: warning: the trust anchor's private key {tdir.anchor_key.resolve()} sits beside the issuer "
             "in the serving directory; move it offline (see README, The identity service)",
@@ -182,7 +215,10 @@ def run(args: argparse.Namespace, clock: Clock) -> int:
 
     if args.workers > 1:
         # Check the trust directory here, so a bad one fails once, in one line.
-        validate(tdir.load_issuer(passphrase=config.passphrase), clock)
+        if config.issuer_ttl is None:
+            validate(tdir.load_issuer(passphrase=config.passphrase), clock)
+        else:
+            check_anchor(tdir, config.passphrase)
         if run_supervisor(config, args.workers, clock=clock, log_key=log_key):
             raise CliError("a worker could not start; its worker.failed log line says why")
         return 0

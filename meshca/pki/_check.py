@@ -25,12 +25,13 @@ __all__ = [
     "Finding",
     "check_served_chain",
     "check_trust_dir",
+    "issuer_warning",
     "leaf_room",
     "lifetime_findings",
 ]
 
 ANCHOR_WARN = timedelta(days=60)
-ISSUER_WARN = timedelta(days=14)
+ISSUER_WARN = timedelta(days=14)  # the most warning an issuer gets by default (see `issuer_warning`)
 
 Level = Literal["ok", "warning", "error"]
 
@@ -63,6 +64,14 @@ def _validity(cert: x509.Certificate, what: str, now: datetime, warn: timedelta)
     return Finding("ok", f"{what} validity", f"{what} is valid for {format_duration(left)} more")
 
 
+def issuer_warning(not_before: datetime, not_after: datetime, override: timedelta | None = None) -> timedelta:
+    """How long before its NotAfter an issuer is reported as expiring (`meshca check`, ``issuer.expiring``):
+    ``override`` when given, else a third of its lifetime, at most 14 days."""
+    if override is not None:
+        return override
+    return min((not_after - not_before) / 3, ISSUER_WARN)
+
+
 def _algorithm(cert: x509.Certificate, what: str) -> Finding:
     try:
         return Finding("ok", f"{what} algorithm", f"{what} key is {key_type_of(cert.public_key())}")
@@ -71,8 +80,14 @@ def _algorithm(cert: x509.Certificate, what: str) -> Finding:
 
 
 def check_trust_dir(
-    tdir: TrustDir, *, now: datetime, leaf_ttl: timedelta, passphrase: bytes | None = None
+    tdir: TrustDir,
+    *,
+    now: datetime,
+    leaf_ttl: timedelta,
+    passphrase: bytes | None = None,
+    issuer_warn: timedelta | None = None,
 ) -> list[Finding]:
+    """``issuer_warn``: warn this long before the issuer expires (default `issuer_warning`'s rule)."""
     findings: list[Finding] = []
     try:
         bundle = tdir.load_bundle()
@@ -106,7 +121,7 @@ def check_trust_dir(
     what = f"issuer {_short(cert)}"
     findings.append(Finding("ok", "issuer", f"{what} matches its key and chains to the bundle"))
     findings.append(_algorithm(cert, what))
-    findings.append(_validity(cert, what, now, ISSUER_WARN))
+    findings.append(_validity(cert, what, now, issuer_warning(issuer.not_before, issuer.not_after, issuer_warn)))
     findings.append(leaf_room(issuer.not_after - now, leaf_ttl))
     return findings
 
@@ -164,7 +179,8 @@ def check_served_chain(
         return findings
     issuer = chain[1]
     what = f"served issuer {_short(issuer)}"
-    findings.append(_validity(issuer, what, now, ISSUER_WARN))
+    warn = issuer_warning(issuer.not_valid_before_utc, issuer.not_valid_after_utc)
+    findings.append(_validity(issuer, what, now, warn))
     if expected is not None and expected != issuer:
         findings.append(
             Finding("warning", "served issuer", f"{what} is not the issuer on disk {_short(expected)} (not reloaded?)")

@@ -6,6 +6,7 @@ from meshca.server._entries import RegistrationEntry, new_entry, parse_selector
 from meshca.server._metrics import StoreMetrics
 from meshca.server._store import (
     IssuanceRecord,
+    IssuerCertRecord,
     JoinToken,
     JwtPublicKey,
     SqliteStore,
@@ -21,6 +22,7 @@ from meshca.server.credentials import Principal, service_account_id
 __all__ = [
     "IdentityServer",
     "IssuanceRecord",
+    "IssuerCertRecord",
     "JoinToken",
     "JwtPublicKey",
     "K8sJwtConfig",

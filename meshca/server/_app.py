@@ -80,7 +80,7 @@ class IdentityServer:
         self.config = config
         self.clock = clock
         self.tdir = TrustDir.at(config.dir)
-        self.metrics = Metrics(multiprocess=multiprocess_metrics)
+        self.metrics = Metrics(multiprocess=multiprocess_metrics, managed=config.issuer_ttl is not None)
         self.store: Store = (
             store
             if store is not None
@@ -93,7 +93,7 @@ class IdentityServer:
             )
         )
         try:
-            self.state = IssuerState(self.tdir, clock, self.metrics, self.store, config.passphrase, last_good=last_good)
+            self.state = self._issuer_state(last_good)
             td = self.state.issuer.trust_domain
             # Asked in this order; the first kind that claims a credential decides (JWKS before TokenReview).
             credentials: list[Credential] = [JoinTokenCredential(self.store, clock)]
@@ -126,6 +126,22 @@ class IdentityServer:
         self._health_ready: bool | None = None  # what gRPC health says now
         # Store checks wait up to the store's timeouts: a thread of their own, joined before the store closes.
         self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meshca-store-check")
+
+    def _issuer_state(self, last_good: Issuer | None) -> IssuerState:
+        cfg = self.config
+        if cfg.issuer_ttl is not None:
+            return IssuerState.managed(
+                self.tdir,
+                self.clock,
+                self.metrics,
+                self.store,
+                cfg.passphrase,
+                issuer_ttl=cfg.issuer_ttl,
+                max_leaf_ttl=cfg.max_leaf_ttl,
+            )
+        return IssuerState.from_files(
+            self.tdir, self.clock, self.metrics, self.store, cfg.passphrase, last_good=last_good, warn=cfg.issuer_warn
+        )
 
     @property
     def ready(self) -> bool:
@@ -236,9 +252,17 @@ class IdentityServer:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.state.poll()
+                await asyncio.to_thread(self.state.refresh)  # may wait for the store or a token
+                self.state.apply()
             except Exception:
                 log.exception("issuer.poll_failed")
+            if not self.config.insecure_plaintext and self.state.usable:
+                # Renewed here, ahead of the next handshake, so it follows a new active issuer even while
+                # no client connects (in a thread: recording it waits for the store).
+                try:
+                    await asyncio.to_thread(self.state.serving_svid, self.config.server_names, self.config.leaf_ttl)
+                except MeshcaError as exc:
+                    log.error("server.svid_failed", reason=str(exc))
             await self._set_health()
 
     async def _store_loop(self) -> None:

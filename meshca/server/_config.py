@@ -7,8 +7,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from meshca.pki._csr import KeyPolicy
+from meshca.pki._time import format_duration
 
-__all__ = ["K8sJwtConfig", "ServerConfig", "TokenReviewConfig"]
+__all__ = ["ISSUER_TTL", "K8sJwtConfig", "ServerConfig", "TokenReviewConfig", "check_issuer_ttl"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,26 @@ class TokenReviewConfig:
             raise ValueError("TokenReview max_concurrency must be at least 1 and timeout positive")
 
 
+MIN_ISSUER_TTL = timedelta(minutes=1)
+ISSUER_TTL = timedelta(days=7)  # `serve --manage-issuers` default, as SPIRE's ca_ttl order of magnitude
+
+
+def check_issuer_ttl(issuer_ttl: timedelta, leaf_ttl: timedelta) -> None:
+    """Raises ValueError unless managed issuers of ``issuer_ttl`` give every default leaf its full lifetime.
+
+    An active issuer hands over when a sixth of its life is left, so that is
+    the least room a leaf signed by it has (SPIRE warns at the same ratio).
+    """
+    if issuer_ttl < MIN_ISSUER_TTL:
+        raise ValueError("issuer TTL must be at least 1 minute")
+    if leaf_ttl > issuer_ttl / 6:
+        raise ValueError(
+            f"leaf TTL {format_duration(leaf_ttl)} does not fit an issuer TTL of {format_duration(issuer_ttl)}: "
+            "an active issuer has a sixth "
+            "of its life left when it hands over, so the leaf TTL must be at most that"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     dir: Path
@@ -63,6 +84,10 @@ class ServerConfig:
     # Open WatchBundle streams, counted by each serving process (each worker of `serve --workers N`).
     max_watch_streams: int = 10000
     max_watch_streams_per_peer: int = 100  # per client IP address
+    # Managed issuers (`serve --manage-issuers`): the lifetime of each minted issuer; None: file mode.
+    issuer_ttl: timedelta | None = None
+    # File mode: log issuer.expiring this long before the issuer's NotAfter (None: `issuer_warning`'s rule).
+    issuer_warn: timedelta | None = None
 
     def __post_init__(self) -> None:
         # A library user cannot build a configuration the server would misread.
@@ -79,5 +104,9 @@ class ServerConfig:
             raise ValueError("request_timeout and reload_interval must be positive, drain_grace not negative")
         if self.max_message_bytes < 1:
             raise ValueError("max_message_bytes must be positive")
+        if self.issuer_ttl is not None:
+            check_issuer_ttl(self.issuer_ttl, self.leaf_ttl)
+        if self.issuer_warn is not None and self.issuer_warn <= zero:
+            raise ValueError("issuer_warn must be positive")
         if self.max_watch_streams < 1 or self.max_watch_streams_per_peer < 1:
             raise ValueError("max_watch_streams and max_watch_streams_per_peer must be at least 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import sys
 import threading
@@ -17,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshca.server._ports import bind_error
 
-__all__ = ["Children", "Metrics", "MetricsServer", "StoreMetrics"]
+__all__ = ["Children", "Labelled", "Metrics", "MetricsServer", "StoreMetrics"]
 
 log = structlog.get_logger("meshca.server")
 
@@ -27,9 +28,12 @@ class Metrics:
 
     ``multiprocess`` is set for the workers of `serve --workers N`, whose
     metrics prometheus_client writes to files the supervisor sums.
+    ``managed`` (`serve --manage-issuers`) adds `next_rotation`, which file mode has nothing to put in.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False, managed: bool = False
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.multiprocess = multiprocess
         r = self.registry
@@ -52,19 +56,39 @@ class Metrics:
             "meshca_authentication_failures", "Refused credentials by reason", ["reason"], registry=r
         )
         self.reloads = Counter("meshca_issuer_reloads", "Issuer and bundle reloads by result", ["result"], registry=r)
-        # multiprocess_mode applies under `serve --workers N`: the newest value of any worker.
+        # multiprocess_mode applies under `serve --workers N`. Each worker of a managed service has issuers
+        # of its own: their series are per worker and vanish with it (livemostrecent). A series no longer in
+        # use cannot be removed from the files prometheus_client shares; it is set to NaN (`Labelled`).
         self.issuer_expiry = Gauge(
             "meshca_issuer_expiry_timestamp_seconds",
-            "NotAfter of the serving issuer chain",
+            "NotAfter of every issuer in use, by fingerprint and state (active, prepared, old; staged in file mode)",
+            ["fingerprint", "state"],
             registry=r,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode="livemostrecent",
         )
         self.anchor_expiry = Gauge(
             "meshca_anchor_expiry_timestamp_seconds",
-            "NotAfter of each trust anchor",
+            "NotAfter of each trust anchor in the bundle",
             ["fingerprint"],
             registry=r,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode="livemostrecent",
+        )
+        self.rotations = Counter(
+            "meshca_rotations",
+            "Rotations by kind (issuer: a managed step or a file-mode issuer swap; anchor; server_svid) and result",
+            ["kind", "result"],
+            registry=r,
+        )
+        # Managed mode only; the soonest step of any worker.
+        self.next_rotation = (
+            Gauge(
+                "meshca_next_rotation_seconds",
+                "Seconds until the next scheduled managed issuer step (negative when overdue)",
+                registry=r,
+                multiprocess_mode="livemin",
+            )
+            if managed
+            else None
         )
         self.serving = Gauge(
             "meshca_issuer_usable", "1 while the issuer can sign", registry=r, multiprocess_mode="livemin"
@@ -84,6 +108,32 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+
+
+class Labelled:
+    """The series of a labelled gauge that are in use now: `update` sets them and drops the rest.
+
+    A dropped series is removed; in multiprocess mode, where the shared files
+    cannot forget a series, it is set to NaN, which no comparison in an alert
+    rule matches.
+    """
+
+    __slots__ = ("_gauge", "_multiprocess", "_shown")
+
+    def __init__(self, gauge: Gauge, multiprocess: bool) -> None:
+        self._gauge = gauge
+        self._multiprocess = multiprocess
+        self._shown: set[tuple[str, ...]] = set()
+
+    def update(self, values: dict[tuple[str, ...], float]) -> None:
+        for labels in self._shown - values.keys():
+            if self._multiprocess:
+                self._gauge.labels(*labels).set(math.nan)
+            else:
+                self._gauge.remove(*labels)
+        for labels, value in values.items():
+            self._gauge.labels(*labels).set(value)
+        self._shown = set(values)
 
 
 class Children:

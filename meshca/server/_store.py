@@ -31,7 +31,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -60,6 +60,7 @@ __all__ = [
     "CHECKPOINT_INTERVAL",
     "IssuanceChain",
     "IssuanceRecord",
+    "IssuerCertRecord",
     "JoinToken",
     "JwtPublicKey",
     "SqliteStore",
@@ -124,6 +125,22 @@ class JwtPublicKey:
     recorded_at: datetime
 
 
+# -- issuer certificates (managed issuers): the record type
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerCertRecord:
+    """An issuer certificate a replica minted (managed mode) or loaded (file mode); ``writer`` names the replica."""
+
+    fingerprint: str  # SHA-256 of the DER, colon-separated hex (`meshca.pki._certs.fingerprint`)
+    writer: str
+    anchor_fingerprint: str
+    not_before: datetime
+    not_after: datetime
+    der: bytes = field(repr=False)
+    recorded_at: datetime
+
+
 class Store(Protocol):
     """What the issuance pipeline needs of a store (docs/architecture.md, Store contract)."""
 
@@ -141,6 +158,9 @@ class Store(Protocol):
     def delete_entry(self, entry_id: str) -> bool: ...
     def publish_jwt_key(self, key: JwtPublicKey) -> None: ...
     def jwt_keys(self, now: datetime) -> list[JwtPublicKey]: ...
+    # issuer certificates: recorded once per fingerprint (the first writer stays), read oldest NotBefore first
+    def record_issuer(self, record: IssuerCertRecord) -> None: ...
+    def issuer_certs(self) -> list[IssuerCertRecord]: ...
     def check(self) -> None: ...
     def close(self) -> None: ...
 
@@ -758,6 +778,39 @@ class SqliteStore(WritingStore):
             except sqlite3.Error as exc:
                 self._metrics.error(op, exc)
                 raise StoreError(f"cannot read the issuance log: {exc}") from exc
+
+    # -- issuer certificates
+
+    def record_issuer(self, record: IssuerCertRecord) -> None:
+        """Records an issuer certificate (a second record of the same one changes nothing).
+
+        Rare and small: written on the reading connection, not through the group commit.
+        """
+        with self._read_lock, self._metrics.timed("record_issuer"):
+            try:
+                self._read.execute(
+                    "INSERT INTO issuer_certs VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
+                    (
+                        record.fingerprint,
+                        record.writer,
+                        record.anchor_fingerprint,
+                        _ts(record.not_before),
+                        _ts(record.not_after),
+                        record.der,
+                        _ts(record.recorded_at),
+                    ),
+                )
+            except sqlite3.Error as exc:
+                self._metrics.error("record_issuer", exc)
+                raise StoreError(f"cannot record issuer certificate: {exc}") from exc
+
+    def issuer_certs(self) -> list[IssuerCertRecord]:
+        rows = self._read_all(
+            "issuer_certs",
+            "SELECT fingerprint, writer, anchor_fingerprint, not_before, not_after, der, recorded_at"
+            " FROM issuer_certs ORDER BY not_before, fingerprint",
+        )
+        return [IssuerCertRecord(r[0], r[1], r[2], _dt(r[3]), _dt(r[4]), bytes(r[5]), _dt(r[6])) for r in rows]
 
     def _save_checkpoint(self, checkpoint: Checkpoint) -> None:
         with self._read_lock, self._metrics.timed("checkpoint"):

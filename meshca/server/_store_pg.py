@@ -40,6 +40,7 @@ from meshca.server._store import (
     GroupCommitter,
     IssuanceChain,
     IssuanceRecord,
+    IssuerCertRecord,
     JoinToken,
     JwtPublicKey,
     WritingStore,
@@ -422,6 +423,33 @@ class PostgresStore(WritingStore):
     def log_checkpoints(self) -> list[Checkpoint]:
         sql: LiteralString = "SELECT writer, seq, head, at, signature FROM log_checkpoints"
         return [logged_checkpoint(row, _utc) for row in self._query("log_checkpoints", "read the issuance log", sql)]
+
+    # -- issuer certificates
+
+    def record_issuer(self, record: IssuerCertRecord) -> None:
+        """Records an issuer certificate (a second record of the same one changes nothing)."""
+        self._query(
+            "record_issuer",
+            "record issuer certificate",
+            "INSERT INTO issuer_certs VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (fingerprint) DO NOTHING",
+            (
+                record.fingerprint,
+                record.writer,
+                record.anchor_fingerprint,
+                record.not_before,
+                record.not_after,
+                record.der,
+                record.recorded_at,
+            ),
+        )
+
+    def issuer_certs(self) -> list[IssuerCertRecord]:
+        sql: LiteralString = (
+            "SELECT fingerprint, writer, anchor_fingerprint, not_before, not_after, der, recorded_at"
+            " FROM issuer_certs ORDER BY not_before, fingerprint"
+        )
+        rows = self._query("issuer_certs", "read issuer certificates", sql)
+        return [IssuerCertRecord(r[0], r[1], r[2], _utc(r[3]), _utc(r[4]), bytes(r[5]), _utc(r[6])) for r in rows]
 
     def _save_checkpoint(self, checkpoint: Checkpoint) -> None:
         self._query(

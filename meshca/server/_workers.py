@@ -60,7 +60,15 @@ from meshca.server._health import StoreHealth
 from meshca.server._metrics import MetricsServer
 from meshca.server._ports import claim, release
 from meshca.server._state import file_stamp, validate
-from meshca.server._store import IssuanceRecord, JoinToken, JwtPublicKey, SqliteStore, next_batch, sqlite_path
+from meshca.server._store import (
+    IssuanceRecord,
+    IssuerCertRecord,
+    JoinToken,
+    JwtPublicKey,
+    SqliteStore,
+    next_batch,
+    sqlite_path,
+)
 
 __all__ = ["PipeStore", "run_supervisor"]
 
@@ -158,6 +166,12 @@ class PipeStore:
 
     def log_checkpoints(self) -> list[Checkpoint]:
         return self._reader.log_checkpoints()
+
+    def record_issuer(self, record: IssuerCertRecord) -> None:
+        self._reader.record_issuer(record)  # rare: straight to SQLite, which serialises writers itself
+
+    def issuer_certs(self) -> list[IssuerCertRecord]:
+        return self._reader.issuer_certs()
 
     def record(self, record: IssuanceRecord, *, token_hash: str | None = None) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()

@@ -60,7 +60,12 @@ async def test_metrics_after_traffic(d: Path, server_ca: TestCA, k8s: K8sIssuer)
         assert sample_value(text, "meshca_authentication_failures_total", reason="missing") == 1
 
         issuer_not_after = server_ca.issuer_certificate.not_valid_after_utc.timestamp()
-        assert sample_value(text, "meshca_issuer_expiry_timestamp_seconds") == issuer_not_after
+        issuer_fingerprint = server_ca.issuer_certificate.fingerprint(hashes.SHA256()).hex(":")[:23]
+        [issuer_series] = [ls for n, ls, _ in samples(text) if n == "meshca_issuer_expiry_timestamp_seconds"]
+        assert issuer_series == {"fingerprint": issuer_fingerprint, "state": "active"}
+        expiry = "meshca_issuer_expiry_timestamp_seconds"
+        assert sample_value(text, expiry, fingerprint=issuer_fingerprint, state="active") == issuer_not_after
+        assert sample_value(text, "meshca_next_rotation_seconds") is None  # file mode: nothing scheduled
         fingerprint = server_ca.anchor.fingerprint(hashes.SHA256()).hex(":")[:23]
         anchor_not_after = server_ca.anchor.not_valid_after_utc.timestamp()
         assert sample_value(text, "meshca_anchor_expiry_timestamp_seconds", fingerprint=fingerprint) == anchor_not_after

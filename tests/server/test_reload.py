@@ -261,7 +261,7 @@ def state_on(
     store = SqliteStore(d / "meshca.db")
     try:
         with capture_logs() as logs:
-            yield IssuerState(ca.write(d), clock, metrics, store), logs
+            yield IssuerState.from_files(ca.write(d), clock, metrics, store), logs
     finally:
         store.close()
 
@@ -362,9 +362,11 @@ def test_a_real_server_switches_to_a_staged_issuer_without_a_failure(d: Path) ->
             time.sleep(0.1)
         assert issuers == {expiring, staged}
         server.terminate()
-    events = [e["event"] for e in server.events if e["event"].startswith("issuer.")]
+    events = [e["event"] for e in server.events if e["event"].startswith("issuer.") and e["event"] != "issuer.expiring"]
     # each worker: the expiring issuer taken, the next one staged, then taken
     assert sorted(events) == ["issuer.reloaded"] * 4 + ["issuer.staged"] * 2
+    # a third of its 10 s lifetime before its end, each worker said the first one was expiring
+    assert {e["worker"] for e in server.events if e["event"] == "issuer.expiring"} == {0, 1}
 
 
 async def test_a_reload_from_a_key_others_can_write_is_refused(d: Path, server_ca: TestCA) -> None:

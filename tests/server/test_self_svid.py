@@ -6,6 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from support.ids import TD
 from support.poll import eventually
 from support.serving import serving
@@ -59,7 +60,11 @@ async def test_a_reloaded_issuer_probe_is_not_logged(d: Path) -> None:
         replacement, key = new_issuer(ca)
         volume.swap(issuer_files(replacement, key, ca.bundle))
         await eventually(lambda: bool(h.events("issuer.reloaded")), what="the reload")
-        assert h.server.store.issuances() == before
-        # the next server SVID comes from the new issuer, and is logged like the first
-        h.server.state.serving_svid(("localhost",), TTL)
-        assert [r.api for r in h.server.store.issuances()] == ["self", "self"]
+        # the reload loop renews the server SVID from the new issuer, logged like the first; the probe is not
+        await eventually(lambda: len(h.server.store.issuances()) == 2, what="the server SVID renewed")
+        records = h.server.store.issuances()
+        assert records[0] == before[0]
+        assert [(r.api, r.spiffe_id) for r in records] == [("self", f"spiffe://{TD}/meshca/identity")] * 2
+        svid = h.server.state.serving_svid(("localhost",), TTL)
+        assert svid.issuer_fingerprint == replacement.fingerprint(hashes.SHA256()).hex(":")
+        assert len(h.server.store.issuances()) == 2

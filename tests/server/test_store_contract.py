@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
+import hashlib
 import secrets
 import sqlite3
 import threading
@@ -24,6 +26,7 @@ from meshca.server._metrics import StoreMetrics
 from meshca.server._store import (
     SQLITE_SCHEMA_VERSION,
     IssuanceRecord,
+    IssuerCertRecord,
     JoinToken,
     Store,
     TokenUsedUp,
@@ -345,6 +348,32 @@ def test_check_answers_while_the_store_is_up(store: Store) -> None:
 def test_a_reader_cannot_record(backend: Backend) -> None:
     with pytest.raises(StoreError, match="reading only"):
         backend.open(writer=False).record(rec())
+
+
+# -- issuer certificates (managed issuers, file-mode issuers)
+
+
+def issuer_rec(writer: str, not_before: datetime, der: bytes | None = None) -> IssuerCertRecord:
+    der = der or secrets.token_bytes(64)
+    fp = hashlib.sha256(der).hexdigest()
+    return IssuerCertRecord(fp, writer, "aa" * 32, not_before, not_before + timedelta(days=7), der, NOW)
+
+
+def test_issuer_certificates_from_every_replica_read_back_oldest_first(backend: Backend) -> None:
+    one, two = backend.open(), backend.open(writer=False)  # a reading store object records issuers too
+    later = issuer_rec("replica-b", NOW + timedelta(hours=1))
+    earlier = issuer_rec("replica-a", NOW)
+    two.record_issuer(later)
+    one.record_issuer(earlier)
+    assert one.issuer_certs() == [earlier, later]
+    assert two.issuer_certs() == [earlier, later]
+
+
+def test_an_issuer_recorded_twice_keeps_its_first_record(store: Store) -> None:
+    first = issuer_rec("replica-a", NOW)
+    store.record_issuer(first)
+    store.record_issuer(dataclasses.replace(first, writer="replica-b", recorded_at=NOW + timedelta(hours=1)))
+    assert store.issuer_certs() == [first]
 
 
 def test_sqlite_store_from_before_schema_versions_is_migrated(tmp_path: Path) -> None:
