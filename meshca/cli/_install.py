@@ -19,11 +19,11 @@ from meshca.cli._manifests import GRPC_PORT, NAME, Install, manifests, yaml_stre
 from meshca.cli._options import CliError, add_dir, add_duration, read
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._issuer import Issuer
-from meshca.pki._lifecycle import mint_issuer
+from meshca.pki._lifecycle import check_issuer_ttl, mint_issuer
 from meshca.pki._profiles import LEAF_TTL
 from meshca.pki._time import Clock, format_duration
 from meshca.pki._trustdir import TrustDir
-from meshca.server._config import ISSUER_TTL, check_issuer_ttl
+from meshca.server._config import ISSUER_TTL
 from meshca.server._state import load_anchor, validate
 
 __all__ = ["register"]

@@ -20,11 +20,12 @@ from meshca.cli._options import (
     store_url,
 )
 from meshca.cli._options import passphrase as read_passphrase
+from meshca.pki._lifecycle import check_issuer_ttl
 from meshca.pki._spiffe import TrustDomain
 from meshca.pki._time import Clock, format_duration
 from meshca.pki._trustdir import TrustDir
 from meshca.server import IdentityServer, K8sJwtConfig, ServerConfig, TokenReviewConfig, run_supervisor
-from meshca.server._config import ISSUER_TTL, check_issuer_ttl
+from meshca.server._config import ISSUER_TTL
 from meshca.server._logging import configure_logging
 from meshca.server._state import check_anchor, validate
 

@@ -59,7 +59,7 @@ from meshca.pki._csr import check_csr, load_csr
 from meshca.pki._errors import MeshcaError, VerificationError
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import PrivateKey, generate_key
-from meshca.pki._lifecycle import ACTIVATE_CAP, IssuerSlots, mint_issuer
+from meshca.pki._lifecycle import IssuerSlots, handover_room, mint_issuer
 from meshca.pki._profiles import ANCHOR_LIFETIME, LEAF_TTL, build_anchor
 from meshca.pki._proof import SvidProof, verify_svid_proof
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy
@@ -83,11 +83,6 @@ _RETRY_STEP = timedelta(hours=1)  # how soon a failed issuer step (the anchor ex
 _MIN_STEP = timedelta(minutes=1)
 _SECOND = timedelta(seconds=1)
 _TRUST_DOMAIN = TrustDomain.parse("sim.example")
-
-
-def handover_room(issuer_ttl: timedelta) -> timedelta:
-    """The least life an active managed issuer has left (`pki/_lifecycle.activation_time`): a leaf longer is cut."""
-    return min(issuer_ttl / 6, ACTIVATE_CAP)
 
 
 # -- the policy

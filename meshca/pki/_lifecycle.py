@@ -29,18 +29,23 @@ from meshca.pki._errors import MeshcaError
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import KeyType, generate_key
 from meshca.pki._profiles import CLOCK_SKEW, build_issuer
+from meshca.pki._time import format_duration
 
 __all__ = [
     "ACTIVATE_CAP",
+    "MIN_ISSUER_TTL",
     "PREPARE_CAP",
     "IssuerSlots",
     "OldIssuer",
     "Rotation",
     "activation_time",
+    "check_issuer_ttl",
+    "handover_room",
     "mint_issuer",
     "preparation_time",
 ]
 
+MIN_ISSUER_TTL = timedelta(minutes=1)
 PREPARE_CAP = timedelta(days=30)
 ACTIVATE_CAP = timedelta(days=7)
 
@@ -67,6 +72,24 @@ def mint_issuer(
         lifetime=ttl,
     )
     return Issuer([cert], key, bundle)
+
+
+def handover_room(issuer_ttl: timedelta) -> timedelta:
+    """The least life an active issuer of ``issuer_ttl`` has left when it hands over: a longer leaf is cut."""
+    return min(issuer_ttl / 6, ACTIVATE_CAP)
+
+
+def check_issuer_ttl(issuer_ttl: timedelta, leaf_ttl: timedelta) -> None:
+    """Raises ValueError unless managed issuers of ``issuer_ttl`` give every leaf of ``leaf_ttl`` its full life."""
+    if issuer_ttl < MIN_ISSUER_TTL:
+        raise ValueError("issuer TTL must be at least 1 minute")
+    room = handover_room(issuer_ttl)
+    if leaf_ttl > room:
+        raise ValueError(
+            f"leaf TTL {format_duration(leaf_ttl)} does not fit an issuer TTL of {format_duration(issuer_ttl)}: "
+            f"an active issuer has {format_duration(room)} of its life left when it hands over "
+            "(a sixth, at most 7 days), so the leaf TTL must be at most that"
+        )
 
 
 def _lifetime(issuer: Issuer) -> timedelta:

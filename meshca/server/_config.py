@@ -7,9 +7,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from meshca.pki._csr import KeyPolicy
-from meshca.pki._time import format_duration
+from meshca.pki._lifecycle import check_issuer_ttl
 
-__all__ = ["ISSUER_TTL", "K8sJwtConfig", "ServerConfig", "TokenReviewConfig", "check_issuer_ttl"]
+__all__ = ["ISSUER_TTL", "K8sJwtConfig", "ServerConfig", "TokenReviewConfig"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,24 +38,7 @@ class TokenReviewConfig:
             raise ValueError("TokenReview max_concurrency must be at least 1 and timeout positive")
 
 
-MIN_ISSUER_TTL = timedelta(minutes=1)
 ISSUER_TTL = timedelta(days=7)  # `serve --manage-issuers` default, as SPIRE's ca_ttl order of magnitude
-
-
-def check_issuer_ttl(issuer_ttl: timedelta, leaf_ttl: timedelta) -> None:
-    """Raises ValueError unless managed issuers of ``issuer_ttl`` give every default leaf its full lifetime.
-
-    An active issuer hands over when a sixth of its life is left, so that is
-    the least room a leaf signed by it has (SPIRE warns at the same ratio).
-    """
-    if issuer_ttl < MIN_ISSUER_TTL:
-        raise ValueError("issuer TTL must be at least 1 minute")
-    if leaf_ttl > issuer_ttl / 6:
-        raise ValueError(
-            f"leaf TTL {format_duration(leaf_ttl)} does not fit an issuer TTL of {format_duration(issuer_ttl)}: "
-            "an active issuer has a sixth "
-            "of its life left when it hands over, so the leaf TTL must be at most that"
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ import meshca
 from meshca.pki._certs import certificates_pem
 from meshca.pki._check import issuer_warning
 from meshca.pki._files import atomic_write
-from meshca.pki._lifecycle import activation_time, preparation_time
+from meshca.pki._lifecycle import activation_time, check_issuer_ttl, preparation_time
 from meshca.server import SqliteStore
-from meshca.server._config import ServerConfig, check_issuer_ttl
+from meshca.server._config import ServerConfig
 from meshca.server._metrics import Metrics
 from meshca.server._state import IssuerState
 from meshca.testing import FrozenClock, TestCA
@@ -268,6 +268,8 @@ def test_multiprocess_metrics_set_series_no_longer_in_use_to_nan(tmp_path: Path)
         (timedelta(seconds=59), timedelta(seconds=5), "at least 1 minute"),
         (timedelta(minutes=1), timedelta(seconds=11), "does not fit"),
         (timedelta(days=7), timedelta(days=2), "does not fit"),
+        # a long issuer hands over 7 days before its end, not a sixth of its life: a 10-day leaf is cut
+        (timedelta(days=90), timedelta(days=10), "7d of its life left"),
     ],
 )
 def test_issuer_ttls_that_cannot_work_are_refused(issuer_ttl: timedelta, leaf_ttl: timedelta, error: str) -> None:
