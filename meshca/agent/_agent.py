@@ -8,7 +8,9 @@
 Everything runs on one event loop. The sync loop wakes every ``sync_interval``
 and earlier when a workload SVID reaches its renewal moment (half its
 lifetime, with jitter: pki/_rotation). A failed call changes nothing the agent
-holds: it keeps serving, and the next tick tries again.
+holds: it keeps serving, and tries again after a backoff (pki/_rotation
+`retry_delay`, never past ``sync_interval``), not at once: an SVID past its
+renewal moment during an outage must not turn the loop into a busy one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from meshca.pki._bundle import TrustBundle
 from meshca.pki._csr import build_csr
 from meshca.pki._errors import MeshcaError
 from meshca.pki._keys import generate_key
-from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 from meshca.pki._spiffe import TrustDomain
 from meshca.pki._time import Clock, system_clock
 
@@ -84,6 +86,8 @@ class NodeAgent:
         self._closing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._ticking = asyncio.Lock()  # one sync-and-sign at a time (the loop's, or one a caller asked for)
+        self._failures = 0  # ticks in a row that failed
+        self._retry_at: datetime | None = None  # no renewal-driven tick before this, after a failure
         self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[str, datetime]] = {}
         self.api = WorkloadApi(self)
 
@@ -175,8 +179,10 @@ class NodeAgent:
         while True:
             wait = self.config.sync_interval
             if self.state.held:
-                due = min(h.renew_at for h in self.state.held.values()) - self.clock()
-                wait = max(min(wait, due), timedelta(milliseconds=50))
+                due = min(h.renew_at for h in self.state.held.values())
+                if self._retry_at is not None:
+                    due = max(due, self._retry_at)
+                wait = max(min(wait, due - self.clock()), timedelta(milliseconds=50))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait.total_seconds()):
                     await self._wake.wait()
@@ -189,21 +195,30 @@ class NodeAgent:
 
     async def _tick(self) -> None:
         async with self._ticking:
-            await self._sync_and_sign()
+            ok = await self._sync_and_sign()
+            now = self.clock()
+            if ok:
+                self._failures, self._retry_at = 0, None
+                return
+            self._failures += 1
+            # The cap shrinks as the soonest expiry nears; an SVID already expired does not make it shrink to nothing.
+            soonest = min((h.svid.not_after for h in self.state.held.values() if h.svid.not_after > now), default=None)
+            self._retry_at = now + retry_delay(self._failures, now, soonest, self.config.renewal, self._rng)
 
-    async def _sync_and_sign(self) -> None:
-        """One sync and the signing it calls for. Failures are logged and counted; what is held stays."""
+    async def _sync_and_sign(self) -> bool:
+        """One sync and the signing it calls for; False if anything failed (logged and counted; what is held stays)."""
         try:
             await self._sync()
         except (grpc.aio.AioRpcError, MeshcaError, ValueError) as exc:
             self.metrics.syncs.labels(_outcome(exc)).inc()
             log.warning("agent.sync_failed", error=_reason(exc))
-            return
+            return False
         self.metrics.syncs.labels("ok").inc()
         try:
-            await self._sign_due()
+            return await self._sign_due()
         except (grpc.aio.AioRpcError, MeshcaError, ValueError) as exc:
             log.warning("agent.sign_failed", error=_reason(exc))
+            return False
 
     async def _sync(self) -> None:
         assert self._upstream is not None
@@ -226,7 +241,9 @@ class NodeAgent:
             self._jwt_cache.clear()
             await state.changed()
 
-    async def _sign_due(self) -> None:
+    async def _sign_due(self) -> bool:
+        """Signs every entry without a current SVID; False if the service refused one or answered one badly."""
+        ok = True
         now = self.clock()
         state = self.state
         due = [
@@ -248,6 +265,7 @@ class NodeAgent:
                 if entry is None:
                     continue
                 if result.error_code:
+                    ok = False
                     self.metrics.signed.labels("refused").inc()
                     log.warning("agent.svid_refused", entry_id=entry.id, code=result.error_code, error=result.error)
                     continue
@@ -256,6 +274,7 @@ class NodeAgent:
                         keys[entry.id], chain_of(result), state.bundle, now=self.clock(), expected=entry.spiffe_id
                     )
                 except MeshcaError as exc:
+                    ok = False
                     self.metrics.signed.labels("invalid").inc()
                     log.warning("agent.svid_invalid", entry_id=entry.id, error=str(exc))
                     continue
@@ -266,6 +285,7 @@ class NodeAgent:
                 self.metrics.signed.labels("ok").inc()
             self.metrics.held.set(len(state.held))
             await state.changed()
+        return ok
 
     # -- JWT-SVIDs, for the Workload API
 

@@ -15,6 +15,7 @@ import tempfile
 import textwrap
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe import TrustDomain as SpiffeTrustDomain
 from support.agents import add_entry
 from support.certs import write_bundle
+from support.clocks import Pinned
 from support.ids import API, TD, WEB
 from support.poll import eventually
 from support.serving import Harness, serving
@@ -240,6 +242,39 @@ async def test_serves_while_the_service_is_down_catches_up_and_a_restart_recover
             await third.start()
         await third.stop()
         assert sock_path.read_text() == "not a socket"
+
+
+async def test_an_outage_past_the_renewal_moment_is_retried_with_backoff_not_in_a_busy_loop(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(hours=1))
+        sync_every = timedelta(seconds=2)
+        agent = NodeAgent(
+            replace(config(h, tmp_path, sock_path, agent_token(h)), sync_interval=sync_every),
+            clock=h.clock,
+            rng=Pinned(0.5),  # backoffs of half their ceiling: 0.25 s, 0.5 s, 1 s, then the sync interval
+        )
+        await agent.start()
+        await _ready(agent, 1)
+        clock = h.clock
+    try:
+        # The service is gone and the SVID is past its renewal moment (40 of 60 minutes): every tick fails.
+        clock.advance(timedelta(minutes=40))
+        agent._wake.set()
+        before = syncs(agent, "unavailable")
+        await asyncio.sleep(4)
+        attempts = syncs(agent, "unavailable") - before
+        # 0.25 + 0.5 + 1 + 2 s: about 4 in 4 s. Retrying at once (every 50 ms) made about 80.
+        assert 1 <= attempts <= 8, attempts
+
+        def spiffe_id() -> str:
+            with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
+                return str(client.fetch_x509_svid().spiffe_id)
+
+        assert await asyncio.to_thread(spiffe_id) == str(WEB)  # and it kept serving what it holds
+    finally:
+        await agent.stop()
 
 
 # spiffe-tls 0.4 reads X509Source.svid and .bundles (deprecated by spiffe 0.3) and hands pyOpenSSL X509 objects
