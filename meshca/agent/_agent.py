@@ -48,6 +48,7 @@ __all__ = ["AgentConfig", "NodeAgent"]
 log = structlog.get_logger("meshca.agent")
 
 MAX_BATCH = 64  # the service's cap on CSRs a batch (server/api/_agent.py)
+KEY_REFRESH_EVERY = timedelta(seconds=5)  # the most often a JWT key id the agent does not know makes it sync
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class NodeAgent:
         self._ticking = asyncio.Lock()  # one sync-and-sign at a time (the loop's, or one a caller asked for)
         self._failures = 0  # ticks in a row that failed
         self._retry_at: datetime | None = None  # no renewal-driven tick before this, after a failure
+        self._key_refresh_at: datetime | None = None  # no sync for an unknown JWT key id before this
         self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[str, datetime]] = {}
         self.api = WorkloadApi(self)
 
@@ -189,8 +191,16 @@ class NodeAgent:
             self._wake.clear()
             await self._tick()
 
-    async def refresh(self) -> None:
-        """Syncs now (ValidateJWTSVID meeting a key id it does not know: the service may have just published it)."""
+    async def refresh_jwt_keys(self) -> None:
+        """Syncs now, for a JWT key id the agent does not know: the service may have just published it.
+
+        At most once per ``min(sync_interval, KEY_REFRESH_EVERY)``: any local caller may send ValidateJWTSVID
+        a token with a made-up key id, and must not be able to make the agent hammer the service.
+        """
+        now = self.clock()
+        if self._key_refresh_at is not None and now < self._key_refresh_at:
+            return
+        self._key_refresh_at = now + min(self.config.sync_interval, KEY_REFRESH_EVERY)
         await self._tick()
 
     async def _tick(self) -> None:

@@ -291,7 +291,7 @@ class WorkloadApi:
         if not request.svid:
             raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
         if _unknown_kid(request.svid, self._agent.state.jwt_key_set()):
-            await self._agent.refresh()  # a key published since the last sync
+            await self._agent.refresh_jwt_keys()  # a key published since the last sync
         try:
             sid, claims = validate_jwt_svid(
                 request.svid,

@@ -20,20 +20,23 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import jwt
 import pytest
 from cryptography import x509
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe import TrustDomain as SpiffeTrustDomain
-from support.agents import add_entry
-from support.certs import write_bundle
+from support.agents import Agent, add_entry, agent_stub
+from support.certs import p256, write_bundle
 from support.clocks import Pinned
 from support.ids import API, TD, WEB
 from support.poll import eventually
 from support.serving import Harness, serving
 
 import meshca
+from meshca._proto import meshca_agent_pb2 as apb
 from meshca._proto import workload_pb2 as wpb
 from meshca.agent import AgentConfig, NodeAgent
+from meshca.server._store import open_store
 from meshca.testing import TestCA
 
 AGENT = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/agent/node1")
@@ -367,6 +370,56 @@ async def test_jwt_svids_are_validated_for_signature_expiry_and_audience(tmp_pat
             assert other_audience == "INVALID_ARGUMENT: invalid JWT-SVID: Audience doesn't match"
             assert forged == "INVALID_ARGUMENT: invalid JWT-SVID: Signature verification failed"
             assert expired == "INVALID_ARGUMENT: invalid JWT-SVID: the token has expired"
+        finally:
+            await agent.stop()
+
+
+def validated(sock: Path, token: str, audience: str) -> str:
+    """ValidateJWTSVID through py-spiffe: the SPIFFE ID, or the refusal's code and details."""
+    from spiffe.workloadapi.errors import ValidateJwtSvidError
+
+    with WorkloadApiClient(socket_path=f"unix://{sock}") as client:
+        try:
+            return str(client.validate_jwt_svid(token, audience).spiffe_id)
+        except ValidateJwtSvidError as exc:
+            cause = exc.__cause__
+            assert isinstance(cause, grpc.RpcError)
+            return f"{cause.code().name}: {cause.details()}"  # type: ignore[attr-defined]
+
+
+async def test_a_jwt_key_published_after_the_last_sync_is_fetched_on_use_at_most_once_a_window(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    ca_dir, url = tmp_path / "ca", f"sqlite://{tmp_path}/shared.db"
+    async with serving(ca_dir, store=open_store(url, ca_dir)) as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        quiet = replace(config(h, tmp_path, sock_path, agent_token(h)), sync_interval=timedelta(hours=1))
+        agent = NodeAgent(quiet, clock=h.clock)
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            # A second replica on the same store starts after the agent's last sync, with a JWT key of its own.
+            async with serving(ca_dir, h.ca, write=False, store=open_store(url, ca_dir), clock=h.clock) as second:
+                own = agent.own
+                (entry_id,) = agent.state.entries
+                asked = apb.NewJWTSVIDRequest(entry_id=entry_id, audience=["db"])
+                proved = Agent(own.spiffe_id, own.chain_der, own.key).prove(asked, "NewJWTSVID", h.clock())
+                token = (await agent_stub(second).NewJWTSVID(proved)).token
+            kid = jwt.get_unverified_header(token)["kid"]
+            assert kid not in agent.state.jwt_keys.decode()
+            start = syncs(agent, "ok")
+            assert await asyncio.to_thread(validated, sock_path, token, "db") == str(WEB)
+            assert syncs(agent, "ok") == start + 1  # the unknown key id made it sync once
+
+            # Made-up key ids: refused, and no more than one sync for them a window (5 s on the agent's clock).
+            made_up = jwt.encode({"sub": str(WEB), "aud": ["db"], "exp": 2**40}, p256(), "ES256", {"kid": "made-up"})
+            for _ in range(3):
+                refused = await asyncio.to_thread(validated, sock_path, made_up, "db")
+                assert refused == f"INVALID_ARGUMENT: invalid JWT-SVID: no JWT key with id 'made-up' in the {TD} bundle"
+            assert syncs(agent, "ok") == start + 1
+            h.clock.advance(timedelta(seconds=6))
+            await asyncio.to_thread(validated, sock_path, made_up, "db")
+            assert syncs(agent, "ok") == start + 2
         finally:
             await agent.stop()
 
