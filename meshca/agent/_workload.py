@@ -19,15 +19,17 @@ import fcntl
 import os
 import socket
 import stat
+import struct
 import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jwt
 import structlog
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import DecodeError, Message
 from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.server import Server, Stream
@@ -49,6 +51,8 @@ log = structlog.get_logger("meshca.agent")
 
 _DER = serialization.Encoding.DER
 _PKCS8 = serialization.PrivateFormat.PKCS8
+MAX_REQUEST_BYTES = 64 * 1024  # an audience list and at most one token
+_M = TypeVar("_M", bound=Message)
 _JWT_ALGORITHMS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 
 
@@ -203,7 +207,7 @@ class WorkloadApi:
         return selectors_of(peer_credentials(sock))
 
     async def _x509_svid(self, stream: Stream[wpb.X509SVIDRequest, wpb.X509SVIDResponse]) -> None:
-        await stream.recv_message()
+        await _request(stream, wpb.X509SVIDRequest)
         selectors = self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
@@ -235,7 +239,7 @@ class WorkloadApi:
         return wpb.X509SVIDResponse(svids=svids) if svids else None
 
     async def _x509_bundles(self, stream: Stream[wpb.X509BundlesRequest, wpb.X509BundlesResponse]) -> None:
-        await stream.recv_message()
+        await _request(stream, wpb.X509BundlesRequest)
         selectors = self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
@@ -250,7 +254,7 @@ class WorkloadApi:
             seen = await state.wait(seen)
 
     async def _jwt_bundles(self, stream: Stream[wpb.JWTBundlesRequest, wpb.JWTBundlesResponse]) -> None:
-        await stream.recv_message()
+        await _request(stream, wpb.JWTBundlesRequest)
         selectors = self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
@@ -264,8 +268,7 @@ class WorkloadApi:
             seen = await state.wait(seen)
 
     async def _jwt_svid(self, stream: Stream[wpb.JWTSVIDRequest, wpb.JWTSVIDResponse]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await _request(stream, wpb.JWTSVIDRequest)
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         entries = _entries_or_denied(self._agent, self._selectors(stream))
@@ -284,8 +287,7 @@ class WorkloadApi:
         await stream.send_message(wpb.JWTSVIDResponse(svids=svids))
 
     async def _validate_jwt(self, stream: Stream[wpb.ValidateJWTSVIDRequest, wpb.ValidateJWTSVIDResponse]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await _request(stream, wpb.ValidateJWTSVIDRequest)
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
@@ -305,6 +307,32 @@ class WorkloadApi:
         response = wpb.ValidateJWTSVIDResponse(spiffe_id=str(sid))
         response.claims.update(claims)
         await stream.send_message(response)
+
+
+async def _request(stream: Stream[Any, Any], message_type: type[_M]) -> _M:
+    """The call's one request message, read with a bound and refused cleanly when malformed.
+
+    grpclib's own `recv_message` reads a message of whatever length the caller announces into
+    memory, and meets a missing, truncated, compressed or undecodable message with an exception
+    that becomes UNKNOWN and a traceback in the log. Any local process may call.
+    """
+    h2 = stream._stream  # grpclib's HTTP/2 stream: private, as the transport is (see the module docstring)
+    try:
+        head = await h2.recv_data(5)
+        if len(head) != 5:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the call carries no request message")
+        compressed, length = struct.unpack(">?I", head)
+        if compressed:
+            raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not supported")
+        if length > MAX_REQUEST_BYTES:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"a request is at most {MAX_REQUEST_BYTES} bytes")
+        body = await h2.recv_data(length)
+    except AssertionError:  # grpclib's Buffer: the stream ended inside a message
+        raise GRPCError(Status.INVALID_ARGUMENT, "the request message is truncated") from None
+    try:
+        return message_type.FromString(body)
+    except DecodeError:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"the request is not a {message_type.DESCRIPTOR.name}") from None
 
 
 def _unknown_kid(token: str, jwks: dict[str, Any]) -> bool:

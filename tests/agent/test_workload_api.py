@@ -8,6 +8,11 @@ subprocesses that change their uid before they connect.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -422,6 +427,114 @@ async def test_a_jwt_key_published_after_the_last_sync_is_fetched_on_use_at_most
             assert syncs(agent, "ok") == start + 2
         finally:
             await agent.stop()
+
+
+WORKLOAD = (("workload.spiffe.io", "true"),)
+STREAMS = {"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles"}
+
+
+async def _raw(sock: Path, method: str, body: bytes) -> str:
+    """``body`` as the request message of ``method`` (grpcio frames it); the call's status code."""
+    async with grpc.aio.insecure_channel(f"unix://{sock}") as channel:
+        try:
+            if method in STREAMS:
+                async for _ in channel.unary_stream(f"/SpiffeWorkloadAPI/{method}")(body, metadata=WORKLOAD):
+                    return "OK"  # the first message came: the request was taken
+            else:
+                await channel.unary_unary(f"/SpiffeWorkloadAPI/{method}")(body, metadata=WORKLOAD)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
+async def _framed(sock: Path, data: bytes | None) -> str:
+    """FetchJWTSVID whose request stream is ``data`` as sent (None: no message at all); the status.
+
+    The client side is declared client-streaming: grpclib's unary client insists on one whole message.
+    """
+    from grpclib import GRPCError
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+
+    channel = Channel(path=str(sock))
+    try:
+        path = "/SpiffeWorkloadAPI/FetchJWTSVID"
+        async with channel.request(
+            path, Cardinality.STREAM_UNARY, wpb.JWTSVIDRequest, wpb.JWTSVIDResponse, metadata=dict(WORKLOAD)
+        ) as stream:
+            await stream.send_request(end=data is None)
+            if data is not None:
+                await stream._stream.send_data(data, end_stream=True)  # bytes no well-behaved client would frame
+                stream._end_done = True  # what grpclib's own send_message(end=True) records
+            try:
+                await stream.recv_message()
+            except GRPCError as exc:
+                return exc.status.name
+            return "OK"
+    finally:
+        channel.close()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jws(header: dict[str, object], claims: dict[str, object], hmac_key: bytes | None = None) -> str:
+    """A token no library would make: unsigned (alg none), or HS256 with ``hmac_key`` (a public key as secret)."""
+    signed = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    mac = hmac.new(hmac_key, signed.encode(), hashlib.sha256).digest() if hmac_key is not None else b""
+    return f"{signed}.{_b64(mac)}"
+
+
+async def test_malformed_workload_api_calls_get_a_clean_status_and_the_agent_serves_on(
+    tmp_path: Path, sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            kid = json.loads(agent.state.jwt_keys)["keys"][0]["kid"]
+            claims = {"sub": str(WEB), "aud": ["db"], "exp": 2**40}
+            hs256 = _jws({"alg": "HS256", "kid": kid}, claims, agent.state.jwt_keys)
+            validate = "ValidateJWTSVID"
+            garbage = b"\xff\xff\xff"
+            # (what, method or None for FetchJWTSVID framed by hand, bytes, the status expected)
+            cases: list[tuple[str, str | None, bytes | None, str]] = [
+                *((f"garbage-{m}", m, garbage, "INVALID_ARGUMENT") for m in [*STREAMS, "FetchJWTSVID", validate]),
+                (
+                    "oversized",
+                    validate,
+                    wpb.ValidateJWTSVIDRequest(svid="x" * 100_000).SerializeToString(),
+                    "RESOURCE_EXHAUSTED",
+                ),
+                ("unknown-method", "FetchEverything", b"", "UNIMPLEMENTED"),
+                ("no-message", None, None, "INVALID_ARGUMENT"),
+                ("truncated", None, b"\x00\x00\x00\x00\x10\x0a\x02db", "INVALID_ARGUMENT"),
+                ("compressed", None, b"\x01\x00\x00\x00\x02\x0a\x00", "UNIMPLEMENTED"),
+                ("huge-length", None, b"\x00\xff\xff\xff\xff", "RESOURCE_EXHAUSTED"),
+            ]
+            for token in ["", "a.b.c", "x" * 5000, _jws({"alg": "none", "kid": kid}, claims), hs256]:
+                request = wpb.ValidateJWTSVIDRequest(audience="db", svid=token).SerializeToString()
+                cases.append((f"token-{token[:12]}", validate, request, "INVALID_ARGUMENT"))
+            outcomes = {}
+            for what, method, data, _ in cases:
+                if method is None:
+                    outcomes[what] = await _framed(sock_path, data)
+                else:
+                    assert data is not None
+                    outcomes[what] = await _raw(sock_path, method, data)
+            assert outcomes == {what: expected for what, _, _, expected in cases}
+
+            def spiffe_id() -> str:
+                with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
+                    return str(client.fetch_x509_svid().spiffe_id)
+
+            assert await asyncio.to_thread(spiffe_id) == str(WEB)
+        finally:
+            await agent.stop()
+    assert not [r for r in caplog.records if r.name.startswith("grpclib") and r.levelno >= logging.ERROR]
 
 
 async def test_workload_svids_renew_at_half_life_on_the_agents_clock(tmp_path: Path, sock_path: Path) -> None:
