@@ -37,6 +37,7 @@ from grpclib.server import Server, Stream
 from meshca._proto import workload_pb2 as wpb
 from meshca.pki._errors import MeshcaError, PortTaken, UnsafePermissions
 from meshca.pki._files import check_private, make_dirs
+from meshca.pki._profiles import CLOCK_SKEW
 from meshca.pki._spiffe import SpiffeId
 
 from ._attest import peer_credentials, selectors_of
@@ -348,7 +349,12 @@ def validate_jwt_svid(
     token: str, audience: str, jwks: dict[str, Any], trust_domain: str, *, now: datetime
 ) -> tuple[SpiffeId, dict[str, Any]]:
     """The SPIFFE ID and claims of ``token`` if a key of ``jwks`` signed it, it is unexpired at ``now`` and for
-    ``audience``. PyJWT checks signature, audience and claim types; expiry is checked here on the agent's clock.
+    ``audience``.
+
+    The algorithm is the one of the key the ``kid`` names (a token cannot choose another, nor ``none``).
+    PyJWT checks signature, audience and claim types; time is checked here, on the agent's clock only:
+    ``exp`` strictly, ``nbf`` with `CLOCK_SKEW`, ``iat`` not at all (the JWT-SVID spec does not ask it, and
+    PyJWT's check on the system clock refused tokens from a service whose clock ran a second ahead).
     """
     kid = jwt.get_unverified_header(token).get("kid")
     if not kid:
@@ -356,15 +362,21 @@ def validate_jwt_svid(
     keys = [k for k in jwt.PyJWKSet.from_dict(jwks).keys if k.key_id == kid]
     if not keys:
         raise ValueError(f"no JWT key with id {kid!r} in the {trust_domain} bundle")
+    key = keys[0]
+    if key.algorithm_name not in _JWT_ALGORITHMS:
+        raise ValueError(f"the JWT key {kid!r} is for {key.algorithm_name}, not a JWT-SVID algorithm")
     claims: dict[str, Any] = jwt.decode(
         token,
-        keys[0].key,
-        algorithms=_JWT_ALGORITHMS,
+        key.key,
+        algorithms=[key.algorithm_name],
         audience=audience,
-        options={"require": ["sub", "exp", "aud"], "verify_exp": False},
+        options={"require": ["sub", "exp", "aud"], "verify_exp": False, "verify_nbf": False, "verify_iat": False},
     )
     if not isinstance(claims["exp"], int | float) or claims["exp"] <= now.timestamp():
         raise ValueError("the token has expired")
+    nbf = claims.get("nbf")
+    if nbf is not None and (not isinstance(nbf, int | float) or nbf > (now + CLOCK_SKEW).timestamp()):
+        raise ValueError("the token is not valid yet (nbf)")
     sid = SpiffeId.parse(claims["sub"])
     if str(sid.trust_domain) != trust_domain:
         raise ValueError(f"the token's subject {sid} is not in {trust_domain}")

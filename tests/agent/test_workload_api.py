@@ -19,6 +19,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
@@ -28,11 +29,12 @@ import grpc
 import jwt
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe import TrustDomain as SpiffeTrustDomain
 from support.agents import Agent, add_entry, agent_stub
 from support.certs import p256, write_bundle
-from support.clocks import Pinned
+from support.clocks import MovableClock, Pinned
 from support.ids import API, TD, WEB
 from support.poll import eventually
 from support.serving import Harness, serving
@@ -425,6 +427,52 @@ async def test_a_jwt_key_published_after_the_last_sync_is_fetched_on_use_at_most
             h.clock.advance(timedelta(seconds=6))
             await asyncio.to_thread(validated, sock_path, made_up, "db")
             assert syncs(agent, "ok") == start + 2
+        finally:
+            await agent.stop()
+
+
+async def test_jwt_svids_are_timed_on_the_agents_clock_with_skew_for_nbf_and_none_for_iat(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    ahead = MovableClock()
+    ahead.advance(timedelta(seconds=30))  # the service's host runs 30 s ahead of the agent's
+    async with serving(tmp_path / "ca", clock=ahead) as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))  # on the system clock
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+
+            def fetched() -> str:
+                with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
+                    return client.fetch_jwt_svid(audience={"db"}).token
+
+            token = await asyncio.to_thread(fetched)
+            assert (
+                jwt.decode(token, options={"verify_signature": False})["iat"] > time.time() + 20
+            )  # issued "in the future"
+            assert await asyncio.to_thread(validated, sock_path, token, "db") == str(WEB)
+
+            # Signed by the service's own key: nbf within the skew passes, beyond it does not.
+            key = h.server.jwt_keys._held[-1]
+            now = int(time.time())
+
+            def signed(**claims: int) -> str:
+                body = {"sub": str(WEB), "aud": ["db"], "exp": now + 300, **claims}
+                return jwt.encode(body, key.key, "ES256", {"kid": key.kid})
+
+            assert await asyncio.to_thread(validated, sock_path, signed(nbf=now + 50), "db") == str(WEB)
+            late = await asyncio.to_thread(validated, sock_path, signed(nbf=now + 600), "db")
+            assert late == "INVALID_ARGUMENT: invalid JWT-SVID: the token is not valid yet (nbf)"
+            # The key is P-256: its algorithm is ES256, whatever the header says.
+            es384 = jwt.encode(
+                {"sub": str(WEB), "aud": ["db"], "exp": now + 300},
+                ec.generate_private_key(ec.SECP384R1()),
+                "ES384",
+                {"kid": key.kid},
+            )
+            wrong_alg = await asyncio.to_thread(validated, sock_path, es384, "db")
+            assert wrong_alg == "INVALID_ARGUMENT: invalid JWT-SVID: The specified alg value is not allowed"
         finally:
             await agent.stop()
 
