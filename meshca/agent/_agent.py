@@ -48,6 +48,7 @@ __all__ = ["AgentConfig", "NodeAgent"]
 log = structlog.get_logger("meshca.agent")
 
 MAX_BATCH = 64  # the service's cap on CSRs a batch (server/api/_agent.py)
+JWT_CACHE_SIZE = 1024  # JWT-SVIDs kept for reuse: a caller may ask for any number of audiences
 KEY_REFRESH_EVERY = timedelta(seconds=5)  # the most often a JWT key id the agent does not know makes it sync
 
 
@@ -300,7 +301,8 @@ class NodeAgent:
     # -- JWT-SVIDs, for the Workload API
 
     async def jwt_svid(self, entry: Entry, audience: list[str]) -> str:
-        """A JWT-SVID for ``entry``; one from the cache while it has more than half of its lifetime left."""
+        """A JWT-SVID for ``entry``; one from the cache (at most `JWT_CACHE_SIZE`) while it has more than half of
+        its lifetime left."""
         key = (entry.id, tuple(sorted(audience)))
         now = self.clock()
         cached = self._jwt_cache.get(key)
@@ -309,7 +311,14 @@ class NodeAgent:
         assert self._upstream is not None
         response = await self._upstream.jwt(entry.id, audience, self.own, now)
         expires = response.expires_at.ToDatetime(tzinfo=now.tzinfo)
-        self._jwt_cache[key] = (response.token, now + (expires - now) / 2)
+        cache = self._jwt_cache
+        cache.pop(key, None)
+        if len(cache) >= JWT_CACHE_SIZE:  # the stale go first, then the oldest (insertion order)
+            for stale in [k for k, (_, reuse_until) in cache.items() if reuse_until <= now]:
+                del cache[stale]
+            while len(cache) >= JWT_CACHE_SIZE:
+                del cache[next(iter(cache))]
+        cache[key] = (response.token, now + (expires - now) / 2)
         return response.token
 
     def snapshot(self) -> Snapshot | None:

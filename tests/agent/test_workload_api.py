@@ -43,6 +43,7 @@ import meshca
 from meshca._proto import meshca_agent_pb2 as apb
 from meshca._proto import workload_pb2 as wpb
 from meshca.agent import AgentConfig, NodeAgent
+from meshca.agent import _agent as agent_module
 from meshca.server._store import open_store
 from meshca.testing import TestCA
 
@@ -473,6 +474,34 @@ async def test_jwt_svids_are_timed_on_the_agents_clock_with_skew_for_nbf_and_non
             )
             wrong_alg = await asyncio.to_thread(validated, sock_path, es384, "db")
             assert wrong_alg == "INVALID_ARGUMENT: invalid JWT-SVID: The specified alg value is not allowed"
+        finally:
+            await agent.stop()
+
+
+async def test_the_jwt_svid_cache_is_bounded_and_keeps_the_newest(
+    tmp_path: Path, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent_module, "JWT_CACHE_SIZE", 3)
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            (entry,) = agent.state.entries.values()
+
+            def issued() -> int:
+                return len(h.events("jwt_svid.issued"))
+
+            for i in range(10):
+                await agent.jwt_svid(entry, [f"aud-{i}"])
+            assert len(agent._jwt_cache) == 3
+            start = issued()
+            for i in (7, 8, 9):  # the newest three: from the cache
+                await agent.jwt_svid(entry, [f"aud-{i}"])
+            assert issued() == start
+            await agent.jwt_svid(entry, ["aud-0"])  # evicted: a new one
+            assert issued() == start + 1
         finally:
             await agent.stop()
 
