@@ -6,7 +6,8 @@ connection's socket (``context.peer()`` of a Unix connection is just
 ``unix:``). grpclib is an asyncio gRPC server whose connection is an asyncio
 transport, and the transport holds the accepted socket. See docs/architecture.md.
 
-Every call: metadata ``workload.spiffe.io: true`` (else INVALID_ARGUMENT), then
+Bundles are keyed by the trust domain's SPIFFE ID (``spiffe://example.org``), as the spec says and SPIRE
+does. Every call: metadata ``workload.spiffe.io: true`` (else INVALID_ARGUMENT), then
 the caller's selectors from its connection, then the entries they match (none:
 PERMISSION_DENIED). ValidateJWTSVID needs the metadata only.
 """
@@ -248,7 +249,7 @@ class WorkloadApi:
         while not state.closed:
             _entries_or_denied(self._agent, selectors)
             bundle = b"".join(a.public_bytes(_DER) for a in state.bundle.anchors)
-            message = wpb.X509BundlesResponse(bundles={str(self._agent.trust_domain): bundle})
+            message = wpb.X509BundlesResponse(bundles={str(self._agent.trust_domain.id): bundle})
             if message != last:
                 await stream.send_message(message)
                 last = message
@@ -262,7 +263,7 @@ class WorkloadApi:
         seen, last = state.version, None
         while not state.closed:
             _entries_or_denied(self._agent, selectors)
-            message = wpb.JWTBundlesResponse(bundles={str(self._agent.trust_domain): state.jwt_keys})
+            message = wpb.JWTBundlesResponse(bundles={str(self._agent.trust_domain.id): state.jwt_keys})
             if state.jwt_keys and message != last:
                 await stream.send_message(message)
                 last = message

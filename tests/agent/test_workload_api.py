@@ -8,9 +8,6 @@ subprocesses that change their uid before they connect.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -30,12 +27,14 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe import TrustDomain as SpiffeTrustDomain
 from support.agents import Agent, add_entry, agent_stub
 from support.certs import p256, write_bundle
 from support.clocks import MovableClock, Pinned
 from support.ids import API, TD, WEB
+from support.malformed import forge_jwt
 from support.poll import eventually
 from support.serving import Harness, serving
 
@@ -50,6 +49,9 @@ from meshca.testing import TestCA
 AGENT = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/agent/node1")
 OTHER_UID = 4242  # an entry gives it API
 STRANGER_UID = 4343  # no entry
+WORKLOAD = (("workload.spiffe.io", "true"),)  # the spec's security header
+STREAMS = {"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles"}
+DER = Encoding.DER
 
 
 def agent_token(h: Harness) -> str:
@@ -138,6 +140,42 @@ async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: 
         finally:
             await agent.stop()
         assert not sock_path.exists()
+
+
+async def test_bundles_are_keyed_by_the_trust_domains_spiffe_id_and_hold_only_jwt_svid_keys(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
+                x509_call = channel.unary_stream(
+                    "/SpiffeWorkloadAPI/FetchX509Bundles", response_deserializer=wpb.X509BundlesResponse.FromString
+                )
+                jwt_call = channel.unary_stream(
+                    "/SpiffeWorkloadAPI/FetchJWTBundles", response_deserializer=wpb.JWTBundlesResponse.FromString
+                )
+                x509_bundles = await anext(aiter(x509_call(b"", metadata=WORKLOAD)))
+                jwt_bundles = await anext(aiter(jwt_call(b"", metadata=WORKLOAD)))
+            assert set(x509_bundles.bundles) == set(jwt_bundles.bundles) == {f"spiffe://{TD}"}
+            assert x509_bundles.bundles[f"spiffe://{TD}"] == b"".join(a.public_bytes(DER) for a in h.ca.bundle.anchors)
+            keys = json.loads(jwt_bundles.bundles[f"spiffe://{TD}"])["keys"]
+            assert keys and all(k["use"] == "jwt-svid" and k["kid"] for k in keys)
+
+            def py_spiffe() -> tuple[int, int]:  # py-spiffe reads the keys as trust domains
+                with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
+                    x509_set, jwt_set = client.fetch_x509_bundles(), client.fetch_jwt_bundles()
+                    x509_bundle = x509_set.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
+                    jwt_bundle = jwt_set.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
+                    assert x509_bundle is not None and jwt_bundle is not None
+                    return len(x509_bundle.x509_authorities), len(jwt_bundle.jwt_authorities)
+
+            assert await asyncio.to_thread(py_spiffe) == (1, len(keys))
+        finally:
+            await agent.stop()
 
 
 async def test_refusals_other_uids_and_missing_metadata(tmp_path: Path, sock_path: Path) -> None:
@@ -506,10 +544,6 @@ async def test_the_jwt_svid_cache_is_bounded_and_keeps_the_newest(
             await agent.stop()
 
 
-WORKLOAD = (("workload.spiffe.io", "true"),)
-STREAMS = {"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles"}
-
-
 async def _raw(sock: Path, method: str, body: bytes) -> str:
     """``body`` as the request message of ``method`` (grpcio frames it); the call's status code."""
     async with grpc.aio.insecure_channel(f"unix://{sock}") as channel:
@@ -552,17 +586,6 @@ async def _framed(sock: Path, data: bytes | None) -> str:
         channel.close()
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _jws(header: dict[str, object], claims: dict[str, object], hmac_key: bytes | None = None) -> str:
-    """A token no library would make: unsigned (alg none), or HS256 with ``hmac_key`` (a public key as secret)."""
-    signed = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
-    mac = hmac.new(hmac_key, signed.encode(), hashlib.sha256).digest() if hmac_key is not None else b""
-    return f"{signed}.{_b64(mac)}"
-
-
 async def test_malformed_workload_api_calls_get_a_clean_status_and_the_agent_serves_on(
     tmp_path: Path, sock_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -574,7 +597,7 @@ async def test_malformed_workload_api_calls_get_a_clean_status_and_the_agent_ser
             await _ready(agent, 1)
             kid = json.loads(agent.state.jwt_keys)["keys"][0]["kid"]
             claims = {"sub": str(WEB), "aud": ["db"], "exp": 2**40}
-            hs256 = _jws({"alg": "HS256", "kid": kid}, claims, agent.state.jwt_keys)
+            hs256 = forge_jwt({"alg": "HS256", "kid": kid}, claims, agent.state.jwt_keys)
             validate = "ValidateJWTSVID"
             garbage = b"\xff\xff\xff"
             # (what, method or None for FetchJWTSVID framed by hand, bytes, the status expected)
@@ -592,7 +615,7 @@ async def test_malformed_workload_api_calls_get_a_clean_status_and_the_agent_ser
                 ("compressed", None, b"\x01\x00\x00\x00\x02\x0a\x00", "UNIMPLEMENTED"),
                 ("huge-length", None, b"\x00\xff\xff\xff\xff", "RESOURCE_EXHAUSTED"),
             ]
-            for token in ["", "a.b.c", "x" * 5000, _jws({"alg": "none", "kid": kid}, claims), hs256]:
+            for token in ["", "a.b.c", "x" * 5000, forge_jwt({"alg": "none", "kid": kid}, claims, None), hs256]:
                 request = wpb.ValidateJWTSVIDRequest(audience="db", svid=token).SerializeToString()
                 cases.append((f"token-{token[:12]}", validate, request, "INVALID_ARGUMENT"))
             outcomes = {}
