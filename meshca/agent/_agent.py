@@ -39,7 +39,7 @@ from meshca.pki._time import Clock, system_clock
 
 from ._datadir import DataDir
 from ._metrics import AgentMetrics
-from ._state import AgentState, Entry, Held
+from ._state import AgentState, Entry, Held, jwt_svid_keys
 from ._upstream import Upstream, bootstrap, chain_of, verified_svid
 from ._workload import WorkloadApi
 
@@ -239,14 +239,15 @@ class NodeAgent:
             raise MeshcaError(f"Sync answered for trust domain {response.trust_domain!r} with {len(anchors)} anchors")
         state = self.state
         entries = {e.id: Entry.from_message(e) for e in response.entries}
-        changed = entries != state.entries or response.jwt_keys != state.jwt_keys
+        jwt_keys = jwt_svid_keys(response.jwt_keys)
+        changed = entries != state.entries or jwt_keys != state.jwt_keys
         if set(anchors) != set(state.bundle.anchors):
             state.bundle = TrustBundle(self.trust_domain, anchors, response.x509_sequence)
             self._open_channel(state.bundle)
             changed = True
         for entry_id in set(state.held) - set(entries):
             del state.held[entry_id]
-        state.entries, state.jwt_keys = entries, response.jwt_keys
+        state.entries, state.jwt_keys = entries, jwt_keys
         state.synced = True
         if changed:
             self._jwt_cache.clear()

@@ -357,7 +357,10 @@ def validate_jwt_svid(
     ``exp`` strictly, ``nbf`` with `CLOCK_SKEW`, ``iat`` not at all (the JWT-SVID spec does not ask it, and
     PyJWT's check on the system clock refused tokens from a service whose clock ran a second ahead).
     """
-    kid = jwt.get_unverified_header(token).get("kid")
+    header = jwt.get_unverified_header(token)
+    if header.get("typ", "JWT") not in ("JWT", "JOSE"):
+        raise ValueError(f"the token's type {header['typ']!r} is not JWT or JOSE")
+    kid = header.get("kid")
     if not kid:
         raise ValueError("the token has no key id")
     keys = [k for k in jwt.PyJWKSet.from_dict(jwks).keys if k.key_id == kid]

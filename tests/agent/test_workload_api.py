@@ -43,7 +43,7 @@ from meshca._proto import meshca_agent_pb2 as apb
 from meshca._proto import workload_pb2 as wpb
 from meshca.agent import AgentConfig, NodeAgent
 from meshca.agent import _agent as agent_module
-from meshca.server._store import open_store
+from meshca.server._store import JwtPublicKey, open_store
 from meshca.testing import TestCA
 
 AGENT = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/agent/node1")
@@ -174,6 +174,39 @@ async def test_bundles_are_keyed_by_the_trust_domains_spiffe_id_and_hold_only_jw
                     return len(x509_bundle.x509_authorities), len(jwt_bundle.jwt_authorities)
 
             assert await asyncio.to_thread(py_spiffe) == (1, len(keys))
+        finally:
+            await agent.stop()
+
+
+async def test_only_jwt_svid_keys_are_served_and_trusted_and_a_token_type_other_than_jwt_is_refused(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        # A key of another use in the store (the SPIFFE bundle may carry x509-svid and other JWKs).
+        other = ec.generate_private_key(ec.SECP256R1())
+        jwk = jwt.algorithms.ECAlgorithm.to_jwk(other.public_key(), as_dict=True) | {"kid": "other", "use": "sig"}
+        later = h.clock() + timedelta(hours=2)
+        h.server.store.publish_jwt_key(JwtPublicKey("other", "test", json.dumps(jwk), later, h.clock()))
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            kids = {k["kid"] for k in json.loads(agent.state.jwt_keys)["keys"]}
+            assert kids and "other" not in kids
+            now = int(time.time())
+            claims = {"sub": str(WEB), "aud": ["db"], "exp": now + 300}
+            by_other = jwt.encode(claims, other, "ES256", {"kid": "other"})
+            assert await asyncio.to_thread(validated, sock_path, by_other, "db") == (
+                f"INVALID_ARGUMENT: invalid JWT-SVID: no JWT key with id 'other' in the {TD} bundle"
+            )
+            key = h.server.jwt_keys._held[-1]
+            for typ, outcome in [
+                ("JOSE", str(WEB)),
+                ("at+jwt", "INVALID_ARGUMENT: invalid JWT-SVID: the token's type"),
+            ]:
+                token = jwt.encode(claims, key.key, "ES256", {"kid": key.kid, "typ": typ})
+                assert (await asyncio.to_thread(validated, sock_path, token, "db")).startswith(outcome)
         finally:
             await agent.stop()
 
