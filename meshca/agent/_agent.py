@@ -107,6 +107,7 @@ class NodeAgent:
 
     async def start(self) -> None:
         """Gets the agent's SVID (saved, else by join token), syncs once if the service answers, opens the socket."""
+        self._data.prepare()
         self._open_channel(self.config.bundle)
         own = self._data.load(self.config.bundle, now=self.clock())
         if own is None:

@@ -34,6 +34,11 @@ class DataDir:
     def svid_path(self) -> Path:
         return self.path / _NAME
 
+    def prepare(self) -> None:
+        """Makes the directory (0700) or refuses one that others can write: before a join spends its token."""
+        make_dirs(self.path, 0o700)
+        check_private(self.path)
+
     def save(self, svid: X509Svid) -> None:
         make_dirs(self.path, 0o700)
         atomic_write(self.svid_path, svid.key_pem() + svid.chain_pem, mode=0o600)

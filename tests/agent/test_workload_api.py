@@ -359,6 +359,28 @@ async def test_an_outage_past_the_renewal_moment_is_retried_with_backoff_not_in_
         await agent.stop()
 
 
+async def test_a_data_dir_others_can_write_is_refused_before_the_join_spends_the_token(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    async with serving(tmp_path / "ca") as h:
+        token = agent_token(h)
+        data = tmp_path / "agent-data"
+        data.mkdir()
+        data.chmod(0o777)
+        agent = NodeAgent(config(h, tmp_path, sock_path, token))
+        with pytest.raises(meshca.UnsafePermissions, match="writable by other users"):
+            await agent.start()
+        await agent.stop()
+        assert not list(data.iterdir())
+        data.chmod(0o700)
+        agent = NodeAgent(config(h, tmp_path, sock_path, token))  # the token was not spent
+        await agent.start()
+        try:
+            assert agent.own.spiffe_id == AGENT
+        finally:
+            await agent.stop()
+
+
 # spiffe-tls 0.4 reads X509Source.svid and .bundles (deprecated by spiffe 0.3) and hands pyOpenSSL X509 objects
 # and PKey objects (deprecated by pyOpenSSL 26): their warnings, not ours.
 @pytest.mark.filterwarnings("ignore:X509Source.(svid|bundles) is deprecated:DeprecationWarning")
