@@ -8,6 +8,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -64,6 +65,30 @@ def _agent(*args: str | Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+@contextmanager
+def _joining(
+    d: Path, port: int, tmp_path: Path, run_dir: Path, *args: str
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """An entry for this uid, an agent token in a file, and `meshca agent` started with it (and killed on exit
+    if it still runs); its socket path."""
+    _entry(d)
+    token_file = tmp_path / "token"
+    token_file.write_text(add_token(d, AGENT, agent=True) + "\n")
+    sock = run_dir / "api.sock"
+    proc = _agent(
+        "--server", f"localhost:{port}", "--bundle", d / "bundle.pem", "--token-file", token_file,
+        "--socket", sock, "--data-dir", tmp_path / "data", "--sync-interval", "1s", *args,
+    )  # fmt: skip
+    try:
+        yield proc, sock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def _wait_serving(proc: subprocess.Popen[str]) -> str:
     """The agent's startup line (it comes after its JSON log lines of joining)."""
     assert proc.stderr is not None
@@ -82,16 +107,7 @@ def test_agent_serves_py_spiffe_through_the_endpoint_variable_and_stops_cleanly(
     meshca.TrustDir.at(d).init(meshca.TrustDomain(TD), now=meshca.system_clock())
     with ServeProcess(d, "--workers", "1") as server:
         server.wait_started()
-        _entry(d)
-        token_file = tmp_path / "token"
-        token_file.write_text(add_token(d, AGENT, agent=True) + "\n")
-        sock = run_dir / "api.sock"
-        proc = _agent(
-            "--server", f"localhost:{server.port}", "--bundle", d / "bundle.pem", "--token-file", token_file,
-            "--socket", sock, "--data-dir", tmp_path / "data", "--metrics-listen", "127.0.0.1:0",
-            "--sync-interval", "1s",
-        )  # fmt: skip
-        try:
+        with _joining(d, server.port, tmp_path, run_dir, "--metrics-listen", "127.0.0.1:0") as (proc, sock):
             line = _wait_serving(proc)
             assert f"as {AGENT}" in line
             assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o777
@@ -114,12 +130,6 @@ def test_agent_serves_py_spiffe_through_the_endpoint_variable_and_stops_cleanly(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
             assert not sock.exists()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            assert proc.stderr is not None
-            proc.stderr.close()
 
 
 def test_jwt_svids_of_either_worker_validate_at_the_agent_and_in_py_spiffe(tmp_path: Path, run_dir: Path) -> None:
@@ -133,15 +143,7 @@ def test_jwt_svids_of_either_worker_validate_at_the_agent_and_in_py_spiffe(tmp_p
             eventually_sync(lambda: len(store.jwt_keys(meshca.system_clock())) == 2, 15, "a key from each worker")
         finally:
             store.close()
-        _entry(d)
-        token_file = tmp_path / "token"
-        token_file.write_text(add_token(d, AGENT, agent=True) + "\n")
-        sock = run_dir / "api.sock"
-        proc = _agent(
-            "--server", f"localhost:{port}", "--bundle", d / "bundle.pem", "--token-file", token_file,
-            "--socket", sock, "--data-dir", tmp_path / "data", "--sync-interval", "1s",
-        )  # fmt: skip
-        try:
+        with _joining(d, port, tmp_path, run_dir) as (proc, sock):
             _wait_serving(proc)
             endpoint = f"unix://{sock}"
             with WorkloadApiClient(socket_path=endpoint) as client:
@@ -155,12 +157,6 @@ def test_jwt_svids_of_either_worker_validate_at_the_agent_and_in_py_spiffe(tmp_p
                 assert {str(JwtSvid.parse_and_validate(t, bundle, {"db"}).spiffe_id) for t in tokens} == {str(WEB)}
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            assert proc.stderr is not None
-            proc.stderr.close()
 
 
 def _a_token_from_each_worker(d: Path, port: int, saved: Path) -> list[str]:

@@ -18,9 +18,11 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jwt
@@ -89,6 +91,27 @@ async def _ready(agent: NodeAgent, count: int) -> None:
     await eventually(lambda: len(agent.state.held) >= count, 10, f"{count} workload SVIDs held")
 
 
+@asynccontextmanager
+async def web_agent(tmp_path: Path, sock_path: Path, **entry: Any) -> AsyncIterator[tuple[Harness, NodeAgent]]:
+    """The service with one entry (WEB for this test's uid) and a started agent, on the service's clock, holding
+    its SVID; both stopped on exit."""
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], **entry)
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            yield h, agent
+        finally:
+            await agent.stop()
+
+
+def fetched_id(sock: Path) -> str:
+    """The SPIFFE ID of the X.509-SVID py-spiffe gets from the agent at ``sock``."""
+    with WorkloadApiClient(socket_path=f"unix://{sock}") as client:
+        return str(client.fetch_x509_svid().spiffe_id)
+
+
 async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(seconds=6))
@@ -145,37 +168,30 @@ async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: 
 async def test_bundles_are_keyed_by_the_trust_domains_spiffe_id_and_hold_only_jwt_svid_keys(
     tmp_path: Path, sock_path: Path
 ) -> None:
-    async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
-        await agent.start()
-        try:
-            await _ready(agent, 1)
-            async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
-                x509_call = channel.unary_stream(
-                    "/SpiffeWorkloadAPI/FetchX509Bundles", response_deserializer=wpb.X509BundlesResponse.FromString
-                )
-                jwt_call = channel.unary_stream(
-                    "/SpiffeWorkloadAPI/FetchJWTBundles", response_deserializer=wpb.JWTBundlesResponse.FromString
-                )
-                x509_bundles = await anext(aiter(x509_call(b"", metadata=WORKLOAD)))
-                jwt_bundles = await anext(aiter(jwt_call(b"", metadata=WORKLOAD)))
-            assert set(x509_bundles.bundles) == set(jwt_bundles.bundles) == {f"spiffe://{TD}"}
-            assert x509_bundles.bundles[f"spiffe://{TD}"] == b"".join(a.public_bytes(DER) for a in h.ca.bundle.anchors)
-            keys = json.loads(jwt_bundles.bundles[f"spiffe://{TD}"])["keys"]
-            assert keys and all(k["use"] == "jwt-svid" and k["kid"] for k in keys)
+    async with web_agent(tmp_path, sock_path) as (h, _):
+        async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
+            x509_call = channel.unary_stream(
+                "/SpiffeWorkloadAPI/FetchX509Bundles", response_deserializer=wpb.X509BundlesResponse.FromString
+            )
+            jwt_call = channel.unary_stream(
+                "/SpiffeWorkloadAPI/FetchJWTBundles", response_deserializer=wpb.JWTBundlesResponse.FromString
+            )
+            x509_bundles = await anext(aiter(x509_call(b"", metadata=WORKLOAD)))
+            jwt_bundles = await anext(aiter(jwt_call(b"", metadata=WORKLOAD)))
+        assert set(x509_bundles.bundles) == set(jwt_bundles.bundles) == {f"spiffe://{TD}"}
+        assert x509_bundles.bundles[f"spiffe://{TD}"] == b"".join(a.public_bytes(DER) for a in h.ca.bundle.anchors)
+        keys = json.loads(jwt_bundles.bundles[f"spiffe://{TD}"])["keys"]
+        assert keys and all(k["use"] == "jwt-svid" and k["kid"] for k in keys)
 
-            def py_spiffe() -> tuple[int, int]:  # py-spiffe reads the keys as trust domains
-                with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
-                    x509_set, jwt_set = client.fetch_x509_bundles(), client.fetch_jwt_bundles()
-                    x509_bundle = x509_set.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
-                    jwt_bundle = jwt_set.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
-                    assert x509_bundle is not None and jwt_bundle is not None
-                    return len(x509_bundle.x509_authorities), len(jwt_bundle.jwt_authorities)
+        def py_spiffe() -> tuple[int, int]:  # py-spiffe reads the keys as trust domains
+            with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
+                x509_set, jwt_set = client.fetch_x509_bundles(), client.fetch_jwt_bundles()
+                x509_bundle = x509_set.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
+                jwt_bundle = jwt_set.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
+                assert x509_bundle is not None and jwt_bundle is not None
+                return len(x509_bundle.x509_authorities), len(jwt_bundle.jwt_authorities)
 
-            assert await asyncio.to_thread(py_spiffe) == (1, len(keys))
-        finally:
-            await agent.stop()
+        assert await asyncio.to_thread(py_spiffe) == (1, len(keys))
 
 
 async def test_only_jwt_svid_keys_are_served_and_trusted_and_a_token_type_other_than_jwt_is_refused(
@@ -350,11 +366,7 @@ async def test_an_outage_past_the_renewal_moment_is_retried_with_backoff_not_in_
         # 0.25 + 0.5 + 1 + 2 s: about 4 in 4 s. Retrying at once (every 50 ms) made about 80.
         assert 1 <= attempts <= 8, attempts
 
-        def spiffe_id() -> str:
-            with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
-                return str(client.fetch_x509_svid().spiffe_id)
-
-        assert await asyncio.to_thread(spiffe_id) == str(WEB)  # and it kept serving what it holds
+        assert await asyncio.to_thread(fetched_id, sock_path) == str(WEB)  # and it kept serving what it holds
     finally:
         await agent.stop()
 
@@ -391,88 +403,43 @@ async def test_spiffe_tls_mutual_tls_between_workloads_of_the_agent(tmp_path: Pa
     from spiffetls import ListenOptions, dial, listen
     from spiffetls.tlsconfig.authorize import authorize_id
 
-    async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
-        await agent.start()
-        try:
-            await _ready(agent, 1)
+    async with web_agent(tmp_path, sock_path) as _:
 
-            def exchange(server_accepts: meshca.SpiffeId) -> bytes:
-                """One ping over mutual TLS between two py-spiffe workloads (both WEB, this process)."""
-                source = X509Source(socket_path=f"unix://{sock_path}", timeout_in_seconds=10)
-                accept = ListenOptions(authorize_fn=authorize_id(PySpiffeId(str(server_accepts))))
-                server = listen("127.0.0.1:0", source, accept)
-                port = server.getsockname()[1]
+        def exchange(server_accepts: meshca.SpiffeId) -> bytes:
+            """One ping over mutual TLS between two py-spiffe workloads (both WEB, this process)."""
+            source = X509Source(socket_path=f"unix://{sock_path}", timeout_in_seconds=10)
+            accept = ListenOptions(authorize_fn=authorize_id(PySpiffeId(str(server_accepts))))
+            server = listen("127.0.0.1:0", source, accept)
+            port = server.getsockname()[1]
 
-                def serve_one() -> None:
-                    conn, _ = server.accept()
-                    try:
-                        conn.do_handshake()
-                        conn.sendall(b"pong " + conn.recv(64))
-                    except SSL.Error:
-                        pass  # the client sees the refusal
-                    finally:
-                        conn.close()
-
-                thread = threading.Thread(target=serve_one)
-                thread.start()
+            def serve_one() -> None:
+                conn, _ = server.accept()
                 try:
-                    conn = dial(f"127.0.0.1:{port}", source, authorize_fn=authorize_id(PySpiffeId(str(WEB))))
-                    try:
-                        conn.sendall(b"ping")
-                        return bytes(conn.recv(64))
-                    finally:
-                        conn.close()
+                    conn.do_handshake()
+                    conn.sendall(b"pong " + conn.recv(64))
+                except SSL.Error:
+                    pass  # the client sees the refusal
                 finally:
-                    thread.join(10)
-                    server.close()
-                    source.close()
+                    conn.close()
 
-            assert await asyncio.to_thread(exchange, WEB) == b"pong ping"
-            # A server that accepts only API refuses this WEB client: the client's read fails.
-            with pytest.raises(SSL.Error):
-                await asyncio.to_thread(exchange, API)
-        finally:
-            await agent.stop()
+            thread = threading.Thread(target=serve_one)
+            thread.start()
+            try:
+                conn = dial(f"127.0.0.1:{port}", source, authorize_fn=authorize_id(PySpiffeId(str(WEB))))
+                try:
+                    conn.sendall(b"ping")
+                    return bytes(conn.recv(64))
+                finally:
+                    conn.close()
+            finally:
+                thread.join(10)
+                server.close()
+                source.close()
 
-
-async def test_jwt_svids_are_validated_for_signature_expiry_and_audience(tmp_path: Path, sock_path: Path) -> None:
-    from spiffe.workloadapi.errors import ValidateJwtSvidError
-
-    def validated(client: WorkloadApiClient, token: str, audience: str) -> str:
-        try:
-            return str(client.validate_jwt_svid(token, audience).spiffe_id)
-        except ValidateJwtSvidError as exc:
-            cause = exc.__cause__
-            assert isinstance(cause, grpc.RpcError)
-            return f"{cause.code().name}: {cause.details()}"  # type: ignore[attr-defined]
-
-    async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], jwt_ttl=timedelta(minutes=1))
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
-        await agent.start()
-        try:
-            await _ready(agent, 1)
-
-            def check() -> list[str]:
-                with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
-                    token = client.fetch_jwt_svid(audience={"orders"}).token
-                    header, payload, signature = token.split(".")
-                    forged = f"{header}.{payload}.{signature[:-4]}AAAA"
-                    outcomes = [validated(client, token, "orders"), validated(client, token, "billing")]
-                    outcomes.append(validated(client, forged, "orders"))
-                    h.clock.advance(timedelta(minutes=2))  # the agent's clock too: past the 1-minute token's exp
-                    outcomes.append(validated(client, token, "orders"))
-                    return outcomes
-
-            valid, other_audience, forged, expired = await asyncio.to_thread(check)
-            assert valid == str(WEB)
-            assert other_audience == "INVALID_ARGUMENT: invalid JWT-SVID: Audience doesn't match"
-            assert forged == "INVALID_ARGUMENT: invalid JWT-SVID: Signature verification failed"
-            assert expired == "INVALID_ARGUMENT: invalid JWT-SVID: the token has expired"
-        finally:
-            await agent.stop()
+        assert await asyncio.to_thread(exchange, WEB) == b"pong ping"
+        # A server that accepts only API refuses this WEB client: the client's read fails.
+        with pytest.raises(SSL.Error):
+            await asyncio.to_thread(exchange, API)
 
 
 def validated(sock: Path, token: str, audience: str) -> str:
@@ -486,6 +453,27 @@ def validated(sock: Path, token: str, audience: str) -> str:
             cause = exc.__cause__
             assert isinstance(cause, grpc.RpcError)
             return f"{cause.code().name}: {cause.details()}"  # type: ignore[attr-defined]
+
+
+async def test_jwt_svids_are_validated_for_signature_expiry_and_audience(tmp_path: Path, sock_path: Path) -> None:
+    async with web_agent(tmp_path, sock_path, jwt_ttl=timedelta(minutes=1)) as (h, _):
+
+        def check() -> list[str]:
+            with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
+                token = client.fetch_jwt_svid(audience={"orders"}).token
+            header, payload, signature = token.split(".")
+            forged = f"{header}.{payload}.{signature[:-4]}AAAA"
+            outcomes = [validated(sock_path, token, "orders"), validated(sock_path, token, "billing")]
+            outcomes.append(validated(sock_path, forged, "orders"))
+            h.clock.advance(timedelta(minutes=2))  # the agent's clock too: past the 1-minute token's exp
+            outcomes.append(validated(sock_path, token, "orders"))
+            return outcomes
+
+        valid, other_audience, forged, expired = await asyncio.to_thread(check)
+        assert valid == str(WEB)
+        assert other_audience == "INVALID_ARGUMENT: invalid JWT-SVID: Audience doesn't match"
+        assert forged == "INVALID_ARGUMENT: invalid JWT-SVID: Signature verification failed"
+        assert expired == "INVALID_ARGUMENT: invalid JWT-SVID: the token has expired"
 
 
 async def test_a_jwt_key_published_after_the_last_sync_is_fetched_on_use_at_most_once_a_window(
@@ -575,28 +563,21 @@ async def test_the_jwt_svid_cache_is_bounded_and_keeps_the_newest(
     tmp_path: Path, sock_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(agent_module, "JWT_CACHE_SIZE", 3)
-    async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
-        await agent.start()
-        try:
-            await _ready(agent, 1)
-            (entry,) = agent.state.entries.values()
+    async with web_agent(tmp_path, sock_path) as (h, agent):
+        (entry,) = agent.state.entries.values()
 
-            def issued() -> int:
-                return len(h.events("jwt_svid.issued"))
+        def issued() -> int:
+            return len(h.events("jwt_svid.issued"))
 
-            for i in range(10):
-                await agent.jwt_svid(entry, [f"aud-{i}"])
-            assert len(agent._jwt_cache) == 3
-            start = issued()
-            for i in (7, 8, 9):  # the newest three: from the cache
-                await agent.jwt_svid(entry, [f"aud-{i}"])
-            assert issued() == start
-            await agent.jwt_svid(entry, ["aud-0"])  # evicted: a new one
-            assert issued() == start + 1
-        finally:
-            await agent.stop()
+        for i in range(10):
+            await agent.jwt_svid(entry, [f"aud-{i}"])
+        assert len(agent._jwt_cache) == 3
+        start = issued()
+        for i in (7, 8, 9):  # the newest three: from the cache
+            await agent.jwt_svid(entry, [f"aud-{i}"])
+        assert issued() == start
+        await agent.jwt_svid(entry, ["aud-0"])  # evicted: a new one
+        assert issued() == start + 1
 
 
 async def _raw(sock: Path, method: str, body: bytes) -> str:
@@ -644,51 +625,40 @@ async def _framed(sock: Path, data: bytes | None) -> str:
 async def test_malformed_workload_api_calls_get_a_clean_status_and_the_agent_serves_on(
     tmp_path: Path, sock_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with serving(tmp_path / "ca") as h:
-        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
-        await agent.start()
-        try:
-            await _ready(agent, 1)
-            kid = json.loads(agent.state.jwt_keys)["keys"][0]["kid"]
-            claims = {"sub": str(WEB), "aud": ["db"], "exp": 2**40}
-            hs256 = forge_jwt({"alg": "HS256", "kid": kid}, claims, agent.state.jwt_keys)
-            validate = "ValidateJWTSVID"
-            garbage = b"\xff\xff\xff"
-            # (what, method or None for FetchJWTSVID framed by hand, bytes, the status expected)
-            cases: list[tuple[str, str | None, bytes | None, str]] = [
-                *((f"garbage-{m}", m, garbage, "INVALID_ARGUMENT") for m in [*STREAMS, "FetchJWTSVID", validate]),
-                (
-                    "oversized",
-                    validate,
-                    wpb.ValidateJWTSVIDRequest(svid="x" * 100_000).SerializeToString(),
-                    "RESOURCE_EXHAUSTED",
-                ),
-                ("unknown-method", "FetchEverything", b"", "UNIMPLEMENTED"),
-                ("no-message", None, None, "INVALID_ARGUMENT"),
-                ("truncated", None, b"\x00\x00\x00\x00\x10\x0a\x02db", "INVALID_ARGUMENT"),
-                ("compressed", None, b"\x01\x00\x00\x00\x02\x0a\x00", "UNIMPLEMENTED"),
-                ("huge-length", None, b"\x00\xff\xff\xff\xff", "RESOURCE_EXHAUSTED"),
-            ]
-            for token in ["", "a.b.c", "x" * 5000, forge_jwt({"alg": "none", "kid": kid}, claims, None), hs256]:
-                request = wpb.ValidateJWTSVIDRequest(audience="db", svid=token).SerializeToString()
-                cases.append((f"token-{token[:12]}", validate, request, "INVALID_ARGUMENT"))
-            outcomes = {}
-            for what, method, data, _ in cases:
-                if method is None:
-                    outcomes[what] = await _framed(sock_path, data)
-                else:
-                    assert data is not None
-                    outcomes[what] = await _raw(sock_path, method, data)
-            assert outcomes == {what: expected for what, _, _, expected in cases}
+    async with web_agent(tmp_path, sock_path) as (_, agent):
+        kid = json.loads(agent.state.jwt_keys)["keys"][0]["kid"]
+        claims = {"sub": str(WEB), "aud": ["db"], "exp": 2**40}
+        hs256 = forge_jwt({"alg": "HS256", "kid": kid}, claims, agent.state.jwt_keys)
+        validate = "ValidateJWTSVID"
+        garbage = b"\xff\xff\xff"
+        # (what, method or None for FetchJWTSVID framed by hand, bytes, the status expected)
+        cases: list[tuple[str, str | None, bytes | None, str]] = [
+            *((f"garbage-{m}", m, garbage, "INVALID_ARGUMENT") for m in [*STREAMS, "FetchJWTSVID", validate]),
+            (
+                "oversized",
+                validate,
+                wpb.ValidateJWTSVIDRequest(svid="x" * 100_000).SerializeToString(),
+                "RESOURCE_EXHAUSTED",
+            ),
+            ("unknown-method", "FetchEverything", b"", "UNIMPLEMENTED"),
+            ("no-message", None, None, "INVALID_ARGUMENT"),
+            ("truncated", None, b"\x00\x00\x00\x00\x10\x0a\x02db", "INVALID_ARGUMENT"),
+            ("compressed", None, b"\x01\x00\x00\x00\x02\x0a\x00", "UNIMPLEMENTED"),
+            ("huge-length", None, b"\x00\xff\xff\xff\xff", "RESOURCE_EXHAUSTED"),
+        ]
+        for token in ["", "a.b.c", "x" * 5000, forge_jwt({"alg": "none", "kid": kid}, claims, None), hs256]:
+            request = wpb.ValidateJWTSVIDRequest(audience="db", svid=token).SerializeToString()
+            cases.append((f"token-{token[:12]}", validate, request, "INVALID_ARGUMENT"))
+        outcomes = {}
+        for what, method, data, _ in cases:
+            if method is None:
+                outcomes[what] = await _framed(sock_path, data)
+            else:
+                assert data is not None
+                outcomes[what] = await _raw(sock_path, method, data)
+        assert outcomes == {what: expected for what, _, _, expected in cases}
 
-            def spiffe_id() -> str:
-                with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
-                    return str(client.fetch_x509_svid().spiffe_id)
-
-            assert await asyncio.to_thread(spiffe_id) == str(WEB)
-        finally:
-            await agent.stop()
+        assert await asyncio.to_thread(fetched_id, sock_path) == str(WEB)
     assert not [r for r in caplog.records if r.name.startswith("grpclib") and r.levelno >= logging.ERROR]
 
 
