@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
 import jwt
 import structlog
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +54,11 @@ log = structlog.get_logger("meshca.agent")
 
 _DER = serialization.Encoding.DER
 _PKCS8 = serialization.PrivateFormat.PKCS8
+# The service's refusals of a NewJWTSVID that are about the caller's request, told to the caller as they are.
+_PASSED_ON = {
+    grpc.StatusCode.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED: Status.PERMISSION_DENIED,
+}
 MAX_REQUEST_BYTES = 64 * 1024  # an audience list and at most one token
 _M = TypeVar("_M", bound=Message)
 _JWT_ALGORITHMS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
@@ -282,7 +288,12 @@ class WorkloadApi:
         for entry in entries:
             try:
                 token = await self._agent.jwt_svid(entry, list(request.audience))
-            except Exception as exc:  # noqa: BLE001 - the service's refusal or absence, reported as unavailable
+            except grpc.aio.AioRpcError as exc:
+                log.warning("agent.jwt_failed", entry_id=entry.id, code=exc.code().name, error=exc.details())
+                if exc.code() in _PASSED_ON:  # the caller's request (an audience too long), or an entry gone
+                    raise GRPCError(_PASSED_ON[exc.code()], exc.details()) from None
+                raise GRPCError(Status.UNAVAILABLE, "could not get a JWT-SVID from the identity service") from None
+            except Exception as exc:  # noqa: BLE001 - the service's answer unusable: reported as unavailable
                 log.warning("agent.jwt_failed", entry_id=entry.id, error=str(exc))
                 raise GRPCError(Status.UNAVAILABLE, "could not get a JWT-SVID from the identity service") from None
             svids.append(wpb.JWTSVID(spiffe_id=str(entry.spiffe_id), svid=token))

@@ -646,6 +646,9 @@ async def test_malformed_workload_api_calls_get_a_clean_status_and_the_agent_ser
             ("compressed", None, b"\x01\x00\x00\x00\x02\x0a\x00", "UNIMPLEMENTED"),
             ("huge-length", None, b"\x00\xff\xff\xff\xff", "RESOURCE_EXHAUSTED"),
         ]
+        # Refused by the service for the caller's own request: said as such, not UNAVAILABLE.
+        too_long = wpb.JWTSVIDRequest(audience=["a" * 300]).SerializeToString()
+        cases.append(("audience-too-long", "FetchJWTSVID", too_long, "INVALID_ARGUMENT"))
         for token in ["", "a.b.c", "x" * 5000, forge_jwt({"alg": "none", "kid": kid}, claims, None), hs256]:
             request = wpb.ValidateJWTSVIDRequest(audience="db", svid=token).SerializeToString()
             cases.append((f"token-{token[:12]}", validate, request, "INVALID_ARGUMENT"))
