@@ -161,7 +161,11 @@ class NodeAgent:
         async for snapshot in source.updates():
             if snapshot.svid is not None and snapshot.svid is not last:
                 last = snapshot.svid
-                await asyncio.to_thread(self._data.save, last)
+                try:
+                    await asyncio.to_thread(self._data.save, last)
+                except (OSError, MeshcaError) as exc:  # the SVID in use is fine; the next renewal saves again
+                    log.error("agent.save_failed", path=str(self._data.svid_path), error=f"{type(exc).__name__}: {exc}")
+                    continue
                 log.info("agent.renewed", not_after=last.not_after.isoformat())
 
     # -- the service

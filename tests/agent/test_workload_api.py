@@ -693,6 +693,25 @@ async def test_workload_svids_renew_at_half_life_on_the_agents_clock(tmp_path: P
             await agent.stop()
 
 
+async def test_a_renewal_the_data_dir_cannot_take_is_logged_and_the_next_one_is_saved(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    async with serving(tmp_path / "ca", leaf_ttl=timedelta(seconds=6)) as h:
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            saved = tmp_path / "agent-data" / "agent-svid.pem"
+            saved.unlink()
+            saved.mkdir()  # nothing can be renamed over a directory: the next save fails
+            await eventually(lambda: bool(h.events("agent.save_failed")), 15, "a failed save")
+            saved.rmdir()
+            await eventually(saved.is_file, 15, "the next renewal saved")
+            on_disk = x509.load_pem_x509_certificates(saved.read_bytes())[0]
+            assert on_disk.serial_number == agent.own.leaf.serial_number
+        finally:
+            await agent.stop()
+
+
 async def test_the_agent_renews_its_own_svid_by_proof_and_saves_each(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca", leaf_ttl=timedelta(seconds=6)) as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
