@@ -227,6 +227,35 @@ async def test_only_jwt_svid_keys_are_served_and_trusted_and_a_token_type_other_
             await agent.stop()
 
 
+async def test_streams_send_the_whole_set_on_each_change_and_end_permission_denied_when_no_entry_is_left(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    async with (
+        web_agent(tmp_path, sock_path) as (h, agent),
+        grpc.aio.insecure_channel(f"unix://{sock_path}") as channel,
+    ):
+        svids = channel.unary_stream(
+            "/SpiffeWorkloadAPI/FetchX509SVID", response_deserializer=wpb.X509SVIDResponse.FromString
+        )(b"", metadata=WORKLOAD)
+        bundles = channel.unary_stream(
+            "/SpiffeWorkloadAPI/FetchJWTBundles", response_deserializer=wpb.JWTBundlesResponse.FromString
+        )(b"", metadata=WORKLOAD)
+        first = await svids.read()
+        assert [s.spiffe_id for s in first.svids] == [str(WEB)]
+        assert set((await bundles.read()).bundles) == {f"spiffe://{TD}"}
+        api = add_entry(h, API.path, [f"unix:gid:{os.getgid()}"])
+        second = await svids.read()  # the full set again, not the new SVID alone
+        assert sorted(s.spiffe_id for s in second.svids) == sorted([str(WEB), str(API)])
+        for entry in h.server.store.entries():
+            h.server.store.delete_entry(entry.id)
+        for call in (svids, bundles):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    assert await call.read() is not grpc.aio.EOF
+            assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert api.id not in agent.state.held
+
+
 async def test_refusals_other_uids_and_missing_metadata(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
