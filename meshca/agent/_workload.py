@@ -86,6 +86,10 @@ class _Server(Server):
 
 
 def _entries_or_denied(agent: NodeAgent, selectors: frozenset[str]) -> list[Entry]:
+    """The caller's entries; PERMISSION_DENIED if none, UNAVAILABLE while the agent has never synced (a restart
+    during an outage): it does not know the entries yet, and "not entitled" would be false."""
+    if not agent.state.synced:
+        raise GRPCError(Status.UNAVAILABLE, "the agent has not reached the identity service yet")
     entries = agent.state.matching(selectors)
     if not entries:
         raise GRPCError(Status.PERMISSION_DENIED, "no identity issued for this caller")

@@ -371,6 +371,26 @@ async def test_serves_while_the_service_is_down_catches_up_and_a_restart_recover
         assert sock_path.read_text() == "not a socket"
 
 
+async def test_an_agent_restarted_during_an_outage_answers_unavailable_not_denied_until_it_syncs(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    async with web_agent(tmp_path, sock_path) as (h, _):
+        ca, port = h.ca, h.port
+    restarted = NodeAgent(config(h, tmp_path, sock_path, None))  # the saved SVID; the service is gone
+    await restarted.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
+            call = channel.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID")(b"", metadata=WORKLOAD)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with serving(tmp_path / "ca", ca, write=False, port=port):  # back, with the entry in its store
+            await _ready(restarted, 1)
+            assert await asyncio.to_thread(fetched_id, sock_path) == str(WEB)
+    finally:
+        await restarted.stop()
+
+
 async def test_an_outage_past_the_renewal_moment_is_retried_with_backoff_not_in_a_busy_loop(
     tmp_path: Path, sock_path: Path
 ) -> None:
