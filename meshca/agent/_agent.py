@@ -108,22 +108,24 @@ class NodeAgent:
     async def start(self) -> None:
         """Gets the agent's SVID (saved, else by join token), syncs once if the service answers, opens the socket."""
         self._data.prepare()
-        self._open_channel(self.config.bundle)
-        own = self._data.load(self.config.bundle, now=self.clock())
+        bundle = self._data.load_bundle(self.config.bundle)  # until the first sync replaces it
+        self.state.bundle = bundle
+        self._open_channel(bundle)
+        own = self._data.load(bundle, now=self.clock())
         if own is None:
             if self.config.join_token is None:
                 raise MeshcaError(
                     f"no agent SVID in {self.config.data_dir} and no join token: give --join-token or --token-file"
                 )
             assert self._channel is not None
-            own = await bootstrap(self._channel, self.config.join_token, self.config.bundle, now=self.clock())
+            own = await bootstrap(self._channel, self.config.join_token, bundle, now=self.clock())
             self._data.save(own)
             log.info("agent.joined", spiffe_id=str(own.spiffe_id))
         else:
             log.info("agent.recovered", spiffe_id=str(own.spiffe_id), not_after=own.not_after.isoformat())
         self._source = AsyncSvidSource(
             self.config.server,
-            self.config.bundle,
+            bundle,
             own.spiffe_id,
             initial=own,
             renewal=self.config.renewal,
@@ -250,6 +252,10 @@ class NodeAgent:
             state.bundle = TrustBundle(self.trust_domain, anchors, response.x509_sequence)
             self._open_channel(state.bundle)
             changed = True
+            try:  # for a restart after a rotation; the agent goes on without it
+                await asyncio.to_thread(self._data.save_bundle, state.bundle)
+            except OSError as exc:
+                log.error("agent.save_failed", path=str(self._data.path), error=f"{type(exc).__name__}: {exc}")
         for entry_id in set(state.held) - set(entries):
             del state.held[entry_id]
         state.entries, state.jwt_keys = entries, jwt_keys

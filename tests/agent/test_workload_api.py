@@ -45,6 +45,7 @@ from meshca._proto import meshca_agent_pb2 as apb
 from meshca._proto import workload_pb2 as wpb
 from meshca.agent import AgentConfig, NodeAgent
 from meshca.agent import _agent as agent_module
+from meshca.pki._files import atomic_write
 from meshca.server._store import JwtPublicKey, open_store
 from meshca.testing import TestCA
 
@@ -418,6 +419,40 @@ async def test_an_outage_past_the_renewal_moment_is_retried_with_backoff_not_in_
         assert await asyncio.to_thread(fetched_id, sock_path) == str(WEB)  # and it kept serving what it holds
     finally:
         await agent.stop()
+
+
+async def test_an_agent_restarted_after_an_anchor_rotation_trusts_what_the_service_last_sent(
+    tmp_path: Path, sock_path: Path
+) -> None:
+    ca_dir = tmp_path / "ca"
+    async with serving(ca_dir, leaf_ttl=timedelta(seconds=6)) as h:
+        add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            # A new anchor and an issuer under it: the service now signs (and serves TLS) from the new one.
+            new = TestCA(TD)
+            write_bundle(ca_dir, h.ca.anchor, new.anchor)
+            new_files = tmp_path / "new-ca"
+            new.write(new_files)
+            for name in ("issuer.key", "issuer.crt"):
+                atomic_write(ca_dir / name, (new_files / name).read_bytes(), mode=0o600)
+            await eventually(lambda: len(agent.state.bundle.anchors) == 2, 15, "the agent holding both anchors")
+            await eventually(
+                lambda: agent.own.chain[-1].issuer == new.anchor.subject, 15, "the agent's SVID from the new issuer"
+            )
+        finally:
+            await agent.stop()
+        assert (tmp_path / "agent-data" / "bundle.pem").stat().st_mode & 0o777 == 0o644
+        # Restarted with the --bundle it was first given (the old anchor alone): it needs no new token.
+        restarted = NodeAgent(config(h, tmp_path, sock_path, None))
+        await restarted.start()
+        try:
+            assert restarted.own.spiffe_id == AGENT
+            await _ready(restarted, 1)
+            assert await asyncio.to_thread(fetched_id, sock_path) == str(WEB)
+        finally:
+            await restarted.stop()
 
 
 async def test_a_data_dir_others_can_write_is_refused_before_the_join_spends_the_token(
