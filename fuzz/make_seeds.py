@@ -94,7 +94,30 @@ def _api_seeds(seeds: dict[str, list[bytes]]) -> None:
         + service_account_jwt("default", "web", "istio-ca", clock).encode()
     ]
     seeds["k8s_jwt"] = [service_account_jwt("default", "web", "istio-ca", clock).encode()]
+    seeds["agent"] = _agent_seeds()
     seeds["linkerd_name"] = [web.encode(), b"a.b.serviceaccount.identity.linkerd.example.org", b"x"]
+
+
+def _agent_seeds() -> list[bytes]:
+    """Each Agent API method for the fuzz service's entry: proved by the target (0x80), and with a proof of
+    this process's fuzz CA, which another process's does not verify (the proof's parsing and checks)."""
+    from service import ENTRY_ID
+
+    from meshca._proto import meshca_agent_pb2 as apb
+
+    csr = build_csr(generate_key(), targets.GRANTED, dns_names=("web.default.svc",))
+    requests = [
+        apb.SyncRequest(),
+        apb.BatchNewX509SVIDRequest(requests=[apb.X509SVIDRequest(entry_id=ENTRY_ID, csr=csr)]),
+        apb.NewJWTSVIDRequest(entry_id=ENTRY_ID, audience=["db"], ttl={"seconds": 60}),
+    ]
+    service = targets._service()
+    proved = [
+        service.prove_agent(m, r.SerializeToString()) for m, r in zip(targets.AGENT_METHODS, requests, strict=True)
+    ]
+    return [bytes([0x80 | i]) + r.SerializeToString() for i, r in enumerate(requests)] + [
+        bytes([i]) + body for i, body in enumerate(proved)
+    ]
 
 
 if __name__ == "__main__":

@@ -21,14 +21,18 @@ from typing import Any
 import grpc
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from jwt.algorithms import ECAlgorithm
 
+from meshca.pki._proof import agent_proof_body, sign_agent_proof
 from meshca.server import IdentityServer, JoinToken, K8sJwtConfig, ServerConfig, hash_token
+from meshca.server._entries import RegistrationEntry
 from meshca.server._interceptor import Boundary
 from meshca.testing import FrozenClock, TestCA
 
 JOIN_TOKEN = "mtok_fuzz-join-token-for-seeds-0000000000000"  # noqa: S105 - a fixture of the fuzz service
 JWT_ISSUER = "https://kubernetes.default.svc"
+ENTRY_ID = "fuzz-entry"  # a registration entry every agent may serve (no parent)
 # A fixed key, so the JWT seeds checked into the corpus stay valid in every fuzz process.
 JWT_KEY = ec.derive_private_key(0x6D657368_63615F66_757A7A, ec.SECP256R1())
 
@@ -104,12 +108,39 @@ class FuzzService:
                 10**12,
             )
         )
+        td = self.ca.trust_domain
+        self.server.store.add_entry(
+            RegistrationEntry(
+                ENTRY_ID, td.spiffe_id("/ns/default/sa/web"), ("unix:uid:1000",), None,
+                timedelta(), timedelta(), ("web.default.svc",), clock(),
+            )
+        )  # fmt: skip
+        self.agent = self.ca.issue_svid(td.agent_id("fuzz"), now=clock() - timedelta(hours=1))
         handlers = _Handlers()
         boundary = Boundary(config, self.server.metrics)
         for api in self.server.apis:
             api.register(handlers, boundary)  # type: ignore[arg-type]
         self.methods = handlers.methods
         self.loop = asyncio.new_event_loop()
+
+    def prove_agent(self, method: str, body: bytes) -> bytes:
+        """``body`` (an Agent API request) with its proof replaced by a valid one of the fuzz agent, now."""
+        handler = self.methods[f"/meshca.agent.v1.Agent/{method}"]
+        request = handler.request_deserializer(body)
+        if isinstance(request, Exception):  # the boundary's stand-in for a body that does not parse
+            return body
+        request.ClearField("proof")
+        proof = sign_agent_proof(
+            tuple(c.public_bytes(Encoding.DER) for c in self.agent.chain),
+            self.agent.key,
+            f"/meshca.agent.v1.Agent/{method}",
+            agent_proof_body(request),
+            self.clock(),
+        )
+        request.proof.chain[:] = proof.chain
+        request.proof.signature = proof.signature
+        request.proof.signed_at.FromDatetime(proof.signed_at)
+        return bytes(request.SerializeToString())
 
     def call(self, method: str, body: bytes, metadata: Sequence[tuple[str, str]] = ()) -> Any:
         """Runs one request through ``method``'s handler; returns the response or raises `Aborted`."""

@@ -119,6 +119,24 @@ def linkerd_name(data: bytes) -> None:
     linkerd_identity_to_spiffe_id(data.decode("utf-8", errors="replace"), "linkerd", TRUST_DOMAIN)
 
 
+AGENT_METHODS = ("Sync", "BatchNewX509SVID", "NewJWTSVID")
+
+
+def agent(data: bytes) -> None:
+    """``a method byte``, then a serialized ``meshca.agent.v1`` request of that method (low bits, modulo 3).
+
+    With the byte's 0x80 bit, the request's proof is replaced by a valid one of an agent SVID over the rest,
+    so the fuzzer also reaches what a verified (or stolen) agent reaches: entries, CSRs, audiences, lifetimes.
+    """
+    if not data:
+        raise _Skip
+    method = AGENT_METHODS[(data[0] & 0x7F) % len(AGENT_METHODS)]
+    body = data[1:]
+    if data[0] & 0x80:
+        body = _service().prove_agent(method, body)  # a body that does not parse is refused there, cleanly
+    _api(f"/meshca.agent.v1.Agent/{method}", body)
+
+
 class _Skip(Exception):
     """An input the target's framing cannot carry: not a finding."""
 
@@ -134,6 +152,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "istio": istio,
     "k8s_jwt": k8s_jwt,
     "linkerd_name": linkerd_name,
+    "agent": agent,
 }
 
 

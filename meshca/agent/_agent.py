@@ -8,7 +8,9 @@
 Everything runs on one event loop. The sync loop wakes every ``sync_interval``
 and earlier when a workload SVID reaches its renewal moment (half its
 lifetime, with jitter: pki/_rotation). A failed call changes nothing the agent
-holds: it keeps serving, and the next tick tries again.
+holds: it keeps serving, and tries again after a backoff (pki/_rotation
+`retry_delay`, never past ``sync_interval``), not at once: an SVID past its
+renewal moment during an outage must not turn the loop into a busy one.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from meshca.pki._bundle import TrustBundle
 from meshca.pki._csr import build_csr
 from meshca.pki._errors import MeshcaError
 from meshca.pki._keys import generate_key
-from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time
+from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy, renewal_time, retry_delay
 from meshca.pki._spiffe import TrustDomain
 from meshca.pki._time import Clock, system_clock
 
 from ._datadir import DataDir
 from ._metrics import AgentMetrics
-from ._state import AgentState, Entry, Held
+from ._state import AgentState, Entry, Held, jwt_svid_keys
 from ._upstream import Upstream, bootstrap, chain_of, verified_svid
 from ._workload import WorkloadApi
 
@@ -46,6 +48,8 @@ __all__ = ["AgentConfig", "NodeAgent"]
 log = structlog.get_logger("meshca.agent")
 
 MAX_BATCH = 64  # the service's cap on CSRs a batch (server/api/_agent.py)
+JWT_CACHE_SIZE = 1024  # JWT-SVIDs kept for reuse: a caller may ask for any number of audiences
+KEY_REFRESH_EVERY = timedelta(seconds=5)  # the most often a JWT key id the agent does not know makes it sync
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,9 @@ class NodeAgent:
         self._closing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._ticking = asyncio.Lock()  # one sync-and-sign at a time (the loop's, or one a caller asked for)
+        self._failures = 0  # ticks in a row that failed
+        self._retry_at: datetime | None = None  # no renewal-driven tick before this, after a failure
+        self._key_refresh_at: datetime | None = None  # no sync for an unknown JWT key id before this
         self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[str, datetime]] = {}
         self.api = WorkloadApi(self)
 
@@ -100,22 +107,25 @@ class NodeAgent:
 
     async def start(self) -> None:
         """Gets the agent's SVID (saved, else by join token), syncs once if the service answers, opens the socket."""
-        self._open_channel(self.config.bundle)
-        own = self._data.load(self.config.bundle, now=self.clock())
+        self._data.prepare()
+        bundle = self._data.load_bundle(self.config.bundle)  # until the first sync replaces it
+        self.state.bundle = bundle
+        self._open_channel(bundle)
+        own = self._data.load(bundle, now=self.clock())
         if own is None:
             if self.config.join_token is None:
                 raise MeshcaError(
                     f"no agent SVID in {self.config.data_dir} and no join token: give --join-token or --token-file"
                 )
             assert self._channel is not None
-            own = await bootstrap(self._channel, self.config.join_token, self.config.bundle, now=self.clock())
+            own = await bootstrap(self._channel, self.config.join_token, bundle, now=self.clock())
             self._data.save(own)
             log.info("agent.joined", spiffe_id=str(own.spiffe_id))
         else:
             log.info("agent.recovered", spiffe_id=str(own.spiffe_id), not_after=own.not_after.isoformat())
         self._source = AsyncSvidSource(
             self.config.server,
-            self.config.bundle,
+            bundle,
             own.spiffe_id,
             initial=own,
             renewal=self.config.renewal,
@@ -153,7 +163,11 @@ class NodeAgent:
         async for snapshot in source.updates():
             if snapshot.svid is not None and snapshot.svid is not last:
                 last = snapshot.svid
-                await asyncio.to_thread(self._data.save, last)
+                try:
+                    await asyncio.to_thread(self._data.save, last)
+                except (OSError, MeshcaError) as exc:  # the SVID in use is fine; the next renewal saves again
+                    log.error("agent.save_failed", path=str(self._data.svid_path), error=f"{type(exc).__name__}: {exc}")
+                    continue
                 log.info("agent.renewed", not_after=last.not_after.isoformat())
 
     # -- the service
@@ -175,35 +189,54 @@ class NodeAgent:
         while True:
             wait = self.config.sync_interval
             if self.state.held:
-                due = min(h.renew_at for h in self.state.held.values()) - self.clock()
-                wait = max(min(wait, due), timedelta(milliseconds=50))
+                due = min(h.renew_at for h in self.state.held.values())
+                if self._retry_at is not None:
+                    due = max(due, self._retry_at)
+                wait = max(min(wait, due - self.clock()), timedelta(milliseconds=50))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait.total_seconds()):
                     await self._wake.wait()
             self._wake.clear()
             await self._tick()
 
-    async def refresh(self) -> None:
-        """Syncs now (ValidateJWTSVID meeting a key id it does not know: the service may have just published it)."""
+    async def refresh_jwt_keys(self) -> None:
+        """Syncs now, for a JWT key id the agent does not know: the service may have just published it.
+
+        At most once per ``min(sync_interval, KEY_REFRESH_EVERY)``: any local caller may send ValidateJWTSVID
+        a token with a made-up key id, and must not be able to make the agent hammer the service.
+        """
+        now = self.clock()
+        if self._key_refresh_at is not None and now < self._key_refresh_at:
+            return
+        self._key_refresh_at = now + min(self.config.sync_interval, KEY_REFRESH_EVERY)
         await self._tick()
 
     async def _tick(self) -> None:
         async with self._ticking:
-            await self._sync_and_sign()
+            ok = await self._sync_and_sign()
+            now = self.clock()
+            if ok:
+                self._failures, self._retry_at = 0, None
+                return
+            self._failures += 1
+            # The cap shrinks as the soonest expiry nears; an SVID already expired does not make it shrink to nothing.
+            soonest = min((h.svid.not_after for h in self.state.held.values() if h.svid.not_after > now), default=None)
+            self._retry_at = now + retry_delay(self._failures, now, soonest, self.config.renewal, self._rng)
 
-    async def _sync_and_sign(self) -> None:
-        """One sync and the signing it calls for. Failures are logged and counted; what is held stays."""
+    async def _sync_and_sign(self) -> bool:
+        """One sync and the signing it calls for; False if anything failed (logged and counted; what is held stays)."""
         try:
             await self._sync()
         except (grpc.aio.AioRpcError, MeshcaError, ValueError) as exc:
             self.metrics.syncs.labels(_outcome(exc)).inc()
             log.warning("agent.sync_failed", error=_reason(exc))
-            return
+            return False
         self.metrics.syncs.labels("ok").inc()
         try:
-            await self._sign_due()
+            return await self._sign_due()
         except (grpc.aio.AioRpcError, MeshcaError, ValueError) as exc:
             log.warning("agent.sign_failed", error=_reason(exc))
+            return False
 
     async def _sync(self) -> None:
         assert self._upstream is not None
@@ -213,20 +246,27 @@ class NodeAgent:
             raise MeshcaError(f"Sync answered for trust domain {response.trust_domain!r} with {len(anchors)} anchors")
         state = self.state
         entries = {e.id: Entry.from_message(e) for e in response.entries}
-        changed = entries != state.entries or response.jwt_keys != state.jwt_keys
+        jwt_keys = jwt_svid_keys(response.jwt_keys)
+        changed = entries != state.entries or jwt_keys != state.jwt_keys
         if set(anchors) != set(state.bundle.anchors):
             state.bundle = TrustBundle(self.trust_domain, anchors, response.x509_sequence)
             self._open_channel(state.bundle)
             changed = True
+            try:  # for a restart after a rotation; the agent goes on without it
+                await asyncio.to_thread(self._data.save_bundle, state.bundle)
+            except OSError as exc:
+                log.error("agent.save_failed", path=str(self._data.path), error=f"{type(exc).__name__}: {exc}")
         for entry_id in set(state.held) - set(entries):
             del state.held[entry_id]
-        state.entries, state.jwt_keys = entries, response.jwt_keys
+        state.entries, state.jwt_keys = entries, jwt_keys
         state.synced = True
         if changed:
             self._jwt_cache.clear()
             await state.changed()
 
-    async def _sign_due(self) -> None:
+    async def _sign_due(self) -> bool:
+        """Signs every entry without a current SVID; False if the service refused one or answered one badly."""
+        ok = True
         now = self.clock()
         state = self.state
         due = [
@@ -248,6 +288,7 @@ class NodeAgent:
                 if entry is None:
                     continue
                 if result.error_code:
+                    ok = False
                     self.metrics.signed.labels("refused").inc()
                     log.warning("agent.svid_refused", entry_id=entry.id, code=result.error_code, error=result.error)
                     continue
@@ -256,6 +297,7 @@ class NodeAgent:
                         keys[entry.id], chain_of(result), state.bundle, now=self.clock(), expected=entry.spiffe_id
                     )
                 except MeshcaError as exc:
+                    ok = False
                     self.metrics.signed.labels("invalid").inc()
                     log.warning("agent.svid_invalid", entry_id=entry.id, error=str(exc))
                     continue
@@ -266,11 +308,13 @@ class NodeAgent:
                 self.metrics.signed.labels("ok").inc()
             self.metrics.held.set(len(state.held))
             await state.changed()
+        return ok
 
     # -- JWT-SVIDs, for the Workload API
 
     async def jwt_svid(self, entry: Entry, audience: list[str]) -> str:
-        """A JWT-SVID for ``entry``; one from the cache while it has more than half of its lifetime left."""
+        """A JWT-SVID for ``entry``; one from the cache (at most `JWT_CACHE_SIZE`) while it has more than half of
+        its lifetime left."""
         key = (entry.id, tuple(sorted(audience)))
         now = self.clock()
         cached = self._jwt_cache.get(key)
@@ -279,7 +323,14 @@ class NodeAgent:
         assert self._upstream is not None
         response = await self._upstream.jwt(entry.id, audience, self.own, now)
         expires = response.expires_at.ToDatetime(tzinfo=now.tzinfo)
-        self._jwt_cache[key] = (response.token, now + (expires - now) / 2)
+        cache = self._jwt_cache
+        cache.pop(key, None)
+        if len(cache) >= JWT_CACHE_SIZE:  # the stale go first, then the oldest (insertion order)
+            for stale in [k for k, (_, reuse_until) in cache.items() if reuse_until <= now]:
+                del cache[stale]
+            while len(cache) >= JWT_CACHE_SIZE:
+                del cache[next(iter(cache))]
+        cache[key] = (response.token, now + (expires - now) / 2)
         return response.token
 
     def snapshot(self) -> Snapshot | None:

@@ -1,9 +1,12 @@
 """The agent's data directory: its own SVID and key, so a restarted agent needs no new join token.
 
-One file, ``DATA/agent-svid.pem`` (the key, then the chain), 0600, written
+``DATA/agent-svid.pem`` (the key, then the chain), 0600, written
 atomically: a crash leaves the old pair or the new one, never a key beside a
-certificate it does not fit. The directory is 0700. Workload keys are never
-written: they live in the agent's memory only, and a restarted agent makes new ones.
+certificate it does not fit. ``DATA/bundle.pem``: the anchors the service last
+sent, when they differ from ``--bundle``, so an agent restarted after an anchor
+rotation still trusts the service and its own SVID. The directory is 0700.
+Workload keys are never written: they live in the agent's memory only, and a
+restarted agent makes new ones.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ._upstream import is_agent_id, verified_svid
 __all__ = ["DataDir"]
 
 _NAME = "agent-svid.pem"
+_BUNDLE = "bundle.pem"
 
 
 class DataDir:
@@ -34,9 +38,30 @@ class DataDir:
     def svid_path(self) -> Path:
         return self.path / _NAME
 
+    def prepare(self) -> None:
+        """Makes the directory (0700) or refuses one that others can write: before a join spends its token."""
+        make_dirs(self.path, 0o700)
+        check_private(self.path)
+
     def save(self, svid: X509Svid) -> None:
         make_dirs(self.path, 0o700)
         atomic_write(self.svid_path, svid.key_pem() + svid.chain_pem, mode=0o600)
+
+    def save_bundle(self, bundle: TrustBundle) -> None:
+        make_dirs(self.path, 0o700)
+        atomic_write(self.path / _BUNDLE, bundle.to_pem(), mode=0o644)
+
+    def load_bundle(self, given: TrustBundle) -> TrustBundle:
+        """``given`` (``--bundle``) with the anchors saved from the service added, if any were saved."""
+        path = self.path / _BUNDLE
+        if not path.exists():
+            return given
+        check_private(path)
+        try:
+            saved = TrustBundle.from_pem(path.read_bytes(), given.trust_domain)
+        except (ValueError, MeshcaError) as exc:
+            raise MeshcaError(f"{path} cannot be read: {exc}") from None
+        return TrustBundle(given.trust_domain, (*given.anchors, *saved.anchors), given.sequence)
 
     def load(self, bundle: TrustBundle, *, now: datetime) -> X509Svid | None:
         """The saved SVID if there is one that still verifies now; None if none was saved.

@@ -17,7 +17,23 @@ from meshca.client._core import X509Svid
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._spiffe import SpiffeId
 
-__all__ = ["AgentState", "Entry", "Held"]
+__all__ = ["JWT_SVID_USE", "AgentState", "Entry", "Held", "jwt_svid_keys"]
+
+JWT_SVID_USE = "jwt-svid"
+
+
+def jwt_svid_keys(raw: bytes) -> bytes:
+    """The JWK set of Sync with only its JWT-SVID keys (``use: jwt-svid``), as the JWT-SVID spec has a consumer
+    extract them before validating, and the Workload API forbids others in a JWT bundle. `ValueError` if not JSON.
+    """
+    if not raw:
+        return b""
+    parsed = json.loads(raw)
+    keys = parsed.get("keys") if isinstance(parsed, dict) else None
+    if not isinstance(keys, list):
+        raise ValueError("the service's JWT keys are not a JWK set")
+    kept = [k for k in keys if isinstance(k, dict) and k.get("use") == JWT_SVID_USE]
+    return json.dumps({"keys": kept}, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ connection's socket (``context.peer()`` of a Unix connection is just
 ``unix:``). grpclib is an asyncio gRPC server whose connection is an asyncio
 transport, and the transport holds the accepted socket. See docs/architecture.md.
 
-Every call: metadata ``workload.spiffe.io: true`` (else INVALID_ARGUMENT), then
+Bundles are keyed by the trust domain's SPIFFE ID (``spiffe://example.org``), as the spec says and SPIRE
+does. Every call: metadata ``workload.spiffe.io: true`` (else INVALID_ARGUMENT), then
 the caller's selectors from its connection, then the entries they match (none:
 PERMISSION_DENIED). ValidateJWTSVID needs the metadata only.
 """
@@ -19,15 +20,18 @@ import fcntl
 import os
 import socket
 import stat
+import struct
 import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
 import jwt
 import structlog
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import DecodeError, Message
 from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.server import Server, Stream
@@ -35,6 +39,7 @@ from grpclib.server import Server, Stream
 from meshca._proto import workload_pb2 as wpb
 from meshca.pki._errors import MeshcaError, PortTaken, UnsafePermissions
 from meshca.pki._files import check_private, make_dirs
+from meshca.pki._profiles import CLOCK_SKEW
 from meshca.pki._spiffe import SpiffeId
 
 from ._attest import peer_credentials, selectors_of
@@ -49,6 +54,13 @@ log = structlog.get_logger("meshca.agent")
 
 _DER = serialization.Encoding.DER
 _PKCS8 = serialization.PrivateFormat.PKCS8
+# The service's refusals of a NewJWTSVID that are about the caller's request, told to the caller as they are.
+_PASSED_ON = {
+    grpc.StatusCode.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED: Status.PERMISSION_DENIED,
+}
+MAX_REQUEST_BYTES = 64 * 1024  # an audience list and at most one token
+_M = TypeVar("_M", bound=Message)
 _JWT_ALGORITHMS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 
 
@@ -74,6 +86,10 @@ class _Server(Server):
 
 
 def _entries_or_denied(agent: NodeAgent, selectors: frozenset[str]) -> list[Entry]:
+    """The caller's entries; PERMISSION_DENIED if none, UNAVAILABLE while the agent has never synced (a restart
+    during an outage): it does not know the entries yet, and "not entitled" would be false."""
+    if not agent.state.synced:
+        raise GRPCError(Status.UNAVAILABLE, "the agent has not reached the identity service yet")
     entries = agent.state.matching(selectors)
     if not entries:
         raise GRPCError(Status.PERMISSION_DENIED, "no identity issued for this caller")
@@ -203,7 +219,7 @@ class WorkloadApi:
         return selectors_of(peer_credentials(sock))
 
     async def _x509_svid(self, stream: Stream[wpb.X509SVIDRequest, wpb.X509SVIDResponse]) -> None:
-        await stream.recv_message()
+        await _request(stream, wpb.X509SVIDRequest)
         selectors = self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
@@ -235,7 +251,7 @@ class WorkloadApi:
         return wpb.X509SVIDResponse(svids=svids) if svids else None
 
     async def _x509_bundles(self, stream: Stream[wpb.X509BundlesRequest, wpb.X509BundlesResponse]) -> None:
-        await stream.recv_message()
+        await _request(stream, wpb.X509BundlesRequest)
         selectors = self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
@@ -243,29 +259,28 @@ class WorkloadApi:
         while not state.closed:
             _entries_or_denied(self._agent, selectors)
             bundle = b"".join(a.public_bytes(_DER) for a in state.bundle.anchors)
-            message = wpb.X509BundlesResponse(bundles={str(self._agent.trust_domain): bundle})
+            message = wpb.X509BundlesResponse(bundles={str(self._agent.trust_domain.id): bundle})
             if message != last:
                 await stream.send_message(message)
                 last = message
             seen = await state.wait(seen)
 
     async def _jwt_bundles(self, stream: Stream[wpb.JWTBundlesRequest, wpb.JWTBundlesResponse]) -> None:
-        await stream.recv_message()
+        await _request(stream, wpb.JWTBundlesRequest)
         selectors = self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
         seen, last = state.version, None
         while not state.closed:
             _entries_or_denied(self._agent, selectors)
-            message = wpb.JWTBundlesResponse(bundles={str(self._agent.trust_domain): state.jwt_keys})
+            message = wpb.JWTBundlesResponse(bundles={str(self._agent.trust_domain.id): state.jwt_keys})
             if state.jwt_keys and message != last:
                 await stream.send_message(message)
                 last = message
             seen = await state.wait(seen)
 
     async def _jwt_svid(self, stream: Stream[wpb.JWTSVIDRequest, wpb.JWTSVIDResponse]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await _request(stream, wpb.JWTSVIDRequest)
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         entries = _entries_or_denied(self._agent, self._selectors(stream))
@@ -277,21 +292,25 @@ class WorkloadApi:
         for entry in entries:
             try:
                 token = await self._agent.jwt_svid(entry, list(request.audience))
-            except Exception as exc:  # noqa: BLE001 - the service's refusal or absence, reported as unavailable
+            except grpc.aio.AioRpcError as exc:
+                log.warning("agent.jwt_failed", entry_id=entry.id, code=exc.code().name, error=exc.details())
+                if exc.code() in _PASSED_ON:  # the caller's request (an audience too long), or an entry gone
+                    raise GRPCError(_PASSED_ON[exc.code()], exc.details()) from None
+                raise GRPCError(Status.UNAVAILABLE, "could not get a JWT-SVID from the identity service") from None
+            except Exception as exc:  # noqa: BLE001 - the service's answer unusable: reported as unavailable
                 log.warning("agent.jwt_failed", entry_id=entry.id, error=str(exc))
                 raise GRPCError(Status.UNAVAILABLE, "could not get a JWT-SVID from the identity service") from None
             svids.append(wpb.JWTSVID(spiffe_id=str(entry.spiffe_id), svid=token))
         await stream.send_message(wpb.JWTSVIDResponse(svids=svids))
 
     async def _validate_jwt(self, stream: Stream[wpb.ValidateJWTSVIDRequest, wpb.ValidateJWTSVIDResponse]) -> None:
-        request = await stream.recv_message()
-        assert request is not None
+        request = await _request(stream, wpb.ValidateJWTSVIDRequest)
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
         if _unknown_kid(request.svid, self._agent.state.jwt_key_set()):
-            await self._agent.refresh()  # a key published since the last sync
+            await self._agent.refresh_jwt_keys()  # a key published since the last sync
         try:
             sid, claims = validate_jwt_svid(
                 request.svid,
@@ -307,6 +326,32 @@ class WorkloadApi:
         await stream.send_message(response)
 
 
+async def _request(stream: Stream[Any, Any], message_type: type[_M]) -> _M:
+    """The call's one request message, read with a bound and refused cleanly when malformed.
+
+    grpclib's own `recv_message` reads a message of whatever length the caller announces into
+    memory, and meets a missing, truncated, compressed or undecodable message with an exception
+    that becomes UNKNOWN and a traceback in the log. Any local process may call.
+    """
+    h2 = stream._stream  # grpclib's HTTP/2 stream: private, as the transport is (see the module docstring)
+    try:
+        head = await h2.recv_data(5)
+        if len(head) != 5:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the call carries no request message")
+        compressed, length = struct.unpack(">?I", head)
+        if compressed:
+            raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not supported")
+        if length > MAX_REQUEST_BYTES:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"a request is at most {MAX_REQUEST_BYTES} bytes")
+        body = await h2.recv_data(length)
+    except AssertionError:  # grpclib's Buffer: the stream ended inside a message
+        raise GRPCError(Status.INVALID_ARGUMENT, "the request message is truncated") from None
+    try:
+        return message_type.FromString(body)
+    except DecodeError:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"the request is not a {message_type.DESCRIPTOR.name}") from None
+
+
 def _unknown_kid(token: str, jwks: dict[str, Any]) -> bool:
     try:
         kid = jwt.get_unverified_header(token).get("kid")
@@ -320,23 +365,37 @@ def validate_jwt_svid(
     token: str, audience: str, jwks: dict[str, Any], trust_domain: str, *, now: datetime
 ) -> tuple[SpiffeId, dict[str, Any]]:
     """The SPIFFE ID and claims of ``token`` if a key of ``jwks`` signed it, it is unexpired at ``now`` and for
-    ``audience``. PyJWT checks signature, audience and claim types; expiry is checked here on the agent's clock.
+    ``audience``.
+
+    The algorithm is the one of the key the ``kid`` names (a token cannot choose another, nor ``none``).
+    PyJWT checks signature, audience and claim types; time is checked here, on the agent's clock only:
+    ``exp`` strictly, ``nbf`` with `CLOCK_SKEW`, ``iat`` not at all (the JWT-SVID spec does not ask it, and
+    PyJWT's check on the system clock refused tokens from a service whose clock ran a second ahead).
     """
-    kid = jwt.get_unverified_header(token).get("kid")
+    header = jwt.get_unverified_header(token)
+    if header.get("typ", "JWT") not in ("JWT", "JOSE"):
+        raise ValueError(f"the token's type {header['typ']!r} is not JWT or JOSE")
+    kid = header.get("kid")
     if not kid:
         raise ValueError("the token has no key id")
     keys = [k for k in jwt.PyJWKSet.from_dict(jwks).keys if k.key_id == kid]
     if not keys:
         raise ValueError(f"no JWT key with id {kid!r} in the {trust_domain} bundle")
+    key = keys[0]
+    if key.algorithm_name not in _JWT_ALGORITHMS:
+        raise ValueError(f"the JWT key {kid!r} is for {key.algorithm_name}, not a JWT-SVID algorithm")
     claims: dict[str, Any] = jwt.decode(
         token,
-        keys[0].key,
-        algorithms=_JWT_ALGORITHMS,
+        key.key,
+        algorithms=[key.algorithm_name],
         audience=audience,
-        options={"require": ["sub", "exp", "aud"], "verify_exp": False},
+        options={"require": ["sub", "exp", "aud"], "verify_exp": False, "verify_nbf": False, "verify_iat": False},
     )
     if not isinstance(claims["exp"], int | float) or claims["exp"] <= now.timestamp():
         raise ValueError("the token has expired")
+    nbf = claims.get("nbf")
+    if nbf is not None and (not isinstance(nbf, int | float) or nbf > (now + CLOCK_SKEW).timestamp()):
+        raise ValueError("the token is not valid yet (nbf)")
     sid = SpiffeId.parse(claims["sub"])
     if str(sid.trust_domain) != trust_domain:
         raise ValueError(f"the token's subject {sid} is not in {trust_domain}")

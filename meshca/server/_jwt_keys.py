@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from meshca.pki._errors import IssuanceError
+from meshca.pki._profiles import CLOCK_SKEW
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock
 from meshca.server._entries import MAX_JWT_TTL
@@ -50,7 +51,6 @@ __all__ = ["CLOCK_SKEW", "JWT_KEY_USE", "JwtKeyring", "KeyWindow", "RotationPoli
 log = structlog.get_logger("meshca.server")
 
 JWT_KEY_USE = "jwt-svid"
-CLOCK_SKEW = timedelta(minutes=1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,18 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
+import jwt
 import pytest
-from spiffe import WorkloadApiClient
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from spiffe import JwtSource, JwtSvid, WorkloadApiClient
+from spiffe import TrustDomain as SpiffeTrustDomain
+from support.agents import Agent
 from support.ids import TD, WEB
 from support.metrics import http_get
 from support.poll import eventually_sync
@@ -21,6 +28,9 @@ from support.serving import free_port
 from support.tokens import add_token
 
 import meshca
+from meshca._proto import meshca_agent_pb2 as apb
+from meshca._proto import meshca_agent_pb2_grpc
+from meshca.server import SqliteStore
 
 AGENT = meshca.TrustDomain(TD).agent_id("node-1")
 
@@ -55,6 +65,30 @@ def _agent(*args: str | Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+@contextmanager
+def _joining(
+    d: Path, port: int, tmp_path: Path, run_dir: Path, *args: str
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """An entry for this uid, an agent token in a file, and `meshca agent` started with it (and killed on exit
+    if it still runs); its socket path."""
+    _entry(d)
+    token_file = tmp_path / "token"
+    token_file.write_text(add_token(d, AGENT, agent=True) + "\n")
+    sock = run_dir / "api.sock"
+    proc = _agent(
+        "--server", f"localhost:{port}", "--bundle", d / "bundle.pem", "--token-file", token_file,
+        "--socket", sock, "--data-dir", tmp_path / "data", "--sync-interval", "1s", *args,
+    )  # fmt: skip
+    try:
+        yield proc, sock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def _wait_serving(proc: subprocess.Popen[str]) -> str:
     """The agent's startup line (it comes after its JSON log lines of joining)."""
     assert proc.stderr is not None
@@ -73,16 +107,7 @@ def test_agent_serves_py_spiffe_through_the_endpoint_variable_and_stops_cleanly(
     meshca.TrustDir.at(d).init(meshca.TrustDomain(TD), now=meshca.system_clock())
     with ServeProcess(d, "--workers", "1") as server:
         server.wait_started()
-        _entry(d)
-        token_file = tmp_path / "token"
-        token_file.write_text(add_token(d, AGENT, agent=True) + "\n")
-        sock = run_dir / "api.sock"
-        proc = _agent(
-            "--server", f"localhost:{server.port}", "--bundle", d / "bundle.pem", "--token-file", token_file,
-            "--socket", sock, "--data-dir", tmp_path / "data", "--metrics-listen", "127.0.0.1:0",
-            "--sync-interval", "1s",
-        )  # fmt: skip
-        try:
+        with _joining(d, server.port, tmp_path, run_dir, "--metrics-listen", "127.0.0.1:0") as (proc, sock):
             line = _wait_serving(proc)
             assert f"as {AGENT}" in line
             assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o777
@@ -105,12 +130,57 @@ def test_agent_serves_py_spiffe_through_the_endpoint_variable_and_stops_cleanly(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
             assert not sock.exists()
+
+
+def test_jwt_svids_of_either_worker_validate_at_the_agent_and_in_py_spiffe(tmp_path: Path, run_dir: Path) -> None:
+    """`serve --workers 2`: each worker signs with a JWT key of its own; the agent and a JwtSource take both."""
+    d = tmp_path / "ca"
+    meshca.TrustDir.at(d).init(meshca.TrustDomain(TD), now=meshca.system_clock())
+    with ServeProcess(d, "--workers", "2") as server:
+        port, _ = server.wait_workers(2, 30)
+        store = SqliteStore.reader(d / "meshca.db")
+        try:
+            eventually_sync(lambda: len(store.jwt_keys(meshca.system_clock())) == 2, 15, "a key from each worker")
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            assert proc.stderr is not None
-            proc.stderr.close()
+            store.close()
+        with _joining(d, port, tmp_path, run_dir) as (proc, sock):
+            _wait_serving(proc)
+            endpoint = f"unix://{sock}"
+            with WorkloadApiClient(socket_path=endpoint) as client:
+                eventually_sync(lambda: bool(client.fetch_x509_svids(timeout=5)), 15, "the workload's SVID")
+            tokens = _a_token_from_each_worker(d, port, tmp_path / "data" / "agent-svid.pem")
+            with WorkloadApiClient(socket_path=endpoint) as client:
+                assert {str(client.validate_jwt_svid(t, "db").spiffe_id) for t in tokens} == {str(WEB)}
+            with JwtSource(socket_path=endpoint, timeout_in_seconds=10) as source:
+                bundle = source.get_bundle_for_trust_domain(SpiffeTrustDomain(TD))
+                assert bundle is not None
+                assert {str(JwtSvid.parse_and_validate(t, bundle, {"db"}).spiffe_id) for t in tokens} == {str(WEB)}
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+
+
+def _a_token_from_each_worker(d: Path, port: int, saved: Path) -> list[str]:
+    """JWT-SVIDs for the one entry asked of new connections until two workers (two key ids) answered."""
+    data = saved.read_bytes()
+    chain = tuple(c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(data))
+    agent = Agent(AGENT, chain, meshca.load_private_key(data))
+    store = SqliteStore.reader(d / "meshca.db")
+    try:
+        (entry,) = store.entries()
+    finally:
+        store.close()
+    by_kid: dict[str, str] = {}
+    bundle = (d / "bundle.pem").read_bytes()
+    for _ in range(64):  # the kernel spreads new connections over the workers (SO_REUSEPORT)
+        with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(bundle)) as channel:
+            asked = agent.prove(
+                apb.NewJWTSVIDRequest(entry_id=entry.id, audience=["db"]), "NewJWTSVID", datetime.now(UTC)
+            )
+            token = meshca_agent_pb2_grpc.AgentStub(channel).NewJWTSVID(asked, timeout=20).token
+        by_kid[jwt.get_unverified_header(token)["kid"]] = token
+        if len(by_kid) == 2:
+            return list(by_kid.values())
+    raise AssertionError("64 connections all reached one worker")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -78,6 +79,29 @@ async def test_an_agent_token_grants_no_other_reserved_id(d: Path, server_ca: Te
             refused = await _refused(h.native.IssueSVID(native_request(spiffe_csr(sid)[1], join_token=token)))
             assert refused.code() == C.PERMISSION_DENIED, reserved
         assert h.issued() == []
+
+
+@pytest.mark.parametrize("reserved", [str(NODE_2), f"spiffe://{TD}/meshca/identity", "spiffe://other.org/web"])
+async def test_an_entry_for_a_reserved_or_foreign_id_in_the_store_gets_no_svid_of_either_kind(
+    d: Path, server_ca: TestCA, reserved: str
+) -> None:
+    async with serving(d, server_ca) as h:
+        agent = await enroll(h)
+        # new_entry refuses these; a row written by other means must not be served either.
+        entry = dataclasses.replace(add_entry(h, "/placeholder"), id="planted", spiffe_id=SpiffeId.parse(reserved))
+        h.server.store.add_entry(entry)
+        jwt_request = apb.NewJWTSVIDRequest(entry_id="planted", audience=["db"])
+        refused = await _refused(agent_stub(h).NewJWTSVID(agent.prove(jwt_request, "NewJWTSVID", h.clock())))
+        assert refused.code() == C.PERMISSION_DENIED
+        batch = apb.BatchNewX509SVIDRequest(
+            requests=[apb.X509SVIDRequest(entry_id="planted", csr=spiffe_csr(entry.spiffe_id)[1])]
+        )
+        (result,) = (await agent_stub(h).BatchNewX509SVID(agent.prove(batch, "BatchNewX509SVID", h.clock()))).results
+        assert result.error_code in (
+            C.PERMISSION_DENIED.value[0],
+            C.FAILED_PRECONDITION.value[0],
+        )  # foreign: the latter
+        assert h.events("jwt_svid.issued") == [] and [r for r in h.issued() if r.api == "agent"] == []
 
 
 # -- proofs

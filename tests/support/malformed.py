@@ -8,6 +8,8 @@ and its DER edited, then re-signed where the signature must still verify
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 from datetime import datetime, timedelta
 from typing import Any
@@ -162,7 +164,13 @@ def _b64(data: bytes) -> str:
 
 
 def forge_jwt(header: dict[str, Any], claims: dict[str, Any], key: Any) -> str:
-    """A JWS signed with ``key`` (ES256) whatever its header says; PyJWT refuses to build odd headers."""
+    """A JWS whatever its header says (PyJWT refuses to build odd ones): signed ES256 with an EC ``key``,
+    HMAC-SHA256 with ``bytes`` (a public key used as a secret), unsigned with None."""
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
-    signature = jwt.algorithms.ECAlgorithm(jwt.algorithms.ECAlgorithm.SHA256).sign(signing_input.encode(), key)
+    if key is None:
+        signature = b""
+    elif isinstance(key, bytes):
+        signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    else:
+        signature = jwt.algorithms.ECAlgorithm(jwt.algorithms.ECAlgorithm.SHA256).sign(signing_input.encode(), key)
     return f"{signing_input}.{_b64(signature)}"

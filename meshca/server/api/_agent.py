@@ -44,7 +44,7 @@ from meshca.server._pipeline import IssuanceRequest, Pipeline
 from meshca.server._state import IssuerState
 from meshca.server._store import Store
 from meshca.server.api._common import register, timestamp
-from meshca.server.credentials import ServedEntry
+from meshca.server.credentials import ServedEntry, refuse_reserved
 
 __all__ = ["MAX_AUDIENCES", "MAX_BATCH", "SERVICE", "AgentApi", "entry_message"]
 
@@ -204,6 +204,10 @@ class AgentApi:
         entry = await asyncio.to_thread(self._store.get_entry, request.entry_id)
         if entry is None or not entry.served_by(agent):
             raise PermissionDenied(f"entry {request.entry_id!r} is not one this agent may serve")
+        # As the issuance pipeline does for X.509-SVIDs, whatever the store holds (entries are checked when made).
+        refuse_reserved(entry.spiffe_id)
+        if not entry.spiffe_id.member_of(agent.trust_domain):
+            raise PermissionDenied(f"entry {entry.id!r} names {entry.spiffe_id}, outside {agent.trust_domain}")
         ttl = entry.jwt_ttl or JWT_TTL
         if request.HasField("ttl") and (request.ttl.seconds or request.ttl.nanos):
             if request.ttl.seconds < 0 or request.ttl.nanos < 0:
