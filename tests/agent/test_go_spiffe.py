@@ -18,16 +18,19 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.agents import add_entry
+from support.certs import write_bundle
 from support.ids import API, TD, WEB
 from support.serving import serving
 
 import meshca
 from meshca.agent import NodeAgent
+from meshca.testing import TestCA
 
 from .test_workload_api import OTHER_UID, _ready, agent_token, config, socket_dir
 
@@ -118,6 +121,35 @@ async def test_a_go_caller_with_no_entry_is_refused_permission_denied(
     assert out["code"] == "PermissionDenied"
     assert out["error"].startswith("FetchX509SVID: ")
     assert "no identity issued for this caller" in out["error"]
+
+
+async def test_go_spiffes_x509_source_follows_renewal_and_a_new_anchor(
+    go_workload: Path, tmp_path: Path, sock_path: Path
+) -> None:
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, GO.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(seconds=6))  # renewed at about 3 s
+        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await _ready(agent, 1)
+            proc = await asyncio.create_subprocess_exec(
+                str(go_workload), "watch", "2", "2", env=_env(sock_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            try:
+                assert proc.stdout is not None
+                ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 15) or b"{}")
+                # A second anchor published by the service reaches the Go source with a Sync of the agent.
+                write_bundle(tmp_path / "ca", h.ca.anchor, TestCA(TD).anchor)
+                out, err = await asyncio.wait_for(proc.communicate(), 20)
+            finally:
+                if proc.returncode is None:  # the test failed: the peer goes with it
+                    proc.kill()
+                    await proc.wait()
+        finally:
+            await agent.stop()
+    assert ready == {"spiffe_id": str(GO), "authorities": 1}, err
+    assert proc.returncode == 0, (out, err)
+    assert json.loads(out) == {"spiffe_id": str(GO), "serials": 2, "authorities": 2}
 
 
 class _GoServer:

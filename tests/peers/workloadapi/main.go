@@ -5,6 +5,7 @@
 //	workloadapi fetch AUDIENCE
 //	workloadapi serve AUTHORIZED-ID      (one mutual-TLS connection on 127.0.0.1)
 //	workloadapi dial HOST:PORT AUTHORIZED-ID
+//	workloadapi watch SERIALS AUTHORITIES
 //
 // fetch gets its X.509-SVID and checks it with x509svid.Verify against the
 // bundles of FetchX509Bundles; gets a JWT-SVID for AUDIENCE and validates it
@@ -16,6 +17,10 @@
 // AUTHORIZED-ID, reads "ping" and answers "pong ping". dial connects with
 // spiffetls (mutual TLS, authorizing only AUTHORIZED-ID), sends "ping" and
 // reads the answer.
+//
+// watch prints {"spiffe_id": ..., "authorities": N} when its X509Source is
+// ready, then follows it until it has held SERIALS different X.509-SVIDs
+// (renewals) and a bundle of its trust domain with AUTHORITIES anchors.
 //
 // Each mode prints one JSON line of results and exits 0, or prints one JSON
 // line {"error": ..., "code": GRPC-CODE} and exits 1.
@@ -31,6 +36,7 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -205,6 +211,49 @@ func dial(ctx context.Context, addr, authorizedID string) {
 	emit(map[string]any{"peer_id": peer.String(), "reply": string(reply)})
 }
 
+func watch(ctx context.Context, serials, authorities int) {
+	src := source(ctx)
+	defer src.Close()
+	first, err := src.GetX509SVID()
+	if err != nil {
+		fail("X509Source.GetX509SVID", err)
+	}
+	bundle, err := src.GetX509BundleForTrustDomain(first.ID.TrustDomain())
+	if err != nil {
+		fail("X509Source.GetX509BundleForTrustDomain", err)
+	}
+	emit(map[string]any{"spiffe_id": first.ID.String(), "authorities": len(bundle.X509Authorities())})
+	seen := map[string]bool{}
+	anchors := 0
+	for len(seen) < serials || anchors != authorities {
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			fail("X509Source.GetX509SVID", err)
+		}
+		seen[svid.Certificates[0].SerialNumber.String()] = true
+		bundle, err := src.GetX509BundleForTrustDomain(svid.ID.TrustDomain())
+		if err != nil {
+			fail("X509Source.GetX509BundleForTrustDomain", err)
+		}
+		anchors = len(bundle.X509Authorities())
+		select {
+		case <-ctx.Done():
+			fail("watch", fmt.Errorf("%d SVIDs and %d anchors seen: %w", len(seen), anchors, ctx.Err()))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	svid, _ := src.GetX509SVID()
+	emit(map[string]any{"spiffe_id": svid.ID.String(), "serials": len(seen), "authorities": anchors})
+}
+
+func count(arg string) int {
+	n, err := strconv.Atoi(arg)
+	if err != nil || n < 1 {
+		fail("a count", fmt.Errorf("%q is not a positive number", arg))
+	}
+	return n
+}
+
 func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
@@ -216,8 +265,10 @@ func main() {
 		serve(ctx, args[1])
 	case len(args) == 3 && args[0] == "dial":
 		dial(ctx, args[1], args[2])
+	case len(args) == 3 && args[0] == "watch":
+		watch(ctx, count(args[1]), count(args[2]))
 	default:
-		fmt.Fprintln(os.Stderr, "usage: workloadapi fetch AUDIENCE | serve AUTHORIZED-ID | dial HOST:PORT AUTHORIZED-ID")
+		fmt.Fprintln(os.Stderr, "usage: workloadapi fetch AUDIENCE | serve AUTHORIZED-ID | dial HOST:PORT AUTHORIZED-ID | watch SERIALS AUTHORITIES")
 		os.Exit(2)
 	}
 }
