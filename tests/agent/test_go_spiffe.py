@@ -17,13 +17,12 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.agents import add_entry
+from support.agents import add_entry, agent_config, agent_token, wait_held
 from support.certs import write_bundle
 from support.ids import API, TD, WEB
 from support.serving import serving
@@ -32,10 +31,9 @@ import meshca
 from meshca.agent import NodeAgent
 from meshca.testing import TestCA
 
-from .test_workload_api import OTHER_UID, _ready, agent_token, config, socket_dir
-
 PEER = Path(__file__).parents[1] / "peers" / "workloadapi"
 GO = meshca.SpiffeId.parse(f"spiffe://{TD}/go-workload")
+SOMEONE_ELSE = 4242  # a uid that is not this process's
 PYTHON = os.path.realpath(sys.executable)  # this process's executable, as the agent reads it from /proc
 
 
@@ -54,13 +52,6 @@ def go_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert built.returncode == 0, f"go build of the go-spiffe peer failed:\n{built.stderr}"
     return out
-
-
-@pytest.fixture
-def sock_path() -> Iterator[Path]:
-    directory = socket_dir()
-    yield directory / "api.sock"
-    shutil.rmtree(directory)
 
 
 def _env(sock: Path) -> dict[str, str]:
@@ -84,10 +75,10 @@ async def test_go_spiffe_fetches_verifies_and_validates_its_svids(
         # The Go binary's own identity: this uid and that executable (path attestation of a Go workload).
         add_entry(h, GO.path, [f"unix:uid:{os.getuid()}", f"unix:path:{go_workload.resolve()}"])
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}", f"unix:path:{PYTHON}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 2)
+            await wait_held(agent, 2)
             (held,) = [s.svid for s in agent.state.held.values() if s.svid.spiffe_id == GO]
             code, out = await _run(go_workload, sock_path, "fetch", "payments")
         finally:
@@ -99,7 +90,7 @@ async def test_go_spiffe_fetches_verifies_and_validates_its_svids(
     assert out["bundle_trust_domains"] == [TD]
     assert out["x509_authorities"] == 1
     assert out["jwt_spiffe_id"] == out["jwt_parsed_id"] == out["jwt_validated_id"] == str(GO)
-    assert out["jwt_audience"] == ["payments"]
+    assert out["jwt_audience"] == ["payments", "payments-2"]
     assert out["jwt_authorities"] >= 1
     assert "audience" in out["other_audience_local"]
     assert out["other_audience_api"] == "InvalidArgument"
@@ -109,11 +100,11 @@ async def test_a_go_caller_with_no_entry_is_refused_permission_denied(
     go_workload: Path, tmp_path: Path, sock_path: Path
 ) -> None:
     async with serving(tmp_path / "ca") as h:
-        add_entry(h, API.path, [f"unix:uid:{OTHER_UID}"])  # another uid's: nothing for this caller
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        add_entry(h, API.path, [f"unix:uid:{SOMEONE_ELSE}"])  # another uid's: nothing for this caller
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
             code, out = await _run(go_workload, sock_path, "fetch", "payments")
         finally:
             await agent.stop()
@@ -128,10 +119,10 @@ async def test_go_spiffes_x509_source_follows_renewal_and_a_new_anchor(
 ) -> None:
     async with serving(tmp_path / "ca") as h:
         add_entry(h, GO.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(seconds=6))  # renewed at about 3 s
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
             proc = await asyncio.create_subprocess_exec(
                 str(go_workload), "watch", "2", "2", env=_env(sock_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
@@ -243,10 +234,10 @@ async def test_go_spiffe_and_py_spiffe_workloads_of_one_agent_complete_mutual_tl
     async with serving(tmp_path / "ca") as h:
         add_entry(h, GO.path, [f"unix:uid:{os.getuid()}", f"unix:path:{go_workload.resolve()}"])
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}", f"unix:path:{PYTHON}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 2)
+            await wait_held(agent, 2)
 
             # Go serves (tlsconfig.MTLSServerConfig) for WEB; py-spiffe dials, authorizing GO.
             go = await _GoServer.start(go_workload, sock_path, WEB)

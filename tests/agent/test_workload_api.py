@@ -11,10 +11,8 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,65 +21,29 @@ import pytest
 from cryptography import x509
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe import TrustDomain as SpiffeTrustDomain
-from support.agents import add_entry
+from support.agents import NODE_AGENT, add_entry, agent_config, agent_token, wait_held
 from support.certs import write_bundle
 from support.ids import API, TD, WEB
 from support.poll import eventually
-from support.serving import Harness, serving
+from support.serving import serving
 
 import meshca
 from meshca._proto import workload_pb2 as wpb
-from meshca.agent import AgentConfig, NodeAgent
+from meshca.agent import NodeAgent
 from meshca.testing import TestCA
 
-AGENT = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/agent/node1")
 OTHER_UID = 4242  # an entry gives it API
 STRANGER_UID = 4343  # no entry
-
-
-def agent_token(h: Harness) -> str:
-    return h.token(AGENT, agent=True)
-
-
-def socket_dir() -> Path:
-    """A directory other uids can reach (pytest's tmp_path sits under a 0700 one), removed by the caller."""
-    path = Path(tempfile.mkdtemp(prefix="meshca-agent-"))
-    path.chmod(0o755)
-    return path
-
-
-def config(h: Harness, tmp: Path, sock: Path, token: str | None) -> AgentConfig:
-    return AgentConfig(
-        server=f"localhost:{h.port}",
-        bundle=h.ca.bundle,
-        socket=sock,
-        data_dir=tmp / "agent-data",
-        join_token=token,
-        sync_interval=timedelta(milliseconds=200),
-    )
-
-
-@pytest.fixture
-def sock_path() -> AsyncIterator[Path]:
-    directory = socket_dir()
-    yield directory / "api.sock"
-    for child in directory.iterdir():
-        child.unlink()
-    directory.rmdir()
-
-
-async def _ready(agent: NodeAgent, count: int) -> None:
-    await eventually(lambda: len(agent.state.held) >= count, 10, f"{count} workload SVIDs held")
 
 
 async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(seconds=6))
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            assert agent.own.spiffe_id == AGENT
-            await _ready(agent, 1)
+            assert agent.own.spiffe_id == NODE_AGENT
+            await wait_held(agent, 1)
             endpoint = f"unix://{sock_path}"
 
             def fetch() -> tuple[str, str, str]:
@@ -131,10 +93,10 @@ async def test_refusals_other_uids_and_missing_metadata(tmp_path: Path, sock_pat
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
         add_entry(h, API.path, [f"unix:uid:{OTHER_UID}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 2)
+            await wait_held(agent, 2)
             async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
                 call = channel.unary_stream(
                     "/SpiffeWorkloadAPI/FetchX509SVID",
@@ -200,9 +162,9 @@ async def test_serves_while_the_service_is_down_catches_up_and_a_restart_recover
 
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
-        await _ready(agent, 1)
+        await wait_held(agent, 1)
         ca, port = h.ca, h.port
     try:
         # The service is gone: the agent keeps serving what it holds.
@@ -221,21 +183,21 @@ async def test_serves_while_the_service_is_down_catches_up_and_a_restart_recover
     assert (tmp_path / "agent-data").stat().st_mode & 0o777 == 0o700
     # A new agent with no token (the one token was used) recovers from the data dir, against the same service.
     async with serving(tmp_path / "ca", ca, write=False, port=port) as h3:
-        restarted = NodeAgent(config(h3, tmp_path, sock_path, None))
+        restarted = NodeAgent(agent_config(h3, tmp_path, sock_path, None))
         await restarted.start()
         try:
-            assert restarted.own.spiffe_id == AGENT
-            await _ready(restarted, 2)
+            assert restarted.own.spiffe_id == NODE_AGENT
+            await wait_held(restarted, 2)
             assert await asyncio.to_thread(spiffe_ids) == {str(WEB), str(API)}
             # A second agent on the same socket is refused while the first serves; so is a file at the path.
-            second = NodeAgent(config(h3, tmp_path, sock_path, None))
+            second = NodeAgent(agent_config(h3, tmp_path, sock_path, None))
             with pytest.raises(meshca.PortTaken, match="served by another agent"):
                 await second.start()
             await second.stop()
         finally:
             await restarted.stop()
         sock_path.write_text("not a socket")
-        third = NodeAgent(config(h3, tmp_path, sock_path, None))
+        third = NodeAgent(agent_config(h3, tmp_path, sock_path, None))
         with pytest.raises(meshca.UnsafePermissions, match="is not a socket"):
             await third.start()
         await third.stop()
@@ -254,10 +216,10 @@ async def test_spiffe_tls_mutual_tls_between_workloads_of_the_agent(tmp_path: Pa
 
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
 
             def exchange(server_accepts: meshca.SpiffeId) -> bytes:
                 """One ping over mutual TLS between two py-spiffe workloads (both WEB, this process)."""
@@ -311,10 +273,10 @@ async def test_jwt_svids_are_validated_for_signature_expiry_and_audience(tmp_pat
 
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], jwt_ttl=timedelta(minutes=1))
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
 
             def check() -> list[str]:
                 with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
@@ -339,10 +301,10 @@ async def test_jwt_svids_are_validated_for_signature_expiry_and_audience(tmp_pat
 async def test_workload_svids_renew_at_half_life_on_the_agents_clock(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(hours=1))
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
             (entry_id,) = agent.state.held
 
             def serial() -> int:
@@ -367,7 +329,7 @@ async def test_workload_svids_renew_at_half_life_on_the_agents_clock(tmp_path: P
 async def test_the_agent_renews_its_own_svid_by_proof_and_saves_each(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca", leaf_ttl=timedelta(seconds=6)) as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
             saved = tmp_path / "agent-data" / "agent-svid.pem"
@@ -378,9 +340,9 @@ async def test_the_agent_renews_its_own_svid_by_proof_and_saves_each(tmp_path: P
             first = saved_serial()
             assert first == agent.own.leaf.serial_number
             await eventually(lambda: saved_serial() != first, 15, "a renewed agent SVID saved")
-            assert agent.own.spiffe_id == AGENT
-            agent_records = [r for r in h.issued() if str(r.spiffe_id) == str(AGENT)]
+            assert agent.own.spiffe_id == NODE_AGENT
+            agent_records = [r for r in h.issued() if str(r.spiffe_id) == str(NODE_AGENT)]
             assert len(agent_records) >= 2  # the join, then renewals (the token was single-use)
-            await _ready(agent, 1)  # and it still signs workload SVIDs with the renewed one
+            await wait_held(agent, 1)  # and it still signs workload SVIDs with the renewed one
         finally:
             await agent.stop()

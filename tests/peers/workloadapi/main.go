@@ -8,7 +8,8 @@
 //	workloadapi watch SERIALS AUTHORITIES
 //
 // fetch gets its X.509-SVID and checks it with x509svid.Verify against the
-// bundles of FetchX509Bundles; gets a JWT-SVID for AUDIENCE and validates it
+// bundles of FetchX509Bundles; gets a JWT-SVID of that SPIFFE ID for AUDIENCE
+// (and AUDIENCE-2) and validates it
 // with jwtsvid.ParseAndValidate against FetchJWTBundles and with the Workload
 // API's ValidateJWTSVID; and checks that both refuse another audience.
 //
@@ -88,7 +89,9 @@ func fetch(ctx context.Context, audience string) {
 	}
 	sort.Strings(trustDomains)
 
-	jwt, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: audience})
+	// Subject and a second audience: the request's spiffe_id and repeated audience fields.
+	params := jwtsvid.Params{Audience: audience, ExtraAudiences: []string{audience + "-2"}, Subject: svid.ID}
+	jwt, err := workloadapi.FetchJWTSVID(ctx, params)
 	if err != nil {
 		fail("FetchJWTSVID", err)
 	}
