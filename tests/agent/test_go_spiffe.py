@@ -143,6 +143,38 @@ async def test_go_spiffes_x509_source_follows_renewal_and_a_new_anchor(
     assert json.loads(out) == {"spiffe_id": str(GO), "serials": 2, "authorities": 2}
 
 
+async def test_go_spiffes_x509_source_comes_back_to_a_restarted_agent(
+    go_workload: Path, tmp_path: Path, sock_path: Path
+) -> None:
+    """The agent stops (its connections close) and a new one starts on the same socket from its data dir: the
+    source reconnects on its own and takes the new agent's SVID (workload keys are never kept: a new serial)."""
+    async with serving(tmp_path / "ca") as h:
+        add_entry(h, GO.path, [f"unix:uid:{os.getuid()}"])
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
+        await agent.start()
+        try:
+            await wait_held(agent, 1)
+            proc = await asyncio.create_subprocess_exec(
+                str(go_workload), "watch", "2", "1", env=_env(sock_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            try:
+                assert proc.stdout is not None
+                ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 15) or b"{}")
+                await agent.stop()
+                agent = NodeAgent(agent_config(h, tmp_path, sock_path, None))
+                await agent.start()
+                out, err = await asyncio.wait_for(proc.communicate(), 20)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        finally:
+            await agent.stop()
+    assert ready == {"spiffe_id": str(GO), "authorities": 1}, err
+    assert proc.returncode == 0, (out, err)
+    assert json.loads(out) == {"spiffe_id": str(GO), "serials": 2, "authorities": 1}
+
+
 class _GoServer:
     """``workloadapi serve AUTHORIZED-ID``: its first line gives the port; then one connection and its result."""
 
