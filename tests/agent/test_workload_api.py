@@ -13,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from spiffe import JwtSource, WorkloadApiClient, X509Source
 from spiffe import TrustDomain as SpiffeTrustDomain
-from support.agents import Agent, add_entry, agent_stub
+from support.agents import NODE_AGENT, Agent, add_entry, agent_config, agent_stub, agent_token, wait_held
 from support.certs import p256, write_bundle
 from support.clocks import MovableClock, Pinned
 from support.ids import API, TD, WEB
@@ -43,53 +42,17 @@ from support.serving import Harness, serving
 import meshca
 from meshca._proto import meshca_agent_pb2 as apb
 from meshca._proto import workload_pb2 as wpb
-from meshca.agent import AgentConfig, NodeAgent
+from meshca.agent import NodeAgent
 from meshca.agent import _agent as agent_module
 from meshca.pki._files import atomic_write
 from meshca.server._store import JwtPublicKey, open_store
 from meshca.testing import TestCA
 
-AGENT = meshca.SpiffeId.parse(f"spiffe://{TD}/meshca/agent/node1")
 OTHER_UID = 4242  # an entry gives it API
 STRANGER_UID = 4343  # no entry
 WORKLOAD = (("workload.spiffe.io", "true"),)  # the spec's security header
 STREAMS = {"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles"}
 DER = Encoding.DER
-
-
-def agent_token(h: Harness) -> str:
-    return h.token(AGENT, agent=True)
-
-
-def socket_dir() -> Path:
-    """A directory other uids can reach (pytest's tmp_path sits under a 0700 one), removed by the caller."""
-    path = Path(tempfile.mkdtemp(prefix="meshca-agent-"))
-    path.chmod(0o755)
-    return path
-
-
-def config(h: Harness, tmp: Path, sock: Path, token: str | None) -> AgentConfig:
-    return AgentConfig(
-        server=f"localhost:{h.port}",
-        bundle=h.ca.bundle,
-        socket=sock,
-        data_dir=tmp / "agent-data",
-        join_token=token,
-        sync_interval=timedelta(milliseconds=200),
-    )
-
-
-@pytest.fixture
-def sock_path() -> AsyncIterator[Path]:
-    directory = socket_dir()
-    yield directory / "api.sock"
-    for child in directory.iterdir():
-        child.unlink()
-    directory.rmdir()
-
-
-async def _ready(agent: NodeAgent, count: int) -> None:
-    await eventually(lambda: len(agent.state.held) >= count, 10, f"{count} workload SVIDs held")
 
 
 @asynccontextmanager
@@ -98,10 +61,10 @@ async def web_agent(tmp_path: Path, sock_path: Path, **entry: Any) -> AsyncItera
     its SVID; both stopped on exit."""
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], **entry)
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
             yield h, agent
         finally:
             await agent.stop()
@@ -116,11 +79,11 @@ def fetched_id(sock: Path) -> str:
 async def test_py_spiffe_gets_x509_and_jwt_svids_and_follows_rotation(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(seconds=6))
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            assert agent.own.spiffe_id == AGENT
-            await _ready(agent, 1)
+            assert agent.own.spiffe_id == NODE_AGENT
+            await wait_held(agent, 1)
             endpoint = f"unix://{sock_path}"
 
             def fetch() -> tuple[str, str, str]:
@@ -205,10 +168,10 @@ async def test_only_jwt_svid_keys_are_served_and_trusted_and_a_token_type_other_
         jwk = jwt.algorithms.ECAlgorithm.to_jwk(other.public_key(), as_dict=True) | {"kid": "other", "use": "sig"}
         later = h.clock() + timedelta(hours=2)
         h.server.store.publish_jwt_key(JwtPublicKey("other", "test", json.dumps(jwk), later, h.clock()))
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
             kids = {k["kid"] for k in json.loads(agent.state.jwt_keys)["keys"]}
             assert kids and "other" not in kids
             now = int(time.time())
@@ -261,10 +224,10 @@ async def test_refusals_other_uids_and_missing_metadata(tmp_path: Path, sock_pat
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
         add_entry(h, API.path, [f"unix:uid:{OTHER_UID}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
-            await _ready(agent, 2)
+            await wait_held(agent, 2)
             async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
                 call = channel.unary_stream(
                     "/SpiffeWorkloadAPI/FetchX509SVID",
@@ -330,9 +293,9 @@ async def test_serves_while_the_service_is_down_catches_up_and_a_restart_recover
 
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
-        await _ready(agent, 1)
+        await wait_held(agent, 1)
         ca, port = h.ca, h.port
     try:
         # The service is gone: the agent keeps serving what it holds.
@@ -351,21 +314,21 @@ async def test_serves_while_the_service_is_down_catches_up_and_a_restart_recover
     assert (tmp_path / "agent-data").stat().st_mode & 0o777 == 0o700
     # A new agent with no token (the one token was used) recovers from the data dir, against the same service.
     async with serving(tmp_path / "ca", ca, write=False, port=port) as h3:
-        restarted = NodeAgent(config(h3, tmp_path, sock_path, None))
+        restarted = NodeAgent(agent_config(h3, tmp_path, sock_path, None))
         await restarted.start()
         try:
-            assert restarted.own.spiffe_id == AGENT
-            await _ready(restarted, 2)
+            assert restarted.own.spiffe_id == NODE_AGENT
+            await wait_held(restarted, 2)
             assert await asyncio.to_thread(spiffe_ids) == {str(WEB), str(API)}
             # A second agent on the same socket is refused while the first serves; so is a file at the path.
-            second = NodeAgent(config(h3, tmp_path, sock_path, None))
+            second = NodeAgent(agent_config(h3, tmp_path, sock_path, None))
             with pytest.raises(meshca.PortTaken, match="served by another agent"):
                 await second.start()
             await second.stop()
         finally:
             await restarted.stop()
         sock_path.write_text("not a socket")
-        third = NodeAgent(config(h3, tmp_path, sock_path, None))
+        third = NodeAgent(agent_config(h3, tmp_path, sock_path, None))
         with pytest.raises(meshca.UnsafePermissions, match="is not a socket"):
             await third.start()
         await third.stop()
@@ -377,7 +340,7 @@ async def test_an_agent_restarted_during_an_outage_answers_unavailable_not_denie
 ) -> None:
     async with web_agent(tmp_path, sock_path) as (h, _):
         ca, port = h.ca, h.port
-    restarted = NodeAgent(config(h, tmp_path, sock_path, None))  # the saved SVID; the service is gone
+    restarted = NodeAgent(agent_config(h, tmp_path, sock_path, None))  # the saved SVID; the service is gone
     await restarted.start()
     try:
         async with grpc.aio.insecure_channel(f"unix://{sock_path}") as channel:
@@ -386,7 +349,7 @@ async def test_an_agent_restarted_during_an_outage_answers_unavailable_not_denie
                 await call.read()
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         async with serving(tmp_path / "ca", ca, write=False, port=port):  # back, with the entry in its store
-            await _ready(restarted, 1)
+            await wait_held(restarted, 1)
             assert await asyncio.to_thread(fetched_id, sock_path) == str(WEB)
     finally:
         await restarted.stop()
@@ -399,12 +362,12 @@ async def test_an_outage_past_the_renewal_moment_is_retried_with_backoff_not_in_
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(hours=1))
         sync_every = timedelta(seconds=2)
         agent = NodeAgent(
-            replace(config(h, tmp_path, sock_path, agent_token(h)), sync_interval=sync_every),
+            replace(agent_config(h, tmp_path, sock_path, agent_token(h)), sync_interval=sync_every),
             clock=h.clock,
             rng=Pinned(0.5),  # backoffs of half their ceiling: 0.25 s, 0.5 s, 1 s, then the sync interval
         )
         await agent.start()
-        await _ready(agent, 1)
+        await wait_held(agent, 1)
         clock = h.clock
     try:
         # The service is gone and the SVID is past its renewal moment (40 of 60 minutes): every tick fails.
@@ -427,7 +390,7 @@ async def test_an_agent_restarted_after_an_anchor_rotation_trusts_what_the_servi
     ca_dir = tmp_path / "ca"
     async with serving(ca_dir, leaf_ttl=timedelta(seconds=6)) as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
             # A new anchor and an issuer under it: the service now signs (and serves TLS) from the new one.
@@ -445,11 +408,11 @@ async def test_an_agent_restarted_after_an_anchor_rotation_trusts_what_the_servi
             await agent.stop()
         assert (tmp_path / "agent-data" / "bundle.pem").stat().st_mode & 0o777 == 0o644
         # Restarted with the --bundle it was first given (the old anchor alone): it needs no new token.
-        restarted = NodeAgent(config(h, tmp_path, sock_path, None))
+        restarted = NodeAgent(agent_config(h, tmp_path, sock_path, None))
         await restarted.start()
         try:
-            assert restarted.own.spiffe_id == AGENT
-            await _ready(restarted, 1)
+            assert restarted.own.spiffe_id == NODE_AGENT
+            await wait_held(restarted, 1)
             assert await asyncio.to_thread(fetched_id, sock_path) == str(WEB)
         finally:
             await restarted.stop()
@@ -463,16 +426,16 @@ async def test_a_data_dir_others_can_write_is_refused_before_the_join_spends_the
         data = tmp_path / "agent-data"
         data.mkdir()
         data.chmod(0o777)
-        agent = NodeAgent(config(h, tmp_path, sock_path, token))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, token))
         with pytest.raises(meshca.UnsafePermissions, match="writable by other users"):
             await agent.start()
         await agent.stop()
         assert not list(data.iterdir())
         data.chmod(0o700)
-        agent = NodeAgent(config(h, tmp_path, sock_path, token))  # the token was not spent
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, token))  # the token was not spent
         await agent.start()
         try:
-            assert agent.own.spiffe_id == AGENT
+            assert agent.own.spiffe_id == NODE_AGENT
         finally:
             await agent.stop()
 
@@ -566,11 +529,11 @@ async def test_a_jwt_key_published_after_the_last_sync_is_fetched_on_use_at_most
     ca_dir, url = tmp_path / "ca", f"sqlite://{tmp_path}/shared.db"
     async with serving(ca_dir, store=open_store(url, ca_dir)) as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        quiet = replace(config(h, tmp_path, sock_path, agent_token(h)), sync_interval=timedelta(hours=1))
+        quiet = replace(agent_config(h, tmp_path, sock_path, agent_token(h)), sync_interval=timedelta(hours=1))
         agent = NodeAgent(quiet, clock=h.clock)
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
             # A second replica on the same store starts after the agent's last sync, with a JWT key of its own.
             async with serving(ca_dir, h.ca, write=False, store=open_store(url, ca_dir), clock=h.clock) as second:
                 own = agent.own
@@ -604,10 +567,10 @@ async def test_jwt_svids_are_timed_on_the_agents_clock_with_skew_for_nbf_and_non
     ahead.advance(timedelta(seconds=30))  # the service's host runs 30 s ahead of the agent's
     async with serving(tmp_path / "ca", clock=ahead) as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))  # on the system clock
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))  # on the system clock
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
 
             def fetched() -> str:
                 with WorkloadApiClient(socket_path=f"unix://{sock_path}") as client:
@@ -752,10 +715,10 @@ async def test_malformed_workload_api_calls_get_a_clean_status_and_the_agent_ser
 async def test_workload_svids_renew_at_half_life_on_the_agents_clock(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca") as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"], x509_ttl=timedelta(hours=1))
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)), clock=h.clock)
         await agent.start()
         try:
-            await _ready(agent, 1)
+            await wait_held(agent, 1)
             (entry_id,) = agent.state.held
 
             def serial() -> int:
@@ -781,7 +744,7 @@ async def test_a_renewal_the_data_dir_cannot_take_is_logged_and_the_next_one_is_
     tmp_path: Path, sock_path: Path
 ) -> None:
     async with serving(tmp_path / "ca", leaf_ttl=timedelta(seconds=6)) as h:
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
             saved = tmp_path / "agent-data" / "agent-svid.pem"
@@ -799,7 +762,7 @@ async def test_a_renewal_the_data_dir_cannot_take_is_logged_and_the_next_one_is_
 async def test_the_agent_renews_its_own_svid_by_proof_and_saves_each(tmp_path: Path, sock_path: Path) -> None:
     async with serving(tmp_path / "ca", leaf_ttl=timedelta(seconds=6)) as h:
         add_entry(h, WEB.path, [f"unix:uid:{os.getuid()}"])
-        agent = NodeAgent(config(h, tmp_path, sock_path, agent_token(h)))
+        agent = NodeAgent(agent_config(h, tmp_path, sock_path, agent_token(h)))
         await agent.start()
         try:
             saved = tmp_path / "agent-data" / "agent-svid.pem"
@@ -810,9 +773,9 @@ async def test_the_agent_renews_its_own_svid_by_proof_and_saves_each(tmp_path: P
             first = saved_serial()
             assert first == agent.own.leaf.serial_number
             await eventually(lambda: saved_serial() != first, 15, "a renewed agent SVID saved")
-            assert agent.own.spiffe_id == AGENT
-            agent_records = [r for r in h.issued() if str(r.spiffe_id) == str(AGENT)]
+            assert agent.own.spiffe_id == NODE_AGENT
+            agent_records = [r for r in h.issued() if str(r.spiffe_id) == str(NODE_AGENT)]
             assert len(agent_records) >= 2  # the join, then renewals (the token was single-use)
-            await _ready(agent, 1)  # and it still signs workload SVIDs with the renewed one
+            await wait_held(agent, 1)  # and it still signs workload SVIDs with the renewed one
         finally:
             await agent.stop()

@@ -4,27 +4,34 @@
 running server as `meshca agent` does (a join token made as `meshca token create --agent`, then
 IssueSVID); ``agent.prove(request, "Sync", h.clock())`` fills in the request's proof, and
 ``add_entry(h, "/web", ...)`` stores a registration entry as `meshca entry create` does.
+For a `NodeAgent` in the test: ``agent_config(h, tmp, sock, agent_token(h))``, a ``socket_dir()``
+other uids can reach, and ``await wait_held(agent, n)`` until it holds n workload SVIDs.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from meshca import PrivateKey, SpiffeId, TrustDomain
 from meshca._proto import meshca_agent_pb2 as apb
 from meshca._proto import meshca_agent_pb2_grpc
+from meshca.agent import AgentConfig, NodeAgent
 from meshca.pki._proof import SvidProof, agent_proof_body, sign_agent_proof
 from meshca.server._entries import RegistrationEntry, new_entry
 
 from .calls import native_request
 from .certs import spiffe_csr
 from .ids import TD
+from .poll import eventually
 from .serving import Harness
 
 SERVICE = "meshca.agent.v1.Agent"
+NODE_AGENT = TrustDomain(TD).agent_id("node1")  # the agent a test's NodeAgent joins as
 R = TypeVar("R")
 
 
@@ -81,3 +88,31 @@ def add_entry(
     )
     h.server.store.add_entry(entry)
     return entry
+
+
+def agent_token(h: Harness) -> str:
+    """A one-time agent join token for ``NODE_AGENT``."""
+    return h.token(NODE_AGENT, agent=True)
+
+
+def socket_dir() -> Path:
+    """A directory other uids can reach (pytest's tmp_path sits under a 0700 one), removed by the caller."""
+    path = Path(tempfile.mkdtemp(prefix="meshca-agent-"))
+    path.chmod(0o755)
+    return path
+
+
+def agent_config(h: Harness, tmp: Path, sock: Path, token: str | None) -> AgentConfig:
+    """A `NodeAgent` of the served server on ``sock``, its data under ``tmp``, syncing every 200 ms."""
+    return AgentConfig(
+        server=f"localhost:{h.port}",
+        bundle=h.ca.bundle,
+        socket=sock,
+        data_dir=tmp / "agent-data",
+        join_token=token,
+        sync_interval=timedelta(milliseconds=200),
+    )
+
+
+async def wait_held(agent: NodeAgent, count: int) -> None:
+    await eventually(lambda: len(agent.state.held) >= count, 10, f"{count} workload SVIDs held")
