@@ -3,11 +3,17 @@
 import time
 
 from spiffe import WorkloadApiClient
+from spiffe.workloadapi.errors import FetchX509SvidError
 
 with WorkloadApiClient() as client:
-    # The agent may still be signing right after it starts: wait for both SVIDs (bounded).
+    # Right after it starts the agent may not have reached the service yet (UNAVAILABLE) or may still be
+    # signing: wait for both SVIDs (bounded), as a SPIFFE client retries.
+    svids = []
     for _ in range(50):
-        svids = client.fetch_x509_svids(timeout=10)
+        try:
+            svids = client.fetch_x509_svids(timeout=10)
+        except FetchX509SvidError:
+            svids = []
         if len(svids) == 2:
             break
         time.sleep(0.2)
