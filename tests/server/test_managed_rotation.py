@@ -33,6 +33,12 @@ def _anchor_rotations(metrics_port: int) -> float:
     return sample_value(text, "meshca_rotations_total", kind="anchor", result="success") or 0
 
 
+def _live_issuers(d: Path) -> dict[str, int]:
+    listed = meshca_cmd("anchor", "list", "--dir", d, "--json")
+    assert listed.code == 0, listed.stderr
+    return {a["state"]: a["live_issuers"] for a in json.loads(listed.stdout)}
+
+
 def _newest_issuer_per_replica(d: Path) -> dict[str, dict[str, str]]:
     listed = meshca_cmd("log", "issuers", "--dir", d, "--json")
     assert listed.code == 0, listed.stderr
@@ -92,6 +98,8 @@ def test_a_managed_service_follows_a_staged_anchor_rotation_under_continuous_mut
                     lambda: all(chains_to([s.svid.chain[1]], b) for s in sources), 20, "SVIDs renewed under B"
                 )
                 handshakes("with SVIDs under B, A and B trusted")
+                # Both workers minted under B (the 10-minute issuers they had under A are still unexpired).
+                eventually_sync(lambda: _live_issuers(d) == {"active": 2, "retiring": 2}, 10, "both workers under B")
                 # 3. retire: refused while leaves issued under A live, then allowed.
                 refused = run("retire", "--grace", "2s")
                 assert refused.code == 1 and "earliest safe time" in refused.stderr, refused
