@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from cryptography import x509
+
 from meshca.cli._keypair import add_outputs, cert_and_key_out, new_key, save_key
 from meshca.cli._options import (
     CliError,
@@ -223,6 +225,15 @@ def _recorded(args: argparse.Namespace, tdir: TrustDir, now: datetime, *, leaves
         store.close()
 
 
+def _chains_to_old(record: IssuerCertRecord, old: AnchorSlot) -> bool:
+    """The recorded issuer is signed by the retiring anchor (its signature checked, not only the record's word)."""
+    try:
+        cert = x509.load_der_x509_certificate(record.der)
+    except ValueError as exc:
+        raise CliError(f"issuer {record.fingerprint[:23]} recorded by {record.writer}: {exc}") from None
+    return chains_to([cert], old.certificate)
+
+
 def retire(args: argparse.Namespace, clock: Clock) -> int:
     tdir = TrustDir.at(args.dir)
     slots = _slots(tdir)
@@ -234,8 +245,7 @@ def retire(args: argparse.Namespace, clock: Clock) -> int:
         managed = args.manage_issuers or not tdir.issuer_cert.exists()
         recorded = _recorded(args, tdir, now)
         replicas = [
-            ReplicaIssuer(r.writer, r.anchor_fingerprint == old.fingerprint, r.recorded_at, r.not_after)
-            for r in recorded.issuers
+            ReplicaIssuer(r.writer, _chains_to_old(r, old), r.recorded_at, r.not_after) for r in recorded.issuers
         ]
         issuer_on_old = False
         if not managed:
