@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--manage-issuers",
         action="store_true",
         help="the service mints its own issuers (serve --manage-issuers): wait for every replica's issuer recorded "
-        "in the store to switch, not for DIR/issuer.crt (the default when DIR holds no issuer.crt)",
+        "in the store to switch (the default when DIR holds no issuer.crt)",
     )
     add_duration(
         p,
@@ -248,7 +248,7 @@ def retire(args: argparse.Namespace, clock: Clock) -> int:
             ReplicaIssuer(r.writer, _chains_to_old(r, old), r.recorded_at, r.not_after) for r in recorded.issuers
         ]
         issuer_on_old = False
-        if not managed:
+        if tdir.issuer_cert.exists():  # managed too: `activate` re-issues issuer files wherever they are
             try:
                 chain = load_certificates(tdir.issuer_cert.read_bytes())
             except ValueError as exc:
