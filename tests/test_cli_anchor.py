@@ -218,7 +218,10 @@ def test_activation_without_a_record_of_preparation_needs_force(d: Path, cli: Ru
     ok(cli("anchor", "activate", "--dir", d, "--force", clock=clock))
 
 
-def test_retire_refuses_while_the_issuer_chains_only_to_the_old_anchor(d: Path, cli: Run, clock: FrozenClock) -> None:
+@pytest.mark.parametrize("mode", [(), ("--manage-issuers",)], ids=["file-mode", "managed-with-issuer-files"])
+def test_retire_refuses_while_the_issuer_chains_only_to_the_old_anchor(
+    d: Path, cli: Run, clock: FrozenClock, mode: tuple[str, ...]
+) -> None:
     old_issuer = ((d / "issuer.crt").read_bytes(), (d / "issuer.key").read_bytes())
     ok(cli("anchor", "prepare", "--dir", d, clock=clock))
     ok(cli("anchor", "activate", "--dir", d, "--force", clock=clock))
@@ -226,7 +229,7 @@ def test_retire_refuses_while_the_issuer_chains_only_to_the_old_anchor(d: Path, 
     (d / "issuer.key").write_bytes(old_issuer[1])
     (d / "issuer.crt").write_bytes(old_issuer[0])
     clock.advance(365 * D)
-    result = cli("anchor", "retire", "--dir", d, clock=clock)
+    result = cli("anchor", "retire", "--dir", d, *mode, clock=clock)
     assert_clean_failure(result)
     assert "the active issuer chains only to it" in result.stderr
     assert "no safe time until that changes; or pass --force" in result.stderr
