@@ -12,6 +12,7 @@ import meshca
 from meshca.pki._anchors import (
     DEFAULT_RETIRE_GRACE,
     AnchorState,
+    ReplicaIssuer,
     activation_allowed_at,
     chains_to,
     retire_check,
@@ -99,6 +100,61 @@ def test_the_refusal_reasons_say_what_holds_the_anchor() -> None:
         "2 recorded leaves issued before then may chain to it",
     ]
     assert DEFAULT_RETIRE_GRACE == GRACE
+
+
+def _issuer(writer: str, old: bool, recorded_at: datetime, lifetime: timedelta = 7 * D) -> ReplicaIssuer:
+    return ReplicaIssuer(writer, old, recorded_at, recorded_at + lifetime)
+
+
+def test_managed_retirement_waits_for_every_replica_whose_newest_issuer_is_under_the_old_anchor() -> None:
+    # r1 switched 1 s after activation; r2 has not (its newest issuer, prepared before, is under the old anchor).
+    replicas = [
+        _issuer("r1", True, T0 - 3 * D),
+        _issuer("r1", False, T0 + S),
+        _issuer("r2", True, T0 - 3 * D),
+        _issuer("r2", True, T0 - D),
+    ]
+    check = retire_check(activated_at=T0, issuer_on_old_anchor=False, leaves=[], grace=GRACE, replicas=replicas)
+    [blocker] = check.pending(T0 + H)
+    assert blocker.reason.startswith("replica r2 still signs with an issuer under it")
+    assert blocker.until == T0 + 6 * D  # its newest issuer's NotAfter: no leaf it signs outlives it
+    assert check.safe_at == T0 + 6 * D and not check.never
+    assert check.allows(T0 + 6 * D)  # by then it switched, or it is down and its issuer expired
+    # r2 switches: only the grace is left.
+    switched = retire_check(
+        activated_at=T0,
+        issuer_on_old_anchor=False,
+        leaves=[],
+        grace=GRACE,
+        replicas=[*replicas, _issuer("r2", False, T0 + 2 * S)],
+    )
+    assert switched.allows(T0 + GRACE) and not switched.allows(T0 + GRACE - S)
+
+
+def test_a_replica_whose_newest_issuer_expired_signs_nothing_and_does_not_count() -> None:
+    gone = [_issuer("gone", True, T0 - 8 * D)]  # down since before activation; its issuer expired at T0 - D
+    check = retire_check(activated_at=T0, issuer_on_old_anchor=False, leaves=[], grace=GRACE, replicas=gone)
+    assert check.allows(T0 + GRACE)
+
+
+def test_a_replica_that_started_under_the_new_anchor_never_switched_and_moves_nothing() -> None:
+    fresh = [_issuer("fresh", False, T0 + D)]  # a day after activation: every leaf it signs is under the new one
+    leaves = [(T0 + H, T0 + 25 * H)]
+    check = retire_check(activated_at=T0, issuer_on_old_anchor=False, leaves=leaves, grace=GRACE, replicas=fresh)
+    assert check.allows(T0 + GRACE)
+
+
+def test_a_replica_that_switched_after_the_grace_moves_the_leaf_cutoff_to_its_switch() -> None:
+    late = [_issuer("late", True, T0 - D), _issuer("late", False, T0 + H)]  # switched an hour after activation
+    leaves = [(T0 + 30 * 60 * S, T0 + 30 * 60 * S + 24 * H), (T0 + 2 * H, T0 + 48 * H)]
+    check = retire_check(activated_at=T0, issuer_on_old_anchor=False, leaves=leaves, grace=GRACE, replicas=late)
+    assert [b.reason for b in check.pending(T0 + H - S)] == [
+        "replica late signed under it until it switched",
+        "1 recorded leaves issued before then may chain to it",
+    ]
+    # The leaf issued at +30 min may be under the old anchor; the one at +2 h is not.
+    assert check.safe_at == T0 + 30 * 60 * S + 24 * H
+    assert not check.allows(check.safe_at - S) and check.allows(check.safe_at)
 
 
 def test_chains_to_checks_the_signature_not_only_the_name(ca: TestCA, rogue_ca: TestCA) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from collections.abc import Callable
 from datetime import timedelta
@@ -17,6 +18,9 @@ from support.softhsm import SoftHsm
 import meshca
 from meshca.pki._anchors import chains_to
 from meshca.pki._certs import fingerprint
+from meshca.pki._lifecycle import mint_issuer
+from meshca.server._state import issuer_record, load_anchor
+from meshca.server._store import open_store
 from meshca.testing import FrozenClock
 
 Run = Callable[..., Result]
@@ -214,7 +218,10 @@ def test_activation_without_a_record_of_preparation_needs_force(d: Path, cli: Ru
     ok(cli("anchor", "activate", "--dir", d, "--force", clock=clock))
 
 
-def test_retire_refuses_while_the_issuer_chains_only_to_the_old_anchor(d: Path, cli: Run, clock: FrozenClock) -> None:
+@pytest.mark.parametrize("mode", [(), ("--manage-issuers",)], ids=["file-mode", "managed-with-issuer-files"])
+def test_retire_refuses_while_the_issuer_chains_only_to_the_old_anchor(
+    d: Path, cli: Run, clock: FrozenClock, mode: tuple[str, ...]
+) -> None:
     old_issuer = ((d / "issuer.crt").read_bytes(), (d / "issuer.key").read_bytes())
     ok(cli("anchor", "prepare", "--dir", d, clock=clock))
     ok(cli("anchor", "activate", "--dir", d, "--force", clock=clock))
@@ -222,7 +229,7 @@ def test_retire_refuses_while_the_issuer_chains_only_to_the_old_anchor(d: Path, 
     (d / "issuer.key").write_bytes(old_issuer[1])
     (d / "issuer.crt").write_bytes(old_issuer[0])
     clock.advance(365 * D)
-    result = cli("anchor", "retire", "--dir", d, clock=clock)
+    result = cli("anchor", "retire", "--dir", d, *mode, clock=clock)
     assert_clean_failure(result)
     assert "the active issuer chains only to it" in result.stderr
     assert "no safe time until that changes; or pass --force" in result.stderr
@@ -276,3 +283,67 @@ def test_an_anchor_key_on_a_pkcs11_token(tmp_path: Path, cli: Run, clock: Frozen
     clock.advance(D)
     ok(cli("anchor", "retire", "--dir", d, clock=clock))
     assert not (d / "trust-anchor.old.key.uri").exists()
+
+
+def _mint(d: Path, writer: str, clock: FrozenClock, ttl: timedelta = 7 * D) -> x509.Certificate:
+    """What a replica of `serve --manage-issuers` does: an issuer from the active anchor, recorded in the store."""
+    tdir = meshca.TrustDir.at(d)
+    anchor = load_anchor(tdir, None)
+    issuer = mint_issuer(anchor.certificate, anchor.key, tdir.load_bundle(), now=clock(), ttl=ttl)
+    store = open_store(None, d)
+    try:
+        store.record_issuer(issuer_record(issuer, writer, clock()))
+    finally:
+        store.close()
+    return issuer.certificate
+
+
+def test_managed_retire_waits_for_every_replica_to_switch(tmp_path: Path, cli: Run, clock: FrozenClock) -> None:
+    d = tmp_path / "ca"
+    ok(cli("init", "--trust-domain", "example.org", "--dir", d, clock=clock))
+    (d / "issuer.crt").unlink()  # a managed directory: the service mints its issuers
+    (d / "issuer.key").unlink()
+    _mint(d, "host/1", clock)
+    old_r2 = _mint(d, "host/2", clock)
+    ok(cli("anchor", "prepare", "--dir", d, clock=clock))
+    activated = ok(cli("anchor", "activate", "--dir", d, "--force", clock=clock))
+    assert "a service with --manage-issuers switches by itself" in activated.stdout
+    assert not (d / "issuer.crt").exists()
+    clock.advance(timedelta(seconds=1))
+    _mint(d, "host/1", clock)  # host/1 switched; host/2 has not
+    listed = json.loads(ok(cli("anchor", "list", "--dir", d, "--json", clock=clock)).stdout)
+    assert {a["state"]: a["live_issuers"] for a in listed} == {"active": 1, "retiring": 2}
+    clock.advance(H)
+    result = cli("anchor", "retire", "--dir", d, "--grace", "1m", clock=clock)
+    assert_clean_failure(result)
+    assert "replica host/2 still signs with an issuer under it" in result.stderr
+    safe = old_r2.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"earliest safe time {safe}" in result.stderr
+    # host/2 switches: nothing holds the old anchor any more.
+    _mint(d, "host/2", clock)
+    old_anchor = _cert(d / "trust-anchor.old.crt")
+    retired = json.loads(ok(cli("anchor", "retire", "--dir", d, "--grace", "1m", "--json", clock=clock)).stdout)
+    assert retired["retired"] == fingerprint(old_anchor)
+    assert _bundle(d) == {_cert(d / "trust-anchor.crt")}
+
+
+def test_a_replica_that_never_switches_holds_the_anchor_until_its_issuer_expires(
+    tmp_path: Path, cli: Run, clock: FrozenClock
+) -> None:
+    d = tmp_path / "ca"
+    ok(cli("init", "--trust-domain", "example.org", "--dir", d, clock=clock))
+    stuck = _mint(d, "host/9", clock, ttl=D)  # down, or stuck: the store cannot tell
+    ok(cli("anchor", "prepare", "--dir", d, clock=clock))
+    ok(cli("anchor", "activate", "--dir", d, "--force", clock=clock))  # issuer files here: re-issued under B
+    assert chains_to([_cert(d / "issuer.crt")], _cert(d / "trust-anchor.crt"))
+    clock.advance(H)
+    # Issuer files here: only --manage-issuers says the service mints its own and reads the replicas' issuers.
+    managed = cli("anchor", "retire", "--dir", d, "--grace", "1m", "--manage-issuers", clock=clock)
+    assert_clean_failure(managed)
+    assert "replica host/9 still signs" in managed.stderr
+    # Without it, file mode: DIR/issuer.crt is what signs, and it chains to the new anchor.
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    ok(cli("anchor", "retire", "--dir", copy, "--grace", "1m", clock=clock))
+    clock.advance(stuck.not_valid_after_utc - clock())
+    ok(cli("anchor", "retire", "--dir", d, "--grace", "1m", "--manage-issuers", clock=clock))

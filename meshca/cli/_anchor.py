@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+from cryptography import x509
 
 from meshca.cli._keypair import add_outputs, cert_and_key_out, new_key, save_key
 from meshca.cli._options import (
@@ -22,7 +25,14 @@ from meshca.cli._options import (
     passphrase,
     store_url,
 )
-from meshca.pki._anchors import DEFAULT_RETIRE_GRACE, AnchorState, activation_allowed_at, chains_to, retire_check
+from meshca.pki._anchors import (
+    DEFAULT_RETIRE_GRACE,
+    AnchorState,
+    ReplicaIssuer,
+    activation_allowed_at,
+    chains_to,
+    retire_check,
+)
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import certificates_pem, fingerprint, load_certificates
 from meshca.pki._files import atomic_write
@@ -31,7 +41,7 @@ from meshca.pki._profiles import ANCHOR_LIFETIME, build_anchor
 from meshca.pki._time import Clock, format_duration
 from meshca.pki._trustdir import AnchorSlot, TrustDir
 from meshca.server._config import ServerConfig
-from meshca.server._store import open_store
+from meshca.server._store import IssuerCertRecord, open_store
 
 CERT, KEY = "trust-anchor.crt", "trust-anchor.key"
 MIN_AGE = ServerConfig(Path()).max_leaf_ttl
@@ -78,6 +88,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = actions.add_parser("retire", help="rotation step 3: the retiring anchor leaves the bundle; its key is deleted")
     add_dir(p, "trust domain directory")
     add_store(p)
+    p.add_argument(
+        "--manage-issuers",
+        action="store_true",
+        help="the service mints its own issuers (serve --manage-issuers): wait for every replica's issuer recorded "
+        "in the store to switch (the default when DIR holds no issuer.crt)",
+    )
     add_duration(
         p,
         "--grace",
@@ -88,8 +104,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_json(p)
     p.set_defaults(func=retire)
 
-    p = actions.add_parser("list", help="the anchors of DIR: fingerprint, state, NotAfter")
+    p = actions.add_parser("list", help="the anchors of DIR: fingerprint, state, NotAfter, live recorded issuers")
     add_dir(p, "trust domain directory")
+    add_store(p)
     add_json(p)
     p.set_defaults(func=list_anchors)
 
@@ -182,19 +199,39 @@ def activate(args: argparse.Namespace, clock: Clock) -> int:
     text = f"activated anchor {_short(prepared)}; {_short(old)} is retiring"
     if issuer is not None:
         text += f"\nre-issued {tdir.issuer_cert} under it (until {_when(issuer.not_valid_after_utc)})"
+    else:
+        text += f"\nno {tdir.issuer_cert.name} in {tdir.path}: a service with --manage-issuers switches by itself"
     emit(args, data, text)
     return 0
 
 
-def _unexpired_leaves(args: argparse.Namespace, tdir: TrustDir, now: datetime) -> list[tuple[datetime, datetime]]:
+@dataclass(frozen=True, slots=True)
+class _Recorded:
+    """What the store recorded: the unexpired leaves, and every issuer certificate."""
+
+    leaves: list[tuple[datetime, datetime]]
+    issuers: list[IssuerCertRecord]
+
+
+def _recorded(args: argparse.Namespace, tdir: TrustDir, now: datetime, *, leaves: bool = True) -> _Recorded:
     url = store_url(args)
     if url is None and not (tdir.path / "meshca.db").exists():
-        return []  # never served: nothing recorded
+        return _Recorded([], [])  # never served: nothing recorded
     store = open_store(url, Path(args.dir), writer=False)
     try:
-        return [(r.issued_at, r.not_after) for r in store.issuances() if r.not_after > now]
+        unexpired = [(r.issued_at, r.not_after) for r in store.issuances() if r.not_after > now] if leaves else []
+        return _Recorded(unexpired, store.issuer_certs())
     finally:
         store.close()
+
+
+def _chains_to_old(record: IssuerCertRecord, old: AnchorSlot) -> bool:
+    """The recorded issuer is signed by the retiring anchor (its signature checked, not only the record's word)."""
+    try:
+        cert = x509.load_der_x509_certificate(record.der)
+    except ValueError as exc:
+        raise CliError(f"issuer {record.fingerprint[:23]} recorded by {record.writer}: {exc}") from None
+    return chains_to([cert], old.certificate)
 
 
 def retire(args: argparse.Namespace, clock: Clock) -> int:
@@ -205,8 +242,13 @@ def retire(args: argparse.Namespace, clock: Clock) -> int:
         raise CliError("no retiring anchor: meshca anchor activate makes the active one retiring")
     now = clock()
     if not args.force:
+        managed = args.manage_issuers or not tdir.issuer_cert.exists()
+        recorded = _recorded(args, tdir, now)
+        replicas = [
+            ReplicaIssuer(r.writer, _chains_to_old(r, old), r.recorded_at, r.not_after) for r in recorded.issuers
+        ]
         issuer_on_old = False
-        if tdir.issuer_cert.exists():
+        if tdir.issuer_cert.exists():  # managed too: `activate` re-issues issuer files wherever they are
             try:
                 chain = load_certificates(tdir.issuer_cert.read_bytes())
             except ValueError as exc:
@@ -216,8 +258,9 @@ def retire(args: argparse.Namespace, clock: Clock) -> int:
         check = retire_check(
             activated_at=slots[AnchorState.ACTIVE].activated_at,
             issuer_on_old_anchor=issuer_on_old,
-            leaves=_unexpired_leaves(args, tdir, now),
+            leaves=recorded.leaves,
             grace=args.grace,
+            replicas=replicas if managed else (),
         )
         pending = check.pending(now)
         if pending:
@@ -242,12 +285,17 @@ def retire(args: argparse.Namespace, clock: Clock) -> int:
 
 
 def list_anchors(args: argparse.Namespace, clock: Clock) -> int:
-    slots = _slots(TrustDir.at(args.dir)).values()
+    tdir = TrustDir.at(args.dir)
+    slots = _slots(tdir).values()
+    now = clock()
+    live = [r for r in _recorded(args, tdir, now, leaves=False).issuers if r.not_after > now]
+    issuers = {s.fingerprint: sum(r.anchor_fingerprint == s.fingerprint for r in live) for s in slots}
     lines = [
         f"{s.state.value:<9} {s.fingerprint}  not after {_when(s.certificate.not_valid_after_utc)}"
         + (f"  prepared {_when(s.prepared_at)}" if s.prepared_at else "")
         + (f"  activated {_when(s.activated_at)}" if s.activated_at else "")
+        + f"  {issuers[s.fingerprint]} live issuer(s)"
         for s in slots
     ]
-    emit(args, [s.to_json() for s in slots], "\n".join(lines))
+    emit(args, [{**s.to_json(), "live_issuers": issuers[s.fingerprint]} for s in slots], "\n".join(lines))
     return 0
