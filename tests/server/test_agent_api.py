@@ -436,6 +436,12 @@ MALFORMED: dict[str, tuple[Callable[[Any, Agent, str], Any], grpc.StatusCode]] =
         ),
         C.OK,  # capped at the maximum
     ),
+    "ttl-beyond-duration-range": (  # int64 seconds protobuf carries, that no timedelta holds
+        lambda h, a, e: agent_stub(h).NewJWTSVID(
+            a.prove(apb.NewJWTSVIDRequest(entry_id=e, audience=["db"], ttl={"seconds": 2**62}), "NewJWTSVID", h.clock())
+        ),
+        C.INVALID_ARGUMENT,
+    ),
     "negative-ttl": (
         lambda h, a, e: agent_stub(h).NewJWTSVID(
             a.prove(apb.NewJWTSVIDRequest(entry_id=e, audience=["db"], ttl={"seconds": -5}), "NewJWTSVID", h.clock())
