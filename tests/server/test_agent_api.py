@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from support.agents import Agent, add_entry, agent_stub, enroll, proof_message
 from support.calls import native_request
 from support.calls import proof_message as svid_proof_message
-from support.certs import cert, csr_der, dns_names, p256, spiffe_csr, uris
+from support.certs import cert, csr_der, dns_names, looping_chain, p256, spiffe_csr, uris
 from support.ids import TD, WEB
 from support.metrics import sample_value
 from support.procs import meshca_cmd
@@ -420,6 +420,12 @@ MALFORMED: dict[str, tuple[Callable[[Any, Agent, str], Any], grpc.StatusCode]] =
     ),
     "chain-of-garbage": (
         lambda h, a, e: agent_stub(h).Sync(_with_proof(a, h, apb.SyncRequest(), "Sync", chain=[b"\x30\x03\x02\x01"])),
+        C.UNAUTHENTICATED,
+    ),
+    "chain-of-one-key-copies": (  # the path search over these took the event loop for minutes
+        lambda h, a, e: agent_stub(h).Sync(
+            _with_proof(a, h, apb.SyncRequest(), "Sync", chain=looping_chain(str(NODE_1), 5, h.clock())[0])
+        ),
         C.UNAUTHENTICATED,
     ),
     "body-of-garbage": (
