@@ -51,6 +51,12 @@ def test_known_selectors_are_kept_as_written(selector: str) -> None:
         ("unix:group:" + "g" * 65, "a group name"),
         ("unix:path:relative/bin", "an absolute executable path"),
         ("unix:path:/bin/\x00x", "an absolute executable path"),
+        # /proc/PID/exe is always canonical: these would match no process, ever
+        ("unix:path:/usr/bin/../bin/web", "an absolute executable path"),
+        ("unix:path:/usr/./bin/web", "an absolute executable path"),
+        ("unix:path:/usr//bin/web", "an absolute executable path"),
+        ("unix:path:/usr/bin/web/", "an absolute executable path"),
+        ("unix:path:/usr/bin/web (deleted)", "an absolute executable path"),
     ],
 )
 def test_bad_selectors_are_refused_saying_why(selector: str, reason: str) -> None:
