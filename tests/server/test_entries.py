@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from meshca import InvalidRequest, SpiffeId, TrustDomain
+from meshca import InvalidRequest, PermissionDenied, SpiffeId, TrustDomain
 from meshca.server import new_entry, parse_selector
 from meshca.server._entries import MAX_SELECTORS, check_dns_name
+from meshca.server._pipeline import refuse_service_names
 
 TD = TrustDomain("example.org")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -136,3 +137,24 @@ def test_agent_ids(text: str, agent: bool) -> None:
 def test_an_agent_name_is_one_segment(name: str) -> None:
     with pytest.raises(ValueError, match="one non-empty path segment"):
         TD.agent_id(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "server_names", "refused"),
+    [
+        ("localhost", ("localhost",), True),
+        ("LOCALHOST", ("localhost",), True),
+        ("*.example.org", ("meshca.example.org",), True),
+        ("meshca.example.org", ("*.example.org",), True),
+        ("*.example.org", ("a.b.example.org",), False),  # a wildcard is one label
+        ("*.example.org", ("example.org",), False),
+        ("web.example.org", ("meshca.example.org",), False),
+        ("localhost.example.org", ("localhost",), False),
+    ],
+)
+def test_no_svid_carries_a_name_of_the_service(name: str, server_names: tuple[str, ...], refused: bool) -> None:
+    if refused:
+        with pytest.raises(PermissionDenied, match="the identity service's own"):
+            refuse_service_names([name], server_names)
+    else:
+        refuse_service_names([name], server_names)
