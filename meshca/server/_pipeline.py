@@ -66,7 +66,7 @@ class Issued:
 def _covers(name: str, other: str) -> bool:
     """True when a certificate for DNS name ``name`` is accepted for host ``other``, or the other way round
     (a wildcard stands for exactly one left-most label, as in RFC 6125)."""
-    name, other = name.lower(), other.lower()
+    name, other = name.lower().rstrip("."), other.lower().rstrip(".")  # "host." is "host", fully qualified
     if name == other:
         return True
     for pattern, host in ((name, other), (other, name)):

@@ -144,6 +144,7 @@ def test_an_agent_name_is_one_segment(name: str) -> None:
     [
         ("localhost", ("localhost",), True),
         ("LOCALHOST", ("localhost",), True),
+        ("meshca.example.org", ("meshca.example.org.",), True),
         ("*.example.org", ("meshca.example.org",), True),
         ("meshca.example.org", ("*.example.org",), True),
         ("*.example.org", ("a.b.example.org",), False),  # a wildcard is one label
