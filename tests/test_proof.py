@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.certs import looping_chain
 
 from meshca import AuthenticationError, SpiffeId
 from meshca._proto import meshca_agent_pb2 as apb
 from meshca.pki._proof import (
+    MAX_PROOF_CHAIN,
+    SvidProof,
     agent_proof_body,
     sign_agent_proof,
     sign_svid_proof,
@@ -64,3 +69,43 @@ def test_the_body_is_the_request_without_its_proof_deterministically() -> None:
     assert agent_proof_body(request) == body
     assert request.proof.signature == b"sig"  # the request itself is left alone
     assert apb.NewJWTSVIDRequest.FromString(body) == apb.NewJWTSVIDRequest(entry_id="e", audience=["b", "a"])
+
+
+_loop_keys: dict[bytes, Any] = {}
+
+
+def _loop_proof(ca: TestCA, copies: int, **kwargs: bool) -> tuple[SvidProof, datetime]:
+    now = ca.now + timedelta(minutes=1)
+    chain, key = looping_chain("spiffe://example.org/meshca/agent/n1", copies, now, **kwargs)
+    _loop_keys[chain[0]] = key
+    return sign_agent_proof(tuple(chain), key, SYNC, b"body", now), now
+
+
+def test_a_chain_of_copies_of_one_key_is_refused_before_any_path_is_searched(ca: TestCA) -> None:
+    """Four CA certificates of one name and key, each an issuer of every other: the verifier's path search
+    took 50 s over them (3 s for three, 220 s for five), on the server's event loop, for a caller with no
+    credential at all."""
+    proof, now = _loop_proof(ca, 4)
+    started = time.monotonic()
+    with pytest.raises(AuthenticationError, match="the same public key") as caught:
+        verify_agent_proof(proof, SYNC, b"body", ca.bundle, now=now)
+    assert caught.value.reason == "agent_proof"
+    assert time.monotonic() - started < 5
+    renewal = sign_svid_proof(proof.chain, _loop_keys[proof.chain[0]], b"csr", now)
+    with pytest.raises(AuthenticationError, match="the same public key") as caught:
+        verify_svid_proof(renewal, b"csr", ca.bundle, now=now)
+    assert caught.value.reason == "svid_proof"
+
+
+def test_a_chain_of_distinct_keys_is_searched_in_linear_time(ca: TestCA) -> None:
+    proof, now = _loop_proof(ca, 7, distinct_keys=True)
+    started = time.monotonic()
+    with pytest.raises(AuthenticationError, match="does not verify"):
+        verify_agent_proof(proof, SYNC, b"body", ca.bundle, now=now)
+    assert time.monotonic() - started < 5
+
+
+def test_a_chain_longer_than_the_limit_is_refused(ca: TestCA) -> None:
+    proof, now = _loop_proof(ca, MAX_PROOF_CHAIN, distinct_keys=True)
+    with pytest.raises(AuthenticationError, match=f"{MAX_PROOF_CHAIN + 1} certificates, at most {MAX_PROOF_CHAIN}"):
+        verify_svid_proof(proof, b"body", ca.bundle, now=now)

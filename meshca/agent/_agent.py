@@ -41,7 +41,7 @@ from ._datadir import DataDir
 from ._metrics import AgentMetrics
 from ._state import AgentState, Entry, Held, jwt_svid_keys
 from ._upstream import Upstream, bootstrap, chain_of, verified_svid
-from ._workload import WorkloadApi
+from ._workload import WorkloadApi, prepare_socket_dir
 
 __all__ = ["AgentConfig", "NodeAgent"]
 
@@ -108,6 +108,7 @@ class NodeAgent:
     async def start(self) -> None:
         """Gets the agent's SVID (saved, else by join token), syncs once if the service answers, opens the socket."""
         self._data.prepare()
+        prepare_socket_dir(self.config.socket)  # both before a join spends the token
         bundle = self._data.load_bundle(self.config.bundle)  # until the first sync replaces it
         self.state.bundle = bundle
         self._open_channel(bundle)

@@ -7,6 +7,9 @@ that pid *now*. The guard against pid reuse: a pidfd for the peer (SO_PEERPIDFD,
 Linux 6.5+, which names the connecting process itself; else pidfd_open(pid) at
 attestation) is held while /proc is read, and the process must still be alive
 afterwards. A live process keeps its pid, so the path read belongs to it.
+The path is as the peer's mount namespace sees it, so it is kept only for a
+peer in the agent's own mount namespace: anyone allowed a user namespace can
+bind-mount their own program over ``/usr/bin/foo`` in a namespace of their own.
 See SECURITY.md, Node agent.
 """
 
@@ -58,8 +61,17 @@ def _alive(pidfd: int) -> bool:
     return True
 
 
+def _mount_namespace(pid: int | str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """The peer of a connected Unix socket; the path only if the process stayed alive while it was read."""
+    """The peer of a connected Unix socket; the path only if the process stayed alive while it was read, and is
+    in the agent's mount namespace (read after the path: leaving a namespace it entered takes privileges)."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     exe = None
     if pid > 0 and (pidfd := _pidfd(sock, pid)) is not None:
@@ -68,7 +80,8 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
                 path = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 path = None
-            if path is not None and _alive(pidfd):
+            own = _mount_namespace("self")
+            if path is not None and own is not None and _mount_namespace(pid) == own and _alive(pidfd):
                 exe = path
         finally:
             os.close(pidfd)

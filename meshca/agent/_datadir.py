@@ -11,6 +11,7 @@ restarted agent makes new ones.
 
 from __future__ import annotations
 
+import stat
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from cryptography import x509
 
 from meshca.client._core import X509Svid
 from meshca.pki._bundle import TrustBundle
-from meshca.pki._errors import MeshcaError
+from meshca.pki._errors import MeshcaError, UnsafePermissions
 from meshca.pki._files import atomic_write, check_private, make_dirs
 from meshca.pki._keys import load_private_key
 
@@ -72,6 +73,12 @@ class DataDir:
         if not self.svid_path.exists():
             return None
         check_private(self.svid_path)
+        mode = stat.S_IMODE(self.svid_path.stat().st_mode)
+        if mode & 0o077:  # as ssh refuses a private key others can read: whoever read it is the agent now
+            raise UnsafePermissions(
+                f"{self.svid_path} is readable by other users (mode {mode:04o}): chmod 600 {self.svid_path} "
+                "(if anyone else may have read it, delete it and join with a new token)"
+            )
         data = self.svid_path.read_bytes()
         try:
             key = load_private_key(data)

@@ -48,7 +48,7 @@ from ._state import Entry
 if TYPE_CHECKING:
     from ._agent import NodeAgent
 
-__all__ = ["WorkloadApi"]
+__all__ = ["WorkloadApi", "prepare_socket_dir"]
 
 log = structlog.get_logger("meshca.agent")
 
@@ -137,9 +137,7 @@ class WorkloadApi:
 
     async def start(self, path: Path) -> None:
         """Listens on ``path``: its directory must not be writable by others; the socket is 0777 (see SECURITY.md)."""
-        directory = path.parent
-        make_dirs(directory, 0o755)
-        check_private(directory)
+        prepare_socket_dir(path)
         self._lock(path.with_name(path.name + ".lock"))
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -324,6 +322,25 @@ class WorkloadApi:
         response = wpb.ValidateJWTSVIDResponse(spiffe_id=str(sid))
         response.claims.update(claims)
         await stream.send_message(response)
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Makes the socket's directory (0755), or refuses one others can write, even with the sticky bit.
+
+    Whoever can create an entry there can bind their own socket at the path while the agent is not serving
+    (before it starts, after it stops: the agent removes its socket) and answer workloads with a bundle and
+    SVIDs of their own; the sticky bit only stops them removing the agent's socket. Directories above it
+    may be sticky (``/tmp``), as `check_private` allows.
+    """
+    directory = path.parent
+    make_dirs(directory, 0o755)
+    check_private(directory)
+    mode = os.stat(directory).st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafePermissions(
+            f"{directory} is writable by other users (mode {stat.S_IMODE(mode):04o}), who could take the socket's "
+            f"path: give --socket a directory of its own (chmod go-w {directory})"
+        )
 
 
 async def _request(stream: Stream[Any, Any], message_type: type[_M]) -> _M:

@@ -54,6 +54,9 @@ def create(args: argparse.Namespace, clock: Clock) -> int:
         raise CliError("a join token must name a SPIFFE ID with a path")
     if args.uses < 1:
         raise CliError("--uses must be at least 1", 2)
+    if args.agent is not None and args.uses != 1:
+        # One agent ID is one node: nodes joined with one token would share an ID, its entries and its log lines.
+        raise CliError("--agent: an agent token is single-use (--uses 1): make one token per node", 2)
     token = new_token(agent=args.agent is not None)
     expires = clock().astimezone(UTC) + args.ttl
     store = open_store(store_url(args), tdir.path)

@@ -39,11 +39,26 @@ SELECTOR_TYPES: dict[str, str] = {
     "unix:gid": "a decimal group id",
     "unix:user": "a user name",
     "unix:group": "a group name",
-    "unix:path": "an absolute executable path",
+    "unix:path": "an absolute executable path, in canonical form (as /proc/PID/exe shows it)",
 }
 _NUMBER = re.compile(r"(0|[1-9][0-9]{0,9})")
 _NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}\$?")  # POSIX portable names (and Samba's trailing $)
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _canonical_path(value: str) -> bool:
+    """An absolute path as /proc/PID/exe gives one: no empty, '.' or '..' segment, no trailing '/', and not one
+    the agent refuses to attest (``... (deleted)``): a path /proc never shows would make an entry no process matches.
+    """
+    segments = value.split("/")
+    return (
+        len(segments) > 1
+        and segments[0] == ""
+        and all(s not in ("", ".", "..") for s in segments[1:])
+        and "\x00" not in value
+        and not value.endswith(" (deleted)")
+        and len(value) <= 4096
+    )
 
 
 def parse_selector(text: str) -> str:
@@ -60,7 +75,7 @@ def parse_selector(text: str) -> str:
         "unix:gid": _NUMBER.fullmatch(value) is not None and int(value) < 2**32,
         "unix:user": _NAME.fullmatch(value) is not None,
         "unix:group": _NAME.fullmatch(value) is not None,
-        "unix:path": value.startswith("/") and "\x00" not in value and len(value) <= 4096,
+        "unix:path": _canonical_path(value),
     }[kind]
     if not ok:
         raise InvalidRequest(f"selector {text!r}: the value must be {SELECTOR_TYPES[kind]}")

@@ -2,7 +2,7 @@
 
 credential -> principal -> the identity the request names, if any -> the
 reserved-ID rule -> the rate limit -> the lifetime rule -> the CSR check ->
-sign -> record durably -> count and log. Wire adapters (``server/api/``)
+the service's own DNS names -> sign -> record durably -> count and log. Wire adapters (``server/api/``)
 build an `IssuanceRequest` and encode the `Issued` it returns; errors are
 mapped to status codes by ``server/_interceptor.py``.
 """
@@ -21,7 +21,14 @@ from cryptography import x509
 
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._csr import check_csr
-from meshca.pki._errors import IdentityMismatch, InvalidRequest, KeyCustodyError, RateLimited, StoreError
+from meshca.pki._errors import (
+    IdentityMismatch,
+    InvalidRequest,
+    KeyCustodyError,
+    PermissionDenied,
+    RateLimited,
+    StoreError,
+)
 from meshca.pki._issuer import IssuedSvid
 from meshca.pki._spiffe import SpiffeId
 from meshca.pki._time import Clock
@@ -32,7 +39,7 @@ from meshca.server._state import IssuerState
 from meshca.server._store import IssuanceRecord, Store
 from meshca.server.credentials import Credential, Presented, Principal, refuse_reserved
 
-__all__ = ["IssuanceRequest", "Issued", "Pipeline"]
+__all__ = ["IssuanceRequest", "Issued", "Pipeline", "refuse_service_names"]
 
 log = structlog.get_logger("meshca.server")
 
@@ -54,6 +61,32 @@ class Issued:
     svid: IssuedSvid
     bundle: TrustBundle
     anchor: x509.Certificate  # the anchor the issuer chains to
+
+
+def _covers(name: str, other: str) -> bool:
+    """True when a certificate for DNS name ``name`` is accepted for host ``other``, or the other way round
+    (a wildcard stands for exactly one left-most label, as in RFC 6125)."""
+    name, other = name.lower().rstrip("."), other.lower().rstrip(".")  # "host." is "host", fully qualified
+    if name == other:
+        return True
+    for pattern, host in ((name, other), (other, name)):
+        if pattern.startswith("*.") and host.partition(".")[2] == pattern[2:] and host.partition(".")[0]:
+            return True
+    return False
+
+
+def refuse_service_names(dns_names: Sequence[str], server_names: Sequence[str]) -> None:
+    """No SVID but the service's own carries a DNS name the service answers to.
+
+    Clients and node agents authenticate the service by that name (gRPC's host name check on a chain to
+    the bundle): a workload holding it could pose as the service to them, and hand out its own bundle.
+    """
+    for name in dns_names:
+        taken = next((s for s in server_names if _covers(name, s)), None)
+        if taken is not None:
+            raise PermissionDenied(
+                f"DNS name {name} covers {taken}, the identity service's own (--server-name): no other SVID holds it"
+            )
 
 
 class RateLimiter:
@@ -181,6 +214,7 @@ class Pipeline:
             self._limiter.take(principal.name)
         ttl = self.lifetime(request.ttl_seconds)
         checked = check_csr(request.csr, spiffe_id, allowed_dns=request.dns_names, policy=self.config.key_policy)
+        refuse_service_names(checked.dns_names, self.config.server_names)
         state = self.state
         issuer, bundle = state.issuer, state.bundle
         anchor = issuer.anchor

@@ -5,9 +5,14 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shlex
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from meshca.agent import PeerCredentials, _attest, peer_credentials, selectors_of
 
@@ -59,3 +64,43 @@ def test_a_peer_that_exited_gets_no_path_selector(tmp_path: Path) -> None:
 def test_unknown_ids_and_deleted_executables_give_no_name_selectors() -> None:
     peer = PeerCredentials(pid=1, uid=987654, gid=987654, exe="/usr/bin/gone (deleted)")
     assert selectors_of(peer) == {"unix:uid:987654", "unix:gid:987654"}
+
+
+def _can_unshare_mounts() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-Urm", "true"], check=False, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="unprivileged user and mount namespaces are not available")
+def test_a_peer_in_another_mount_namespace_gets_no_path_selector(tmp_path: Path) -> None:
+    """/proc/PID/exe names the binary as the peer's own mount namespace sees it.
+
+    Any local user who may create a user namespace (Debian's default) can bind-mount a program of
+    their own over ``/usr/bin/true`` there and exec it: the path read is ``/usr/bin/true``, so an entry
+    for that path would go to the impostor. Outside the agent's mount namespace no path is trusted.
+    """
+    fake = tmp_path / "impostor"
+    shutil.copy(os.path.realpath(sys.executable), fake)
+    path = str(tmp_path / "s.sock")
+    target = "/usr/bin/true"
+    client = f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); s.recv(1)"
+    script = f"mount --bind {fake} {target} && exec {target} -c {shlex.quote(client)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen()
+        # The copy finds its standard library through PYTHONHOME, wherever it is mounted.
+        env = {**os.environ, "PYTHONHOME": sys.base_prefix}
+        child = subprocess.Popen(["unshare", "-Urm", "sh", "-c", script], env=env)
+        try:
+            server.settimeout(30)
+            conn, _ = server.accept()
+            with conn:
+                peer = peer_credentials(conn)
+                conn.send(b"x")
+        finally:
+            child.wait(timeout=30)
+    assert peer.uid == os.getuid()  # the kernel maps the namespace's root back to the real uid
+    assert os.readlink(f"/proc/{os.getpid()}/exe") != target
+    assert peer.exe is None
+    assert not any(s.startswith("unix:path:") for s in selectors_of(peer))

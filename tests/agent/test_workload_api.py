@@ -440,6 +440,24 @@ async def test_a_data_dir_others_can_write_is_refused_before_the_join_spends_the
             await agent.stop()
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o1777], ids=["world-writable", "sticky-like-tmp"])
+async def test_a_socket_directory_others_can_write_is_refused_before_the_join(tmp_path: Path, mode: int) -> None:
+    """Others who can create entries there can take the socket's path while the agent is not serving (before it
+    starts, after it stops) and answer workloads with a bundle of their own; the sticky bit does not stop that."""
+    async with serving(tmp_path / "ca") as h:
+        token = agent_token(h)
+        directory = tmp_path / "sockets"
+        directory.mkdir()
+        directory.chmod(mode)
+        sock = directory / "agent.sock"
+        agent = NodeAgent(agent_config(h, tmp_path, sock, token))
+        with pytest.raises(meshca.UnsafePermissions, match="writable by other users"):
+            await agent.start()
+        await agent.stop()
+        assert not (tmp_path / "agent-data" / "agent-svid.pem").exists()  # the token was not spent
+        assert not sock.exists()
+
+
 # spiffe-tls 0.4 reads X509Source.svid and .bundles (deprecated by spiffe 0.3) and hands pyOpenSSL X509 objects
 # and PKey objects (deprecated by pyOpenSSL 26): their warnings, not ours.
 @pytest.mark.filterwarnings("ignore:X509Source.(svid|bundles) is deprecated:DeprecationWarning")

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from support.agents import Agent, add_entry, agent_stub, enroll, proof_message
 from support.calls import native_request
 from support.calls import proof_message as svid_proof_message
-from support.certs import cert, csr_der, dns_names, p256, spiffe_csr, uris
+from support.certs import cert, csr_der, dns_names, looping_chain, p256, spiffe_csr, uris
 from support.ids import TD, WEB
 from support.metrics import sample_value
 from support.procs import meshca_cmd
@@ -280,6 +280,34 @@ async def test_a_batch_issues_what_it_may_and_refuses_the_rest_one_by_one(d: Pat
         assert sample_value(await h.scrape(), "meshca_svids_issued_total", api="agent") == 2
 
 
+async def test_no_svid_but_the_services_own_carries_a_dns_name_the_service_answers_to(
+    d: Path, server_ca: TestCA
+) -> None:
+    """Clients and agents check the service's certificate by its DNS name (gRPC): a workload SVID with that name,
+    or a wildcard covering it, would let its holder pose as the identity service and hand out its own bundle."""
+    async with serving(d, server_ca, server_names=("localhost", "meshca.example.org")) as h:
+        agent = await enroll(h)
+        entries = {
+            name: add_entry(h, f"/web-{n}", dns_names=[name])
+            for n, name in enumerate(["localhost", "meshca.example.org", "*.example.org", "web.example.org"])
+        }
+        requests = [
+            apb.X509SVIDRequest(entry_id=e.id, csr=csr_der(p256(), uris=[str(e.spiffe_id)], dns=[name]))
+            for name, e in entries.items()
+        ]
+        request = agent.prove(apb.BatchNewX509SVIDRequest(requests=requests), "BatchNewX509SVID", h.clock())
+        answer = await agent_stub(h).BatchNewX509SVID(request)
+        refused = [r.error_code for r in answer.results]
+        assert refused == [C.PERMISSION_DENIED.value[0]] * 3 + [0]
+        assert "the identity service's own" in answer.results[2].error
+        # A CSR without the name still gets the entry's ID.
+        bare = apb.X509SVIDRequest(entry_id=entries["localhost"].id, csr=spiffe_csr(entries["localhost"].spiffe_id)[1])
+        answer = await agent_stub(h).BatchNewX509SVID(
+            agent.prove(apb.BatchNewX509SVIDRequest(requests=[bare]), "BatchNewX509SVID", h.clock())
+        )
+        assert answer.results[0].error_code == 0 and dns_names(cert(answer.results[0].leaf)) == []
+
+
 async def test_a_batch_above_the_limit_is_refused_whole(d: Path, server_ca: TestCA) -> None:
     async with serving(d, server_ca) as h:
         agent = await enroll(h)
@@ -422,6 +450,12 @@ MALFORMED: dict[str, tuple[Callable[[Any, Agent, str], Any], grpc.StatusCode]] =
         lambda h, a, e: agent_stub(h).Sync(_with_proof(a, h, apb.SyncRequest(), "Sync", chain=[b"\x30\x03\x02\x01"])),
         C.UNAUTHENTICATED,
     ),
+    "chain-of-one-key-copies": (  # the path search over these took the event loop for minutes
+        lambda h, a, e: agent_stub(h).Sync(
+            _with_proof(a, h, apb.SyncRequest(), "Sync", chain=looping_chain(str(NODE_1), 5, h.clock())[0])
+        ),
+        C.UNAUTHENTICATED,
+    ),
     "body-of-garbage": (
         lambda h, a, e: h.channel.unary_unary("/meshca.agent.v1.Agent/Sync")(b"\xff\xff\xff"),
         C.INVALID_ARGUMENT,
@@ -435,6 +469,12 @@ MALFORMED: dict[str, tuple[Callable[[Any, Agent, str], Any], grpc.StatusCode]] =
             )
         ),
         C.OK,  # capped at the maximum
+    ),
+    "ttl-beyond-duration-range": (  # int64 seconds protobuf carries, that no timedelta holds
+        lambda h, a, e: agent_stub(h).NewJWTSVID(
+            a.prove(apb.NewJWTSVIDRequest(entry_id=e, audience=["db"], ttl={"seconds": 2**62}), "NewJWTSVID", h.clock())
+        ),
+        C.INVALID_ARGUMENT,
     ),
     "negative-ttl": (
         lambda h, a, e: agent_stub(h).NewJWTSVID(

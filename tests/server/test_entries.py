@@ -6,9 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from meshca import InvalidRequest, SpiffeId, TrustDomain
+from meshca import InvalidRequest, PermissionDenied, SpiffeId, TrustDomain
 from meshca.server import new_entry, parse_selector
 from meshca.server._entries import MAX_SELECTORS, check_dns_name
+from meshca.server._pipeline import refuse_service_names
 
 TD = TrustDomain("example.org")
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -51,6 +52,12 @@ def test_known_selectors_are_kept_as_written(selector: str) -> None:
         ("unix:group:" + "g" * 65, "a group name"),
         ("unix:path:relative/bin", "an absolute executable path"),
         ("unix:path:/bin/\x00x", "an absolute executable path"),
+        # /proc/PID/exe is always canonical: these would match no process, ever
+        ("unix:path:/usr/bin/../bin/web", "an absolute executable path"),
+        ("unix:path:/usr/./bin/web", "an absolute executable path"),
+        ("unix:path:/usr//bin/web", "an absolute executable path"),
+        ("unix:path:/usr/bin/web/", "an absolute executable path"),
+        ("unix:path:/usr/bin/web (deleted)", "an absolute executable path"),
     ],
 )
 def test_bad_selectors_are_refused_saying_why(selector: str, reason: str) -> None:
@@ -130,3 +137,25 @@ def test_agent_ids(text: str, agent: bool) -> None:
 def test_an_agent_name_is_one_segment(name: str) -> None:
     with pytest.raises(ValueError, match="one non-empty path segment"):
         TD.agent_id(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "server_names", "refused"),
+    [
+        ("localhost", ("localhost",), True),
+        ("LOCALHOST", ("localhost",), True),
+        ("meshca.example.org", ("meshca.example.org.",), True),
+        ("*.example.org", ("meshca.example.org",), True),
+        ("meshca.example.org", ("*.example.org",), True),
+        ("*.example.org", ("a.b.example.org",), False),  # a wildcard is one label
+        ("*.example.org", ("example.org",), False),
+        ("web.example.org", ("meshca.example.org",), False),
+        ("localhost.example.org", ("localhost",), False),
+    ],
+)
+def test_no_svid_carries_a_name_of_the_service(name: str, server_names: tuple[str, ...], refused: bool) -> None:
+    if refused:
+        with pytest.raises(PermissionDenied, match="the identity service's own"):
+            refuse_service_names([name], server_names)
+    else:
+        refuse_service_names([name], server_names)

@@ -172,6 +172,8 @@ def test_entries_live_in_the_store_the_url_names(ca_dir: Path, cli: Run, pg_data
         (["--agent", "a/b"], "--agent: an agent name is one non-empty path segment"),
         (["--agent", "a b"], "--agent: path has the character ' '"),
         (["--agent", "n", "--spiffe-id", f"spiffe://{TD}/web"], "not allowed with argument"),
+        # one agent ID is one node: two nodes joined with one token would share it
+        (["--agent", "n", "--uses", "2"], "--agent: an agent token is single-use"),
         (
             ["--spiffe-id", NODE_1],
             "is reserved for meshca's own components (spiffe://TD/meshca/...): no token grants it",

@@ -10,13 +10,16 @@ from pathlib import Path
 import grpc
 from support.calls import bearer, code_of, ipb, lpb, native_request
 from support.certs import cert, linkerd_csr, spiffe_csr, to_pem, uris
-from support.ids import API, LINKERD_WEB, WEB
+from support.ids import API, LINKERD_WEB, TD, WEB
 from support.kubeapi import FakeApiServer, review_token
 from support.poll import eventually
 from support.serving import serving
 from support.tokens import K8sIssuer
 
+from meshca import TrustDomain
+from meshca.pki._time import system_clock
 from meshca.server import TokenReviewConfig
+from meshca.server.credentials import TokenReviewCredential
 from meshca.testing import TestCA
 
 C = grpc.StatusCode
@@ -148,3 +151,19 @@ async def test_concurrency_stays_bounded_when_callers_time_out(
         assert len(h.events("request.timeout")) == len(tokens)
         await eventually(lambda: api_server.in_flight == 0, timeout=10, what="the API server to go idle")
         assert api_server.max_in_flight <= 2
+
+
+async def test_the_cache_stays_bounded_while_every_answer_is_unexpired(
+    k8s: K8sIssuer, api_server: FakeApiServer
+) -> None:
+    """Pruning the expired answers alone let the cache grow with every valid token; the oldest go first."""
+    credential = TokenReviewCredential(api_server.config(), TrustDomain(TD), system_clock)
+    credential.CACHE_SIZE = 4
+    tokens = [review_token(api_server, k8s, f"web{n}", ["meshca"]) for n in range(7)]
+    for token in tokens:
+        await credential.review(token, ("meshca",))
+    assert len(credential._cache) == 4
+    await credential.review(tokens[-1], ("meshca",))  # the newest is still cached
+    assert api_server.reviews_of(tokens[-1]) == 1
+    await credential.review(tokens[0], ("meshca",))  # the oldest was dropped
+    assert api_server.reviews_of(tokens[0]) == 2

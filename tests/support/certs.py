@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +99,41 @@ def within_validity(svid: meshca.client.X509Svid, at: datetime | None = None) ->
 def write_bundle(directory: Path, *anchors: x509.Certificate) -> None:
     """Replaces DIR/bundle.pem, as an operator rotating anchors would (atomically)."""
     atomic_write(directory / "bundle.pem", TrustBundle(meshca.TrustDomain.parse(TD), anchors).to_pem())
+
+
+def looping_chain(
+    spiffe_id: str, copies: int, now: datetime, *, distinct_keys: bool = False
+) -> tuple[list[bytes], ec.EllipticCurvePrivateKey]:
+    """A leaf for ``spiffe_id`` and ``copies`` CA certificates of one name, each issued by that name, leading to no
+    anchor (DER, leaf first), and the leaf's key. With one key for all (the default) every copy is a valid issuer
+    of every other, the path search a verifier may make over them grows as copies ** depth."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loop")])
+    shared = ec.generate_private_key(ec.SECP256R1())
+    keys = [ec.generate_private_key(ec.SECP256R1()) if distinct_keys else shared for _ in range(copies)]
+    window = (now - timedelta(hours=1), now + timedelta(days=1))
+
+    def make(subject_key: Any, signer: Any, serial: int, *, ca: bool, subject: x509.Name) -> bytes:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(name)
+            .public_key(subject_key.public_key())
+            .serial_number(serial)
+            .not_valid_before(window[0])
+            .not_valid_after(window[1])
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, ca, ca, False, False),
+                critical=True,
+            )
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
+            )
+        return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = make(leaf_key, keys[0], 1, ca=False, subject=x509.Name([]))
+    cas = [make(keys[i], keys[(i + 1) % copies], i + 2, ca=True, subject=name) for i in range(copies)]
+    return [leaf, *cas], leaf_key

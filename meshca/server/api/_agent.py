@@ -54,6 +54,7 @@ SERVICE = "meshca.agent.v1.Agent"
 MAX_BATCH = 64  # CSRs in one BatchNewX509SVID (and the whole request stays under --max-message-bytes)
 MAX_AUDIENCES = 16
 MAX_AUDIENCE_LENGTH = 256
+_MAX_DURATION_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (10000 years); beyond, no timedelta holds it
 
 
 def _duration(value: timedelta) -> Duration:
@@ -212,6 +213,8 @@ class AgentApi:
         if request.HasField("ttl") and (request.ttl.seconds or request.ttl.nanos):
             if request.ttl.seconds < 0 or request.ttl.nanos < 0:
                 raise InvalidRequest("requested lifetime must be positive")
+            if request.ttl.seconds > _MAX_DURATION_SECONDS or request.ttl.nanos > 999_999_999:
+                raise InvalidRequest("requested lifetime is not a valid duration")
             ttl = request.ttl.ToTimedelta()
         ttl = min(ttl, MAX_JWT_TTL)
         if ttl < timedelta(seconds=1):

@@ -26,6 +26,8 @@ __all__ = ["TokenReviewCredential"]
 class TokenReviewCredential:
     """Asks the Kubernetes API server (TokenReview) with bounded concurrency; caches answers until token expiry."""
 
+    CACHE_SIZE = 10_000  # answers kept; beyond, the expired and then the oldest are dropped
+
     def __init__(self, config: TokenReviewConfig, trust_domain: TrustDomain, clock: Clock) -> None:
         self._config = config
         self._trust_domain = trust_domain
@@ -63,9 +65,12 @@ class TokenReviewCredential:
         username = str((status.get("user") or {}).get("username", ""))
         sid = service_account_id(self._trust_domain, username)
         principal = grant("k8s-tokenreview", f"k8s:{username.removeprefix('system:serviceaccount:')}", sid)
+        self._cache.pop(key, None)  # re-inserted last: the newest answer is the last to go
         self._cache[key] = (self._expiry(token, now), principal)
-        if len(self._cache) > 10_000:
+        if len(self._cache) > self.CACHE_SIZE:  # the expired first, then the oldest: every valid token is a new key
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            while len(self._cache) > self.CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]
         return principal
 
     def _release(self, review: asyncio.Future[dict[str, Any]]) -> None:
