@@ -13,7 +13,6 @@ from support.certs import looping_chain
 from meshca import AuthenticationError, SpiffeId
 from meshca._proto import meshca_agent_pb2 as apb
 from meshca.pki._proof import (
-    MAX_PROOF_CHAIN,
     SvidProof,
     agent_proof_body,
     sign_agent_proof,
@@ -21,6 +20,7 @@ from meshca.pki._proof import (
     verify_agent_proof,
     verify_svid_proof,
 )
+from meshca.pki._verify import MAX_CHAIN
 from meshca.testing import FrozenClock, TestCA
 
 AGENT = SpiffeId.parse("spiffe://example.org/meshca/agent/n1")
@@ -106,6 +106,6 @@ def test_a_chain_of_distinct_keys_is_searched_in_linear_time(ca: TestCA) -> None
 
 
 def test_a_chain_longer_than_the_limit_is_refused(ca: TestCA) -> None:
-    proof, now = _loop_proof(ca, MAX_PROOF_CHAIN, distinct_keys=True)
-    with pytest.raises(AuthenticationError, match=f"{MAX_PROOF_CHAIN + 1} certificates, at most {MAX_PROOF_CHAIN}"):
+    proof, now = _loop_proof(ca, MAX_CHAIN, distinct_keys=True)
+    with pytest.raises(AuthenticationError, match=f"{MAX_CHAIN + 1} certificates, at most {MAX_CHAIN}"):
         verify_svid_proof(proof, b"body", ca.bundle, now=now)

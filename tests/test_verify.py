@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from support.certbuild import NOW, build, ext, intermediate, key_usage, leaf
+from support.certs import looping_chain
 
 import meshca
 from meshca import (
@@ -31,6 +32,7 @@ from meshca import (
     leaf_spiffe_id,
     verify_chain,
 )
+from meshca.pki._verify import MAX_CHAIN
 from meshca.testing import FrozenClock, TestCA
 
 WEB = SpiffeId.parse("spiffe://example.org/web")
@@ -364,3 +366,16 @@ def test_authorizer_is_asked_only_after_the_chain_verifies(rogue_ca: TestCA, ca:
     assert asked == []
     verify_chain(ca.issue_svid(WEB, now=NOW).chain, ca.bundle, at=NOW, authorizer=authorize_if(spy))
     assert asked == [WEB]
+
+
+def test_a_looping_chain_is_refused_before_any_path_is_searched() -> None:
+    """Every caller of verify_chain (a TLS peer's chain too, not only a proof's) is spared the path search
+    over copies of one key: four took cryptography's verifier 50 s."""
+    ca = TestCA("example.org")
+    now = ca.now + timedelta(minutes=1)
+    chain, _ = looping_chain("spiffe://example.org/w", 4, now)
+    with pytest.raises(VerificationError, match="the same public key in two certificates"):
+        verify_chain(chain, ca.bundle, at=now)
+    long_chain, _ = looping_chain("spiffe://example.org/w", MAX_CHAIN, now, distinct_keys=True)
+    with pytest.raises(VerificationError, match=f"{MAX_CHAIN + 1} certificates, at most {MAX_CHAIN}"):
+        verify_chain(long_chain, ca.bundle, at=now)

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Literal, TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509 import verification as x509v
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -25,6 +26,7 @@ from meshca.pki._spiffe import SpiffeId, TrustDomain
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
 __all__ = [
+    "MAX_CHAIN",
     "Authorizer",
     "BundleSource",
     "authorize_any",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 PeerRole = Literal["client", "server"]
+MAX_CHAIN = 8  # certificates, leaf first: a meshca chain is a leaf, its issuer and perhaps an intermediate
 BundleSource = TrustBundle | Mapping[TrustDomain, TrustBundle]
 """One bundle, or bundles by trust domain (federation)."""
 
@@ -151,6 +154,23 @@ def _bundle_for(bundles: BundleSource, trust_domain: TrustDomain) -> TrustBundle
     return bundle
 
 
+def _check_shape(certs: Sequence[x509.Certificate]) -> None:
+    """Refuses, before any path is searched, a chain whose search would be costly.
+
+    A chain often comes from a peer nobody has authenticated yet. Several CA
+    certificates of one name and key are each a valid issuer of every other,
+    and cryptography's verifier explores every path through them up to its
+    depth limit: four such certificates (1.7 KB) took it 50 s. With every key
+    in the chain distinct, each certificate has at most one issuer in it and
+    the search is linear.
+    """
+    if len(certs) > MAX_CHAIN:
+        raise VerificationError(f"chain has {len(certs)} certificates, at most {MAX_CHAIN}")
+    keys = {c.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) for c in certs}
+    if len(keys) != len(certs):
+        raise VerificationError("chain holds the same public key in two certificates")
+
+
 def verify_chain(
     chain: bytes | str | Sequence[bytes] | Sequence[x509.Certificate],
     bundles: BundleSource,
@@ -169,6 +189,7 @@ def verify_chain(
         certs = load_certificates(chain)
     except ValueError as exc:
         raise VerificationError(f"cannot read the chain: {exc}") from exc
+    _check_shape(certs)
     leaf, intermediates = certs[0], certs[1:]
     sid = leaf_spiffe_id(leaf)
     check_leaf_rules(leaf, role)
