@@ -199,9 +199,13 @@ def test_a_directory_without_an_anchor_is_refused(tmp_path: Path, cli: Run) -> N
         assert f"no active anchor at {tmp_path / 'trust-anchor.crt'} (run meshca init)" in result.stderr
 
 
-def test_an_unreadable_anchor_record_is_refused_in_one_line(d: Path, cli: Run, clock: FrozenClock) -> None:
+@pytest.mark.parametrize("when", ["yesterday", "2026-03-01T12:00:00"], ids=["not-a-time", "no-utc-offset"])
+def test_an_unreadable_anchor_record_is_refused_in_one_line(d: Path, cli: Run, clock: FrozenClock, when: str) -> None:
     ok(cli("anchor", "prepare", "--dir", d, clock=clock))
-    (d / "anchors.json").write_text('{"anchors": {"ab": {"prepared_at": "yesterday"}}}')
+    record = json.loads((d / "anchors.json").read_text())
+    for times in record["anchors"].values():
+        times["prepared_at"] = when  # a time without an offset could not be compared with the clock's
+    (d / "anchors.json").write_text(json.dumps(record))
     for action in ("list", "activate"):
         result = cli("anchor", action, "--dir", d, clock=clock)
         assert_clean_failure(result, 1)

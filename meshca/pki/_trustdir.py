@@ -367,7 +367,7 @@ class TrustDir:
         try:
             doc = json.loads(_read(self.anchor_times_file, BundleError))
             return {
-                fp: {name: datetime.fromisoformat(v) if v else None for name, v in entry.items()}
+                fp: {name: _aware(datetime.fromisoformat(v)) if v else None for name, v in entry.items()}
                 for fp, entry in doc["anchors"].items()
             }
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -409,6 +409,13 @@ class TrustDir:
         chain_pem = _read(self.issuer_cert, IssuerUnavailable)
         key_pem = _read(self.issuer_key_source, IssuerUnavailable)
         return Issuer.from_pem(chain_pem, key_pem, bundle, passphrase)
+
+
+def _aware(value: datetime) -> datetime:
+    """A recorded time; one without a UTC offset was not written by meshca and cannot be compared."""
+    if value.tzinfo is None:
+        raise ValueError(f"{value.isoformat()} has no UTC offset")
+    return value
 
 
 def _read(path: Path, error: type[MeshcaError]) -> bytes:
