@@ -210,15 +210,18 @@ class WorkloadApi:
         transport: asyncio.Transport = stream.peer._transport  # the one way to the socket; see the module docstring
         return transport
 
-    def _selectors(self, stream: Stream[Any, Any]) -> frozenset[str]:
+    async def _selectors(self, stream: Stream[Any, Any]) -> frozenset[str]:
         sock = self._transport(stream).get_extra_info("socket")
         if sock is None:
             raise GRPCError(Status.INTERNAL, "the connection's socket is not available")
-        return selectors_of(peer_credentials(sock))
+        peer = peer_credentials(sock)  # syscalls on the connection, at once
+        # user and group names come from NSS, which may be LDAP or sssd: resolved off the event loop, so a
+        # slow name service delays this caller and not every Workload API call
+        return await asyncio.to_thread(selectors_of, peer)
 
     async def _x509_svid(self, stream: Stream[wpb.X509SVIDRequest, wpb.X509SVIDResponse]) -> None:
         await _request(stream, wpb.X509SVIDRequest)
-        selectors = self._selectors(stream)
+        selectors = await self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
         seen, last = state.version, None
@@ -250,7 +253,7 @@ class WorkloadApi:
 
     async def _x509_bundles(self, stream: Stream[wpb.X509BundlesRequest, wpb.X509BundlesResponse]) -> None:
         await _request(stream, wpb.X509BundlesRequest)
-        selectors = self._selectors(stream)
+        selectors = await self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
         seen, last = state.version, None
@@ -265,7 +268,7 @@ class WorkloadApi:
 
     async def _jwt_bundles(self, stream: Stream[wpb.JWTBundlesRequest, wpb.JWTBundlesResponse]) -> None:
         await _request(stream, wpb.JWTBundlesRequest)
-        selectors = self._selectors(stream)
+        selectors = await self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
         seen, last = state.version, None
@@ -281,7 +284,7 @@ class WorkloadApi:
         request = await _request(stream, wpb.JWTSVIDRequest)
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
-        entries = _entries_or_denied(self._agent, self._selectors(stream))
+        entries = _entries_or_denied(self._agent, await self._selectors(stream))
         if request.spiffe_id:
             entries = [e for e in entries if str(e.spiffe_id) == request.spiffe_id]
             if not entries:

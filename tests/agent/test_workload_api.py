@@ -797,3 +797,31 @@ async def test_the_agent_renews_its_own_svid_by_proof_and_saves_each(tmp_path: P
             await wait_held(agent, 1)  # and it still signs workload SVIDs with the renewed one
         finally:
             await agent.stop()
+
+
+async def test_a_slow_name_service_delays_its_caller_not_the_agent(
+    tmp_path: Path, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """User and group names come from NSS (LDAP, sssd in production; nothing slow runs here, so the first
+    lookup is held on a gate): while one caller's lookup hangs, another caller is answered."""
+    from meshca.agent import _attest
+
+    real = _attest.pwd.getpwuid
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow_once(uid: int) -> Any:
+        if not entered.is_set():
+            entered.set()
+            gate.wait(20)
+        return real(uid)
+
+    async with web_agent(tmp_path, sock_path):
+        monkeypatch.setattr(_attest.pwd, "getpwuid", slow_once)
+        first = asyncio.ensure_future(asyncio.to_thread(fetched_id, sock_path))
+        try:
+            await eventually(entered.is_set, 10, "the first caller's name lookup")
+            second = await asyncio.wait_for(asyncio.to_thread(fetched_id, sock_path), 10)
+            assert second == str(WEB) and not gate.is_set() and not first.done()
+        finally:
+            gate.set()
+        assert await first == str(WEB)
