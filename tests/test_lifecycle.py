@@ -168,3 +168,21 @@ def test_an_issuer_cut_to_its_anchor_gets_no_successor_from_it() -> None:
     assert slots.active is made[1] and slots.next_step() == end  # the overdue alert fires if nothing changes by then
     steps = slots.advance(end, mint)  # the anchor has expired: minting fails, reported at every call
     assert [(r.step, r.ok) for r in steps] == [("prepare", False)]
+
+
+def test_a_clock_stepped_back_before_the_active_issuer_mints_one_valid_now(ca: TestCA) -> None:
+    """An NTP step or a restored VM: the active issuer is not yet valid (past the clock-skew allowance), so
+    nothing could sign until the clock caught up; now a new issuer takes over at once."""
+    _, mint = minter(ca, timedelta(days=7))
+    slots = IssuerSlots(max_leaf_ttl=timedelta(hours=24))
+    slots.advance(T0 + timedelta(days=1), mint)
+    first = slots.active
+    assert first is not None
+    back = T0 + timedelta(hours=12)
+    assert slots.advance(back, mint) != []
+    active = slots.active
+    assert active is not None and active is not first and active.not_before <= back < active.not_after
+    # a step back within the allowance changes nothing
+    slots2 = IssuerSlots(max_leaf_ttl=timedelta(hours=24))
+    slots2.advance(T0, mint)
+    assert slots2.advance(T0 - timedelta(seconds=30), mint) == []

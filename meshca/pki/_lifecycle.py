@@ -162,8 +162,9 @@ class IssuerSlots:
         """Takes every step due at ``now``. A failed mint is reported and tried again at the next call;
         the active issuer keeps signing meanwhile."""
         done: list[Rotation] = []
-        if self.active is None or now >= self.active.not_after:
-            # nothing to sign with (first start, or asleep past the whole schedule): mint and use at once
+        if self.active is None or not self.active.not_before <= now < self.active.not_after:
+            # nothing to sign with (first start, asleep past the whole schedule, or the clock stepped back
+            # before the active issuer's NotBefore): mint and use at once
             if self.prepared is not None and self.prepared.not_before <= now < self.prepared.not_after:
                 self._activate(now, self.prepared, done)
             elif (fresh := self._mint(now, mint, done)) is not None:
