@@ -264,6 +264,9 @@ def test_human_summary(cli: Callable[..., Result]) -> None:
         (["--days", "30", "--handshake-every", "10s"], "at least 1m"),
         (["--days", "30", "--renew-at", "0.95"], "--renew-at must be between 0.1 and 0.9"),
         (["--days", "3650", "--workloads", "100"], "handshakes would take too long"),
+        # a day of 10 s leaves for 10 workloads ran for minutes; a year of them for hours
+        (["--days", "365", "--leaf-ttl", "10s", "--issuer-ttl", "1m"], "leaves would take too long"),
+        (["--days", "30", "--issuer-ttl", "30s"], "--issuer-ttl must be at least 1m"),
         ([], "--days"),
     ],
 )

@@ -59,7 +59,7 @@ from meshca.pki._csr import check_csr, load_csr
 from meshca.pki._errors import MeshcaError, VerificationError
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import PrivateKey, generate_key
-from meshca.pki._lifecycle import IssuerSlots, handover_room, mint_issuer
+from meshca.pki._lifecycle import MIN_ISSUER_TTL, IssuerSlots, handover_room, mint_issuer
 from meshca.pki._profiles import ANCHOR_LIFETIME, LEAF_TTL, build_anchor
 from meshca.pki._proof import SvidProof, verify_svid_proof
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy
@@ -72,6 +72,8 @@ __all__ = ["BUNDLE_DELAY", "DEFAULT_ISSUER_TTL", "HANDSHAKE_EVERY", "START", "Ou
 DEFAULT_ISSUER_TTL = timedelta(days=7)
 HANDSHAKE_EVERY = timedelta(hours=1)
 MAX_HANDSHAKES = 20_000_000  # in rounds: about ten minutes here; a default year has 788,400
+MAX_LEAVES = 200_000  # renewals, each a key, a CSR, a signature and its checks: about ten minutes here too;
+# a default year has 7,300 (10 workloads renewing 24 h leaves at half life)
 BUNDLE_DELAY = timedelta(seconds=30)
 """A bundle change reaches each workload after a delay drawn up to this (the stream, a proxy's reload)."""
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -138,6 +140,8 @@ class Policy:
             raise ValueError(f"--workloads must be between 2 and 100, got {self.workloads}")
         if self.handshake_every < timedelta(minutes=1):
             raise ValueError("--handshake-every must be at least 1m")
+        if self.issuer_ttl < MIN_ISSUER_TTL:
+            raise ValueError(f"--issuer-ttl must be at least {format_duration(MIN_ISSUER_TTL)}, as serve requires")
         day = self.rotate_anchor_on_day
         if day is not None and not 0 <= day < self.days:
             raise ValueError(f"--rotate-anchor-on-day {day:g} is outside the {self.days} simulated days")
@@ -149,6 +153,12 @@ class Policy:
             raise ValueError(
                 f"{planned} handshakes would take too long (at most {MAX_HANDSHAKES}): "
                 "fewer --workloads or --days, or a longer --handshake-every"
+            )
+        renewals = self.days * _DAY / (self.leaf_ttl * (self.renewal.fraction - self.renewal.jitter))
+        if (leaves := int(renewals) * self.workloads) > MAX_LEAVES:
+            raise ValueError(
+                f"about {leaves} leaves would take too long (at most {MAX_LEAVES}): "
+                "a longer --leaf-ttl, or fewer --workloads or --days"
             )
         if day is None and (self.activate_anchor_after or self.retire_anchor_after):
             raise ValueError("--activate-anchor-after and --retire-anchor-after need --rotate-anchor-on-day")
