@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 from support.procs import Result, assert_clean_failure
 
-from meshca.client._simulate import START, Outage, Policy, Report, _Verdicts, simulate
+from meshca.client._simulate import START, Outage, Policy, Report, _Simulation, _Verdicts, simulate
 from meshca.pki._anchors import DEFAULT_RETIRE_GRACE
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._errors import VerificationError
@@ -285,3 +285,15 @@ def test_the_installed_command(meshca_cmd: Callable[..., Result]) -> None:
     )
     assert bad.code == 1, bad
     assert "first failure: day 2" in bad.stdout and bad.stderr == ""
+
+
+def test_short_issuers_are_stepped_as_serve_steps_them() -> None:
+    """Issuer steps came at least a minute apart, so 2-minute issuers (prepared at 60 s, switched at 100 s) were
+    switched late and most leaves were cut short, for a policy serve keeps whole (its poll is 1 s)."""
+    policy = Policy(days=1, issuer_ttl=timedelta(minutes=2), leaf_ttl=timedelta(seconds=20), workloads=2)
+    sim = _Simulation(policy)
+    sim.end = START + timedelta(minutes=20)
+    report = sim.run()
+    assert report.failed_handshakes == 0 and report.issuer_rotations >= 19
+    # only a leaf issued in the second before a switch can lose that second
+    assert report.leaves_cut_short <= report.leaves_issued // 10, (report.leaves_cut_short, report.leaves_issued)

@@ -83,6 +83,7 @@ _DER = Encoding.DER
 _DAY = timedelta(days=1)
 _RETRY_STEP = timedelta(hours=1)  # how soon a failed issuer step (the anchor expired) is tried again
 _MIN_STEP = timedelta(minutes=1)
+_POLL = timedelta(seconds=1)  # serve's --reload-interval: how late an issuer step may come
 _SECOND = timedelta(seconds=1)
 _TRUST_DOMAIN = TrustDomain.parse("sim.example")
 
@@ -310,8 +311,6 @@ class _Service:
         self._message: pb.Bundle | None = None
 
     def mint(self, now: datetime) -> Issuer:
-        if now >= self.anchor.not_valid_after_utc:
-            raise MeshcaError(f"the trust anchor expired at {_iso(self.anchor.not_valid_after_utc)}")
         return mint_issuer(self.anchor, self.anchor_key, self.bundle, now=now, ttl=self.policy.issuer_ttl)
 
     def set_bundle(self, bundle: TrustBundle) -> None:
@@ -621,7 +620,7 @@ class _Simulation:
         due = slots.next_step()
         if due is None or due <= self.now:
             due = self.now + _RETRY_STEP
-        self.at(max(due, self.now + _MIN_STEP), self.issuer_step_if(due))
+        self.at(max(due, self.now + _POLL), self.issuer_step_if(due))
 
     def issuer_step_if(self, due: datetime) -> Callable[[], None]:
         # an anchor activation or an outage reschedules the step: a stale event does nothing
