@@ -297,3 +297,24 @@ def test_short_issuers_are_stepped_as_serve_steps_them() -> None:
     assert report.failed_handshakes == 0 and report.issuer_rotations >= 19
     # only a leaf issued in the second before a switch can lose that second
     assert report.leaves_cut_short <= report.leaves_issued // 10, (report.leaves_cut_short, report.leaves_issued)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "the trust anchor expires on day 2 and no anchor rotation is planned before it"),
+        ({"rotate_anchor_on_day": 1}, "expires on day 3 and the simulation plans no rotation of the anchor that"),
+    ],
+)
+def test_an_anchor_that_expires_within_the_simulation_is_a_finding(extra: dict[str, float], message: str) -> None:
+    """The handshakes fail from that day on; the report now also says why, as a policy error."""
+    policy = Policy(days=4, anchor_lifetime=timedelta(days=2), workloads=2, **extra)  # type: ignore[arg-type]
+    report = simulate(policy)
+    [finding] = [f for f in report.as_json()["findings"] if f["rule"] == "anchor lifetime"]
+    assert finding["severity"] == "error" and message in finding["message"], finding
+    assert not report.ok and report.failed_handshakes > 0
+
+
+def test_an_anchor_that_outlives_the_simulation_is_no_finding() -> None:
+    report = simulate(Policy(days=2, anchor_lifetime=timedelta(days=2), workloads=2))
+    assert [f for f in report.as_json()["findings"] if f["rule"] == "anchor lifetime"] == []

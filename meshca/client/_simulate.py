@@ -476,6 +476,17 @@ class _Simulation:
                 "of its life left, so the leaves it signs last are cut short"
             )
             findings.append({"severity": "error", "rule": "issuer handover", "message": message})
+        rotate = None if policy.rotate_anchor_on_day is None else policy.rotate_anchor_on_day * _DAY
+        first_end = START + policy.anchor_lifetime
+        if rotate is None or START + rotate >= first_end:
+            expires = first_end
+            message = "no anchor rotation is planned before it (--rotate-anchor-on-day)"
+        else:
+            expires = START + rotate + policy.anchor_lifetime
+            message = "the simulation plans no rotation of the anchor that replaces it"
+        if expires < START + policy.days * _DAY:
+            message = f"the trust anchor expires on day {_day(expires)} and {message}: no chain verifies after it"
+            findings.append({"severity": "error", "rule": "anchor lifetime", "message": message})
         budget, renewal = policy.outage_budget, policy.renewal
         for outage in policy.outages:
             if outage.duration > budget:
