@@ -141,3 +141,48 @@ def test_asleep_past_the_whole_schedule_mints_at_once(ca: TestCA) -> None:
     steps = slots.advance(later, mint)
     assert [r.step for r in steps] == ["prepare", "activate"]
     assert slots.active is not None and slots.active.not_before <= later < slots.active.not_after
+
+
+def test_an_issuer_cut_to_its_anchor_gets_no_successor_from_it() -> None:
+    """Over an anchor's last weeks each successor would end with the anchor too, and be shorter than the last:
+    the service minted (and recorded) one every few seconds before the end. Now: one rotation, then none."""
+    short_lived = TestCA(now=T0, anchor_lifetime=timedelta(days=10))
+    end = short_lived.anchor.not_valid_after_utc
+    made: list[Issuer] = []
+
+    def mint(now: datetime) -> Issuer:
+        made.append(
+            mint_issuer(short_lived.anchor, short_lived.anchor_key, short_lived.bundle, now=now, ttl=timedelta(days=7))
+        )
+        return made[-1]
+
+    slots = IssuerSlots(max_leaf_ttl=timedelta(hours=1))
+    now = T0
+    while now < end:
+        slots.advance(now, mint)
+        active = slots.active
+        assert active is not None and active.not_before <= now < active.not_after
+        now += timedelta(minutes=1)
+    # the first issuer (7 days), and its successor, prepared at day 3.5, cut to the anchor's end at day 10
+    assert len(made) == 2 and made[1].not_after == end
+    assert slots.active is made[1] and slots.next_step() == end  # the overdue alert fires if nothing changes by then
+    steps = slots.advance(end, mint)  # the anchor has expired: minting fails, reported at every call
+    assert [(r.step, r.ok) for r in steps] == [("prepare", False)]
+
+
+def test_a_clock_stepped_back_before_the_active_issuer_mints_one_valid_now(ca: TestCA) -> None:
+    """An NTP step or a restored VM: the active issuer is not yet valid (past the clock-skew allowance), so
+    nothing could sign until the clock caught up; now a new issuer takes over at once."""
+    _, mint = minter(ca, timedelta(days=7))
+    slots = IssuerSlots(max_leaf_ttl=timedelta(hours=24))
+    slots.advance(T0 + timedelta(days=1), mint)
+    first = slots.active
+    assert first is not None
+    back = T0 + timedelta(hours=12)
+    assert slots.advance(back, mint) != []
+    active = slots.active
+    assert active is not None and active is not first and active.not_before <= back < active.not_after
+    # a step back within the allowance changes nothing
+    slots2 = IssuerSlots(max_leaf_ttl=timedelta(hours=24))
+    slots2.advance(T0, mint)
+    assert slots2.advance(T0 - timedelta(seconds=30), mint) == []

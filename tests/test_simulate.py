@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 from support.procs import Result, assert_clean_failure
 
-from meshca.client._simulate import START, Outage, Policy, Report, _Verdicts, simulate
+from meshca.client._simulate import START, Outage, Policy, Report, _Simulation, _Verdicts, simulate
 from meshca.pki._anchors import DEFAULT_RETIRE_GRACE
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._errors import VerificationError
@@ -264,6 +264,9 @@ def test_human_summary(cli: Callable[..., Result]) -> None:
         (["--days", "30", "--handshake-every", "10s"], "at least 1m"),
         (["--days", "30", "--renew-at", "0.95"], "--renew-at must be between 0.1 and 0.9"),
         (["--days", "3650", "--workloads", "100"], "handshakes would take too long"),
+        # a day of 10 s leaves for 10 workloads ran for minutes; a year of them for hours
+        (["--days", "365", "--leaf-ttl", "10s", "--issuer-ttl", "1m"], "leaves would take too long"),
+        (["--days", "30", "--issuer-ttl", "30s"], "--issuer-ttl must be at least 1m"),
         ([], "--days"),
     ],
 )
@@ -282,3 +285,36 @@ def test_the_installed_command(meshca_cmd: Callable[..., Result]) -> None:
     )
     assert bad.code == 1, bad
     assert "first failure: day 2" in bad.stdout and bad.stderr == ""
+
+
+def test_short_issuers_are_stepped_as_serve_steps_them() -> None:
+    """Issuer steps came at least a minute apart, so 2-minute issuers (prepared at 60 s, switched at 100 s) were
+    switched late and most leaves were cut short, for a policy serve keeps whole (its poll is 1 s)."""
+    policy = Policy(days=1, issuer_ttl=timedelta(minutes=2), leaf_ttl=timedelta(seconds=20), workloads=2)
+    sim = _Simulation(policy)
+    sim.end = START + timedelta(minutes=20)
+    report = sim.run()
+    assert report.failed_handshakes == 0 and report.issuer_rotations >= 19
+    # only a leaf issued in the second before a switch can lose that second
+    assert report.leaves_cut_short <= report.leaves_issued // 10, (report.leaves_cut_short, report.leaves_issued)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "the trust anchor expires on day 2 and no anchor rotation is planned before it"),
+        ({"rotate_anchor_on_day": 1}, "expires on day 3 and the simulation plans no rotation of the anchor that"),
+    ],
+)
+def test_an_anchor_that_expires_within_the_simulation_is_a_finding(extra: dict[str, float], message: str) -> None:
+    """The handshakes fail from that day on; the report now also says why, as a policy error."""
+    policy = Policy(days=4, anchor_lifetime=timedelta(days=2), workloads=2, **extra)  # type: ignore[arg-type]
+    report = simulate(policy)
+    [finding] = [f for f in report.as_json()["findings"] if f["rule"] == "anchor lifetime"]
+    assert finding["severity"] == "error" and message in finding["message"], finding
+    assert not report.ok and report.failed_handshakes > 0
+
+
+def test_an_anchor_that_outlives_the_simulation_is_no_finding() -> None:
+    report = simulate(Policy(days=2, anchor_lifetime=timedelta(days=2), workloads=2))
+    assert [f for f in report.as_json()["findings"] if f["rule"] == "anchor lifetime"] == []

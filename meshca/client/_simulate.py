@@ -59,7 +59,7 @@ from meshca.pki._csr import check_csr, load_csr
 from meshca.pki._errors import MeshcaError, VerificationError
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import PrivateKey, generate_key
-from meshca.pki._lifecycle import IssuerSlots, handover_room, mint_issuer
+from meshca.pki._lifecycle import MIN_ISSUER_TTL, IssuerSlots, handover_room, mint_issuer
 from meshca.pki._profiles import ANCHOR_LIFETIME, LEAF_TTL, build_anchor
 from meshca.pki._proof import SvidProof, verify_svid_proof
 from meshca.pki._rotation import DEFAULT_POLICY, RenewalPolicy
@@ -72,6 +72,8 @@ __all__ = ["BUNDLE_DELAY", "DEFAULT_ISSUER_TTL", "HANDSHAKE_EVERY", "START", "Ou
 DEFAULT_ISSUER_TTL = timedelta(days=7)
 HANDSHAKE_EVERY = timedelta(hours=1)
 MAX_HANDSHAKES = 20_000_000  # in rounds: about ten minutes here; a default year has 788,400
+MAX_LEAVES = 200_000  # renewals, each a key, a CSR, a signature and its checks: about ten minutes here too;
+# a default year has 7,300 (10 workloads renewing 24 h leaves at half life)
 BUNDLE_DELAY = timedelta(seconds=30)
 """A bundle change reaches each workload after a delay drawn up to this (the stream, a proxy's reload)."""
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -81,6 +83,7 @@ _DER = Encoding.DER
 _DAY = timedelta(days=1)
 _RETRY_STEP = timedelta(hours=1)  # how soon a failed issuer step (the anchor expired) is tried again
 _MIN_STEP = timedelta(minutes=1)
+_POLL = timedelta(seconds=1)  # serve's --reload-interval: how late an issuer step may come
 _SECOND = timedelta(seconds=1)
 _TRUST_DOMAIN = TrustDomain.parse("sim.example")
 
@@ -138,6 +141,8 @@ class Policy:
             raise ValueError(f"--workloads must be between 2 and 100, got {self.workloads}")
         if self.handshake_every < timedelta(minutes=1):
             raise ValueError("--handshake-every must be at least 1m")
+        if self.issuer_ttl < MIN_ISSUER_TTL:
+            raise ValueError(f"--issuer-ttl must be at least {format_duration(MIN_ISSUER_TTL)}, as serve requires")
         day = self.rotate_anchor_on_day
         if day is not None and not 0 <= day < self.days:
             raise ValueError(f"--rotate-anchor-on-day {day:g} is outside the {self.days} simulated days")
@@ -149,6 +154,12 @@ class Policy:
             raise ValueError(
                 f"{planned} handshakes would take too long (at most {MAX_HANDSHAKES}): "
                 "fewer --workloads or --days, or a longer --handshake-every"
+            )
+        renewals = self.days * _DAY / (self.leaf_ttl * (self.renewal.fraction - self.renewal.jitter))
+        if (leaves := int(renewals) * self.workloads) > MAX_LEAVES:
+            raise ValueError(
+                f"about {leaves} leaves would take too long (at most {MAX_LEAVES}): "
+                "a longer --leaf-ttl, or fewer --workloads or --days"
             )
         if day is None and (self.activate_anchor_after or self.retire_anchor_after):
             raise ValueError("--activate-anchor-after and --retire-anchor-after need --rotate-anchor-on-day")
@@ -300,8 +311,6 @@ class _Service:
         self._message: pb.Bundle | None = None
 
     def mint(self, now: datetime) -> Issuer:
-        if now >= self.anchor.not_valid_after_utc:
-            raise MeshcaError(f"the trust anchor expired at {_iso(self.anchor.not_valid_after_utc)}")
         return mint_issuer(self.anchor, self.anchor_key, self.bundle, now=now, ttl=self.policy.issuer_ttl)
 
     def set_bundle(self, bundle: TrustBundle) -> None:
@@ -467,6 +476,17 @@ class _Simulation:
                 "of its life left, so the leaves it signs last are cut short"
             )
             findings.append({"severity": "error", "rule": "issuer handover", "message": message})
+        rotate = None if policy.rotate_anchor_on_day is None else policy.rotate_anchor_on_day * _DAY
+        first_end = START + policy.anchor_lifetime
+        if rotate is None or START + rotate >= first_end:
+            expires = first_end
+            message = "no anchor rotation is planned before it (--rotate-anchor-on-day)"
+        else:
+            expires = START + rotate + policy.anchor_lifetime
+            message = "the simulation plans no rotation of the anchor that replaces it"
+        if expires < START + policy.days * _DAY:
+            message = f"the trust anchor expires on day {_day(expires)} and {message}: no chain verifies after it"
+            findings.append({"severity": "error", "rule": "anchor lifetime", "message": message})
         budget, renewal = policy.outage_budget, policy.renewal
         for outage in policy.outages:
             if outage.duration > budget:
@@ -611,7 +631,7 @@ class _Simulation:
         due = slots.next_step()
         if due is None or due <= self.now:
             due = self.now + _RETRY_STEP
-        self.at(max(due, self.now + _MIN_STEP), self.issuer_step_if(due))
+        self.at(max(due, self.now + _POLL), self.issuer_step_if(due))
 
     def issuer_step_if(self, due: datetime) -> Callable[[], None]:
         # an anchor activation or an outage reschedules the step: a stale event does nothing

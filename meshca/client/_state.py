@@ -313,12 +313,19 @@ class SourceMachine:
         snapshot = self._snapshot
         # An SVID the bundle no longer vouches for is no credential either (the server checks its proof
         # against the same anchors): renew with the bootstrap credential instead.
-        current = snapshot.svid if self._untrusted(snapshot) is None else None
+        untrusted = self._untrusted(snapshot)
+        current = snapshot.svid if untrusted is None else None
         try:
             request = make_request(key, config.spiffe_id, config.credentials, current, now=self.clock(), ttl=config.ttl)
         except OSError as exc:  # the JWT file is missing or unreadable: it may appear
             return Failure(f"cannot read {exc.filename}: {exc.strerror}")
-        except AuthenticationError as exc:  # an initial SVID expired, and nothing else can prove who we are
+        except AuthenticationError as exc:  # the SVID expired or lost its anchor, and nothing else can prove who we are
+            if untrusted is not None:  # say why: a valid SVID whose anchor left the bundle is no "expired" one
+                exc = AuthenticationError(
+                    f"the current SVID does not verify against the bundle ({untrusted}) "
+                    "and no other credential is configured",
+                    exc.reason,
+                )
             return Failure(str(exc), refusal=exc)
         reply = yield Fetch(request)
         if isinstance(reply, Failure):

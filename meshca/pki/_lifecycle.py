@@ -7,6 +7,12 @@ issuer at ``NotAfter - min(L/2, 30 days)`` and replaced by it at
 expired: leaves never outlive their issuer, and none is signed after the
 switch, so that is ``min(NotAfter, switch + longest leaf lifetime)``.
 
+An issuer never outlives its anchor. One that already ends with its anchor
+gets no successor from that anchor: the successor would end at the same
+moment, and each one minted over the anchor's last days would be shorter than
+the one before (a mint every few seconds before the end). It signs until the
+anchor changes (``meshca anchor activate``) or both expire.
+
 `IssuerSlots` holds the three slots and moves them forward; it does no I/O and
 reads no clock. The service calls `IssuerSlots.advance` with the time and a
 ``mint`` function that makes an issuer from the current anchor; ``meshca
@@ -25,7 +31,7 @@ from cryptography import x509
 from meshca.pki._bundle import TrustBundle
 from meshca.pki._certs import fingerprint
 from meshca.pki._custody import SigningKey
-from meshca.pki._errors import MeshcaError
+from meshca.pki._errors import IssuerUnavailable, MeshcaError
 from meshca.pki._issuer import Issuer
 from meshca.pki._keys import KeyType, generate_key
 from meshca.pki._profiles import CLOCK_SKEW, build_issuer
@@ -40,6 +46,7 @@ __all__ = [
     "Rotation",
     "activation_time",
     "check_issuer_ttl",
+    "ends_with_anchor",
     "handover_room",
     "mint_issuer",
     "preparation_time",
@@ -61,7 +68,13 @@ def mint_issuer(
     ttl: timedelta,
     key_type: KeyType = KeyType.EC_P256,
 ) -> Issuer:
-    """A new issuer signed by ``anchor``, its key made here and kept in memory only."""
+    """A new issuer signed by ``anchor``, its key made here and kept in memory only.
+
+    Raises `IssuerUnavailable` once the anchor has expired (an issuer cut to it would be born expired)."""
+    if now >= anchor.not_valid_after_utc:
+        raise IssuerUnavailable(
+            f"the trust anchor {fingerprint(anchor)[:23]} expired at {anchor.not_valid_after_utc.isoformat()}"
+        )
     key = generate_key(key_type)
     cert = build_issuer(
         key.public_key(),
@@ -100,6 +113,11 @@ def _lifetime(issuer: Issuer) -> timedelta:
 def preparation_time(issuer: Issuer) -> datetime:
     """When the issuer that follows ``issuer`` is minted: half its life before NotAfter, at most 30 days."""
     return issuer.not_after - min(_lifetime(issuer) / 2, PREPARE_CAP)
+
+
+def ends_with_anchor(issuer: Issuer) -> bool:
+    """True when ``issuer`` was cut to its anchor's NotAfter: no issuer from that anchor can last longer."""
+    return issuer.not_after >= issuer.anchor.not_valid_after_utc
 
 
 def activation_time(issuer: Issuer) -> datetime:
@@ -144,15 +162,16 @@ class IssuerSlots:
         """Takes every step due at ``now``. A failed mint is reported and tried again at the next call;
         the active issuer keeps signing meanwhile."""
         done: list[Rotation] = []
-        if self.active is None or now >= self.active.not_after:
-            # nothing to sign with (first start, or asleep past the whole schedule): mint and use at once
+        if self.active is None or not self.active.not_before <= now < self.active.not_after:
+            # nothing to sign with (first start, asleep past the whole schedule, or the clock stepped back
+            # before the active issuer's NotBefore): mint and use at once
             if self.prepared is not None and self.prepared.not_before <= now < self.prepared.not_after:
                 self._activate(now, self.prepared, done)
             elif (fresh := self._mint(now, mint, done)) is not None:
                 self._activate(now, fresh, done)
         active = self.active
         if active is not None:
-            if self.prepared is None and now >= preparation_time(active):
+            if self.prepared is None and now >= preparation_time(active) and not ends_with_anchor(active):
                 self.prepared = self._mint(now, mint, done)
             if self.prepared is not None and now >= activation_time(active):
                 self._activate(now, self.prepared, done)
@@ -175,7 +194,13 @@ class IssuerSlots:
         """When `advance` next has something to do (None before the first issuer)."""
         if self.active is None:
             return None
-        due = [activation_time(self.active) if self.prepared else preparation_time(self.active)]
+        active = self.active
+        if self.prepared is not None:
+            due = [activation_time(active)]
+        elif ends_with_anchor(active):
+            due = [active.not_after]  # a new anchor by then, or nothing left to sign with
+        else:
+            due = [preparation_time(active)]
         due += [o.keep_until for o in self.old]
         return min(due)
 

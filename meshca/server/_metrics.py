@@ -79,11 +79,12 @@ class Metrics:
             ["kind", "result"],
             registry=r,
         )
-        # Managed mode only; the soonest step of any worker.
+        # Managed mode only; the soonest step of any worker. A time, not a countdown: a poll loop that is
+        # stuck (a store or a token that hangs) stops updating it, and a countdown would stay where it was.
         self.next_rotation = (
             Gauge(
-                "meshca_next_rotation_seconds",
-                "Seconds until the next scheduled managed issuer step (negative when overdue)",
+                "meshca_next_rotation_timestamp_seconds",
+                "When the next scheduled managed issuer step is due (Unix time; in the past when overdue)",
                 registry=r,
                 multiprocess_mode="livemin",
             )

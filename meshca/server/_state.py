@@ -683,7 +683,7 @@ class IssuerState:
         self._anchor_series.update({(short(a),): a.not_valid_after_utc.timestamp() for a in self.bundle.anchors})
         due = self._source.next_step()
         if due is not None and self._metrics.next_rotation is not None:
-            self._metrics.next_rotation.set((due - self._clock()).total_seconds())
+            self._metrics.next_rotation.set(due.timestamp())
 
     # -- the server's own SVID
 

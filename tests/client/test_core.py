@@ -656,3 +656,22 @@ def test_an_initial_svid_must_be_for_the_configured_id(ca: TestCA, clock: Frozen
     config = SourceConfig("localhost:1", OTHER, Credentials(renewal_only=True), renewal=POLICY)
     with pytest.raises(ValueError, match="initial SVID is for"):
         SourceMachine(config, ca.bundle, clock=clock, rng=Pinned(0.5), initial=svid_of(ca, WEB, clock()))
+
+
+def test_an_svid_whose_anchor_left_with_no_other_credential_says_so(
+    ca: TestCA, rogue_ca: TestCA, clock: FrozenClock
+) -> None:
+    """A retire forced under a source holding only an initial SVID: the failure named an expired SVID."""
+    config = SourceConfig("localhost:1", WEB, Credentials(renewal_only=True), renewal=POLICY)
+    machine = SourceMachine(config, ca.bundle, clock=clock, rng=Pinned(0.5), initial=svid_of(ca, WEB, clock()))
+    watch = machine.watch()
+    next(watch)
+    assert isinstance(watch.send(bundle_message(rogue_ca)), Publish)
+    assert watch.send(None) == RenewNow()
+    flow = machine.renewal()
+    assert isinstance(next(flow), Reconnect)
+    assert isinstance(flow.send(None), Sleep)  # retried with backoff: an operator may still give a credential
+    failure = machine.last_failure
+    assert failure is not None and failure.refusal is not None
+    assert "does not verify against the bundle" in failure.reason and "no other credential" in failure.reason
+    assert "not valid now" not in failure.reason

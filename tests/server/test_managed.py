@@ -87,8 +87,8 @@ def test_the_schedule_runs_from_the_poll_with_logs_metrics_and_records(d: Path) 
 
         # half life: the next one is prepared (and recorded), the first still signs
         prepare_at = preparation_time(first)
-        next_rotation = metrics.registry.get_sample_value("meshca_next_rotation_seconds")
-        assert next_rotation == (prepare_at - clock()).total_seconds()
+        next_rotation = metrics.registry.get_sample_value("meshca_next_rotation_timestamp_seconds")
+        assert next_rotation == prepare_at.timestamp()
         clock.now = prepare_at
         assert not state.poll()
         [_, prepared] = state.in_use()
@@ -314,7 +314,7 @@ def test_file_mode_logs_issuer_expiring_at_start_at_the_threshold_and_hourly(d: 
         # the loaded issuer is in the store too
         [recorded] = store.issuer_certs()
         assert recorded.fingerprint == fp(ca.issuer_certificate)
-        assert metrics.registry.get_sample_value("meshca_next_rotation_seconds") is None
+        assert metrics.registry.get_sample_value("meshca_next_rotation_timestamp_seconds") is None
 
         # a restart inside the window warns at once
         with capture_logs() as logs:

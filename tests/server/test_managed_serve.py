@@ -83,8 +83,8 @@ def test_a_client_keeps_valid_svids_across_issuer_rotations_in_real_time(d: Path
         assert (sample_value(text, "meshca_rotations_total", kind="server_svid", result="success") or 0) >= 2
         expiry = {ls["state"]: ls["fingerprint"] for n, ls, _ in samples(text) if n.startswith("meshca_issuer_expiry")}
         assert expiry["active"] == activated[-1]["issuer"]
-        next_rotation = sample_value(text, "meshca_next_rotation_seconds")
-        assert next_rotation is not None and -5 < next_rotation <= 60
+        next_rotation = sample_value(text, "meshca_next_rotation_timestamp_seconds")
+        assert next_rotation is not None and -5 < next_rotation - time.time() <= 60
         assert proc.terminate() == 0
 
     listed = meshca_cmd("log", "issuers", "--dir", d, "--json")
@@ -194,6 +194,6 @@ def test_file_mode_warns_of_an_issuer_close_to_expiry_in_check_and_in_the_log(d:
         assert expiring["level"] == "warning"
         assert 4 * 86400 < expiring["left"] <= 5 * 86400
         text = http_get(int(events(proc, "server.started")[0]["metrics_port"]), "/metrics")[1]
-        assert sample_value(text, "meshca_next_rotation_seconds") is None
+        assert sample_value(text, "meshca_next_rotation_timestamp_seconds") is None
         assert [ls["state"] for n, ls, _ in samples(text) if n.startswith("meshca_issuer_expiry")] == ["active"]
         assert proc.terminate() == 0

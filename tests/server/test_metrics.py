@@ -65,7 +65,7 @@ async def test_metrics_after_traffic(d: Path, server_ca: TestCA, k8s: K8sIssuer)
         assert issuer_series == {"fingerprint": issuer_fingerprint, "state": "active"}
         expiry = "meshca_issuer_expiry_timestamp_seconds"
         assert sample_value(text, expiry, fingerprint=issuer_fingerprint, state="active") == issuer_not_after
-        assert sample_value(text, "meshca_next_rotation_seconds") is None  # file mode: nothing scheduled
+        assert sample_value(text, "meshca_next_rotation_timestamp_seconds") is None  # file mode: nothing scheduled
         fingerprint = server_ca.anchor.fingerprint(hashes.SHA256()).hex(":")[:23]
         anchor_not_after = server_ca.anchor.not_valid_after_utc.timestamp()
         assert sample_value(text, "meshca_anchor_expiry_timestamp_seconds", fingerprint=fingerprint) == anchor_not_after

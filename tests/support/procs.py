@@ -8,6 +8,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ import pytest
 
 
 def meshca_exe() -> str:
+    """The console script of the Python running the tests (a venv's, even when not activated), else PATH's."""
+    beside = Path(sys.executable).parent / "meshca"
+    if beside.is_file():
+        return str(beside)
     found = shutil.which("meshca")
     if found is None:
         pytest.fail("the meshca console script is not on PATH; install the package with pip install -e .")
