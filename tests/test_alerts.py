@@ -33,7 +33,7 @@ def _promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid(promtool: str) -> None:
     checked = _promtool(promtool, "check", "rules", RULES.name)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 9 rules found" in checked.stdout
+    assert "SUCCESS: 10 rules found" in checked.stdout  # 9 alerts and 1 recording rule
 
 
 def test_every_alert_fires_when_it_should_and_not_otherwise(promtool: str) -> None:
@@ -51,9 +51,18 @@ def test_the_unit_tests_catch_a_wrong_expectation(promtool: str, tmp_path: Path)
     assert tested.returncode != 0 and "FAILED" in tested.stdout + tested.stderr
 
 
+def _rules() -> list[dict[str, str]]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
 def _alerts() -> dict[str, str]:
-    groups = yaml.safe_load(RULES.read_text())["groups"]
-    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+    return {rule["alert"]: rule["expr"] for rule in _rules() if "alert" in rule}
+
+
+def test_every_recording_rule_has_a_unit_test() -> None:
+    recorded = {rule["record"] for rule in _rules() if "record" in rule}
+    tested = set(re.findall(r"- expr: ([\w:]+)\n", UNIT_TESTS.read_text()))
+    assert recorded and recorded <= tested
 
 
 def test_every_alert_has_a_unit_test_that_sees_it_fire() -> None:
@@ -64,7 +73,7 @@ def test_every_alert_has_a_unit_test_that_sees_it_fire() -> None:
 
 
 def test_the_rules_use_metrics_meshca_exports() -> None:
-    names = {m for expr in _alerts().values() for m in re.findall(r"\bmeshca_[a-z_]+", expr)}
+    names = {m for rule in _rules() for m in re.findall(r"\bmeshca_[a-z_]+", rule["expr"])}
     source = "".join(p.read_text() for p in (Path(__file__).resolve().parent.parent / "meshca" / "server").glob("*.py"))
     exported = {n for n in names if n.removesuffix("_total") in source}
     assert names == exported  # with their labels, scraped from a real service: tests/server/test_alert_metrics.py
