@@ -219,18 +219,28 @@ class WorkloadApi:
         # slow name service delays this caller and not every Workload API call
         return await asyncio.to_thread(selectors_of, peer)
 
-    async def _x509_svid(self, stream: Stream[wpb.X509SVIDRequest, wpb.X509SVIDResponse]) -> None:
-        await _request(stream, wpb.X509SVIDRequest)
+    async def _follow(
+        self,
+        stream: Stream[Any, Any],
+        request_type: type[Message],
+        message_for: Callable[[list[Entry]], Message | None],
+    ) -> None:
+        """A Workload API stream: the caller's message at once, then a full one at every change of it;
+        PERMISSION_DENIED when the caller has no entry (left). ``message_for`` None: nothing to send yet."""
+        await _request(stream, request_type)
         selectors = await self._selectors(stream)
         state = self._agent.state
         _entries_or_denied(self._agent, selectors)
         seen, last = state.version, None
         while not state.closed:
-            message = self._x509_message(_entries_or_denied(self._agent, selectors))
+            message = message_for(_entries_or_denied(self._agent, selectors))
             if message is not None and message != last:
                 await stream.send_message(message)
                 last = message
             seen = await state.wait(seen)
+
+    async def _x509_svid(self, stream: Stream[wpb.X509SVIDRequest, wpb.X509SVIDResponse]) -> None:
+        await self._follow(stream, wpb.X509SVIDRequest, self._x509_message)
 
     def _x509_message(self, entries: list[Entry]) -> wpb.X509SVIDResponse | None:
         """The caller's SVIDs, or None while the agent holds none of them yet."""
@@ -252,33 +262,21 @@ class WorkloadApi:
         return wpb.X509SVIDResponse(svids=svids) if svids else None
 
     async def _x509_bundles(self, stream: Stream[wpb.X509BundlesRequest, wpb.X509BundlesResponse]) -> None:
-        await _request(stream, wpb.X509BundlesRequest)
-        selectors = await self._selectors(stream)
-        state = self._agent.state
-        _entries_or_denied(self._agent, selectors)
-        seen, last = state.version, None
-        while not state.closed:
-            _entries_or_denied(self._agent, selectors)
+        state, domain = self._agent.state, str(self._agent.trust_domain.id)
+
+        def message_for(_: list[Entry]) -> wpb.X509BundlesResponse:
             bundle = b"".join(a.public_bytes(_DER) for a in state.bundle.anchors)
-            message = wpb.X509BundlesResponse(bundles={str(self._agent.trust_domain.id): bundle})
-            if message != last:
-                await stream.send_message(message)
-                last = message
-            seen = await state.wait(seen)
+            return wpb.X509BundlesResponse(bundles={domain: bundle})
+
+        await self._follow(stream, wpb.X509BundlesRequest, message_for)
 
     async def _jwt_bundles(self, stream: Stream[wpb.JWTBundlesRequest, wpb.JWTBundlesResponse]) -> None:
-        await _request(stream, wpb.JWTBundlesRequest)
-        selectors = await self._selectors(stream)
-        state = self._agent.state
-        _entries_or_denied(self._agent, selectors)
-        seen, last = state.version, None
-        while not state.closed:
-            _entries_or_denied(self._agent, selectors)
-            message = wpb.JWTBundlesResponse(bundles={str(self._agent.trust_domain.id): state.jwt_keys})
-            if state.jwt_keys and message != last:
-                await stream.send_message(message)
-                last = message
-            seen = await state.wait(seen)
+        state, domain = self._agent.state, str(self._agent.trust_domain.id)
+
+        def message_for(_: list[Entry]) -> wpb.JWTBundlesResponse | None:
+            return wpb.JWTBundlesResponse(bundles={domain: state.jwt_keys}) if state.jwt_keys else None
+
+        await self._follow(stream, wpb.JWTBundlesRequest, message_for)
 
     async def _jwt_svid(self, stream: Stream[wpb.JWTSVIDRequest, wpb.JWTSVIDResponse]) -> None:
         request = await _request(stream, wpb.JWTSVIDRequest)
